@@ -1,0 +1,3 @@
+//! Test harness (feature `test-util`).
+mod clock;
+pub use clock::ManualClock;
