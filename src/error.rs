@@ -1,0 +1,483 @@
+//! Errors, classified by what the caller should do about them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::TokenKey;
+
+/// A boxed error, as accepted by [`StoreError::new`] and [`ProviderError::with_source`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A cause shared by every waiter that receives one failure.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong keeping a grant alive, by what the caller should do.
+///
+/// - [`ReauthorizationRequired`](Error::ReauthorizationRequired): only a human can fix it;
+///   send the user through the OAuth flow again (or to the provider's dashboard).
+/// - [`RateLimited`](Error::RateLimited) and [`Unavailable`](Error::Unavailable): wait and
+///   retry; see [`retry_after`](Error::retry_after). The grant is alive.
+/// - [`Misconfigured`](Error::Misconfigured): a developer must fix the client configuration.
+///   The user's grant is left alone.
+///
+/// Errors are cheap to clone: one refresh failure reaches every caller waiting on it.
+/// No variant ever carries a token or a raw response body.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The grant is dead; only a new grant (a human re-authorizing) can fix it.
+    #[error("grant `{key}` needs re-authorization: {reason}")]
+    ReauthorizationRequired {
+        /// The grant.
+        key: TokenKey,
+        /// Why the grant died.
+        reason: InvalidationReason,
+    },
+    /// The provider is rate limiting refreshes; wait before trying again.
+    #[error("refresh of grant `{key}` is rate limited")]
+    RateLimited {
+        /// The grant.
+        key: TokenKey,
+        /// How long to wait: the provider's `Retry-After`, or the backoff chosen here.
+        retry_after: Option<Duration>,
+    },
+    /// A transient failure (network, timeout, 5xx, garbled reply); retrying later can succeed.
+    #[error("token endpoint unavailable for grant `{key}`: {cause}")]
+    Unavailable {
+        /// The grant.
+        key: TokenKey,
+        /// What failed.
+        cause: UnavailableCause,
+        /// The HTTP status, when there was a reply.
+        status: Option<u16>,
+        /// When a retry may succeed, if known.
+        retry_after: Option<Duration>,
+        /// The underlying error.
+        #[source]
+        source: Option<SharedError>,
+    },
+    /// The client is misconfigured; a developer must act. The grant is not marked dead.
+    #[error("client misconfigured: {problem}")]
+    Misconfigured {
+        /// The grant whose refresh revealed the problem, if any.
+        key: Option<TokenKey>,
+        /// What is wrong.
+        problem: ConfigProblem,
+        /// The HTTP status, when there was a reply.
+        status: Option<u16>,
+        /// The underlying error.
+        #[source]
+        source: Option<SharedError>,
+    },
+    /// No grant is stored under this key.
+    #[error("no grant for key `{key}`")]
+    NotFound {
+        /// The key.
+        key: TokenKey,
+    },
+    /// The token store failed.
+    #[error("token store failed")]
+    Store(#[source] StoreError),
+}
+
+impl Error {
+    /// Whether only a human re-authorizing can fix this.
+    pub fn is_reauth_required(&self) -> bool {
+        matches!(self, Error::ReauthorizationRequired { .. })
+    }
+
+    /// Whether trying again later can succeed without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Store(_)
+        )
+    }
+
+    /// How long to wait before trying again, when known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RateLimited { retry_after, .. } | Error::Unavailable { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+
+    /// The grant this error concerns, if any.
+    pub fn key(&self) -> Option<&TokenKey> {
+        match self {
+            Error::ReauthorizationRequired { key, .. }
+            | Error::RateLimited { key, .. }
+            | Error::Unavailable { key, .. }
+            | Error::NotFound { key } => Some(key),
+            Error::Misconfigured { key, .. } => key.as_ref(),
+            Error::Store(_) => None,
+        }
+    }
+
+    /// The reason the grant died, for [`ReauthorizationRequired`](Error::ReauthorizationRequired).
+    pub fn invalidation_reason(&self) -> Option<&InvalidationReason> {
+        match self {
+            Error::ReauthorizationRequired { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn with_retry_after(mut self, after: Duration) -> Self {
+        match &mut self {
+            Error::RateLimited { retry_after, .. } | Error::Unavailable { retry_after, .. } => {
+                *retry_after = Some(after);
+            }
+            _ => {}
+        }
+        self
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(e)
+    }
+}
+
+/// Why a grant needs re-authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum InvalidationReason {
+    /// The provider answered `invalid_grant`: the refresh token is invalid, expired or revoked.
+    InvalidGrant,
+    /// The refresh token's known expiry has passed; it cannot be renewed.
+    RefreshTokenExpired,
+    /// The user's password was changed or reset, which killed the grant.
+    PasswordChanged,
+    /// Another party minted new tokens for this grant, which killed these.
+    Superseded,
+    /// The user or an administrator revoked the app's access.
+    Revoked,
+    /// The grant has no refresh token and its access token expired.
+    NoRefreshToken,
+    /// A provider-specific code.
+    Provider {
+        /// The provider's code.
+        code: String,
+    },
+}
+
+impl fmt::Display for InvalidationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidGrant => f.write_str("the provider rejected the refresh token"),
+            Self::RefreshTokenExpired => f.write_str("the refresh token expired"),
+            Self::PasswordChanged => f.write_str("the user's password changed"),
+            Self::Superseded => f.write_str("new tokens were issued elsewhere"),
+            Self::Revoked => f.write_str("access was revoked"),
+            Self::NoRefreshToken => f.write_str("the access token expired and there is no refresh token"),
+            Self::Provider { code } => write!(f, "provider code `{code}`"),
+        }
+    }
+}
+
+/// What transient failure made the token endpoint unavailable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnavailableCause {
+    /// The connection could not be made.
+    Connect,
+    /// No reply in time.
+    Timeout,
+    /// The connection failed mid-request.
+    Network,
+    /// The server answered 5xx.
+    ServerError,
+    /// The server answered a status that means nothing certain about the grant.
+    UnexpectedStatus,
+    /// The reply could not be understood (not JSON, missing fields, too large…).
+    InvalidResponse,
+    /// The refresh task ended without an answer (for example, a provider panicked).
+    Internal,
+    /// The grant is in backoff after earlier failures; no request was sent.
+    Backoff,
+}
+
+impl fmt::Display for UnavailableCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connection failed",
+            Self::Timeout => "timed out",
+            Self::Network => "network error",
+            Self::ServerError => "server error",
+            Self::UnexpectedStatus => "unexpected status",
+            Self::InvalidResponse => "invalid response",
+            Self::Internal => "refresh ended without an answer",
+            Self::Backoff => "backing off after earlier failures",
+        })
+    }
+}
+
+/// What is wrong with the client configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    /// `invalid_client`: client authentication failed (wrong id or secret, wrong auth method).
+    InvalidClient,
+    /// `unauthorized_client`: the client may not use this grant type.
+    UnauthorizedClient,
+    /// `unsupported_grant_type`.
+    UnsupportedGrantType,
+    /// `invalid_scope`.
+    InvalidScope,
+    /// `invalid_request`: the request was malformed (usually a client bug).
+    InvalidRequest,
+    /// The token endpoint URL is wrong (404, 405, unparsable).
+    Endpoint,
+    /// The HTTP client could not be built or used.
+    HttpClient,
+    /// Another OAuth error code that means the configuration is at fault.
+    OAuth {
+        /// The code.
+        code: String,
+    },
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidClient => f.write_str("invalid_client"),
+            Self::UnauthorizedClient => f.write_str("unauthorized_client"),
+            Self::UnsupportedGrantType => f.write_str("unsupported_grant_type"),
+            Self::InvalidScope => f.write_str("invalid_scope"),
+            Self::InvalidRequest => f.write_str("invalid_request"),
+            Self::Endpoint => f.write_str("bad token endpoint"),
+            Self::HttpClient => f.write_str("http client error"),
+            Self::OAuth { code } => write!(f, "oauth error `{code}`"),
+        }
+    }
+}
+
+/// A failure of a [`TokenStore`](crate::TokenStore).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    #[source]
+    source: Option<SharedError>,
+}
+
+/// The kind of a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The backend failed (I/O, connection, timeout).
+    Backend,
+    /// A stored record could not be read (corrupt, or written by something else).
+    Corrupt,
+}
+
+impl fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Backend => "store backend error",
+            Self::Corrupt => "stored record is corrupt",
+        })
+    }
+}
+
+impl StoreError {
+    /// A backend failure caused by `source`.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        Self {
+            kind: StoreErrorKind::Backend,
+            source: Some(Arc::from(source.into())),
+        }
+    }
+
+    /// A record that cannot be decoded.
+    pub fn corrupt(source: impl Into<BoxError>) -> Self {
+        Self {
+            kind: StoreErrorKind::Corrupt,
+            source: Some(Arc::from(source.into())),
+        }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+/// A classified refresh failure, returned by a [`Provider`](crate::Provider).
+///
+/// The [`TokenManager`](crate::TokenManager) turns it into an [`Error`] for the grant and acts
+/// on it: a dead grant is persisted as such, a rate limit or outage starts a backoff.
+#[derive(Debug, Clone)]
+pub struct ProviderError {
+    pub(crate) kind: ProviderErrorKind,
+    pub(crate) status: Option<u16>,
+    pub(crate) source: Option<SharedError>,
+}
+
+/// What a [`ProviderError`] means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProviderErrorKind {
+    /// The grant is dead.
+    Reauthorize(InvalidationReason),
+    /// Too many requests.
+    RateLimited {
+        /// The provider's `Retry-After` or penalty, if it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// A transient failure.
+    Unavailable {
+        /// What failed.
+        cause: UnavailableCause,
+        /// The provider's `Retry-After`, if it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// The client configuration is at fault.
+    Misconfigured(ConfigProblem),
+}
+
+impl ProviderError {
+    /// A failure of the given kind.
+    pub fn new(kind: ProviderErrorKind) -> Self {
+        Self {
+            kind,
+            status: None,
+            source: None,
+        }
+    }
+
+    /// The grant is dead for `reason`.
+    pub fn reauthorize(reason: InvalidationReason) -> Self {
+        Self::new(ProviderErrorKind::Reauthorize(reason))
+    }
+
+    /// The provider is rate limiting.
+    pub fn rate_limited(retry_after: Option<Duration>) -> Self {
+        Self::new(ProviderErrorKind::RateLimited { retry_after })
+    }
+
+    /// A transient failure.
+    pub fn unavailable(cause: UnavailableCause) -> Self {
+        Self::new(ProviderErrorKind::Unavailable {
+            cause,
+            retry_after: None,
+        })
+    }
+
+    /// The client configuration is at fault.
+    pub fn misconfigured(problem: ConfigProblem) -> Self {
+        Self::new(ProviderErrorKind::Misconfigured(problem))
+    }
+
+    /// Records the HTTP status of the reply.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Records the underlying error. It must not contain a token or a raw response body.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(Arc::from(source.into()));
+        self
+    }
+
+    /// What the failure means.
+    pub fn kind(&self) -> &ProviderErrorKind {
+        &self.kind
+    }
+
+    /// The HTTP status, if there was a reply.
+    pub fn status(&self) -> Option<u16> {
+        self.status
+    }
+
+    pub(crate) fn into_error(self, key: &TokenKey) -> Error {
+        let key = key.clone();
+        match self.kind {
+            ProviderErrorKind::Reauthorize(reason) => Error::ReauthorizationRequired { key, reason },
+            ProviderErrorKind::RateLimited { retry_after } => Error::RateLimited { key, retry_after },
+            ProviderErrorKind::Unavailable { cause, retry_after } => Error::Unavailable {
+                key,
+                cause,
+                status: self.status,
+                retry_after,
+                source: self.source,
+            },
+            ProviderErrorKind::Misconfigured(problem) => Error::Misconfigured {
+                key: Some(key),
+                problem,
+                status: self.status,
+                source: self.source,
+            },
+        }
+    }
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ProviderErrorKind::Reauthorize(reason) => write!(f, "grant is dead: {reason}"),
+            ProviderErrorKind::RateLimited { .. } => f.write_str("rate limited"),
+            ProviderErrorKind::Unavailable { cause, .. } => write!(f, "unavailable: {cause}"),
+            ProviderErrorKind::Misconfigured(p) => write!(f, "misconfigured: {p}"),
+        }?;
+        if let Some(status) = self.status {
+            write!(f, " (http {status})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProviderError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicates_follow_the_variant() {
+        let key = TokenKey::from("k");
+        let dead = Error::ReauthorizationRequired {
+            key: key.clone(),
+            reason: InvalidationReason::InvalidGrant,
+        };
+        assert!(dead.is_reauth_required() && !dead.is_retryable());
+        let limited = Error::RateLimited {
+            key: key.clone(),
+            retry_after: Some(Duration::from_secs(120)),
+        };
+        assert!(limited.is_retryable() && !limited.is_reauth_required());
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(120)));
+        let misconfigured = Error::Misconfigured {
+            key: Some(key),
+            problem: ConfigProblem::InvalidClient,
+            status: Some(401),
+            source: None,
+        };
+        assert!(!misconfigured.is_retryable() && !misconfigured.is_reauth_required());
+    }
+
+    #[test]
+    fn display_is_lowercase_without_trailing_period() {
+        let e = Error::ReauthorizationRequired {
+            key: TokenKey::from("acct-1"),
+            reason: InvalidationReason::PasswordChanged,
+        };
+        let s = e.to_string();
+        assert_eq!(s, "grant `acct-1` needs re-authorization: the user's password changed");
+        assert!(!s.ends_with('.'));
+    }
+}

@@ -1,0 +1,116 @@
+//! How a grant is refreshed: the [`Provider`] trait and the built-in providers.
+
+use std::future::Future;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::error::ProviderError;
+use crate::token::{TokenKey, TokenResponse, TokenSet};
+
+mod classify;
+mod http;
+mod oauth2;
+
+pub use self::classify::{Classifier, StandardClassifier, XoxodayClassifier};
+pub use self::http::{HttpReply, DEFAULT_BODY_LIMIT};
+pub use self::oauth2::{ClientAuth, OAuth2Provider, OAuth2ProviderBuilder};
+
+/// One refresh to perform.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RefreshRequest<'a> {
+    /// The grant being refreshed.
+    pub key: &'a TokenKey,
+    /// Its current tokens (the refresh token, or for providers without one, the access token).
+    pub tokens: &'a TokenSet,
+    /// The time of the request, from the manager's [`Clock`](crate::Clock). Use it to turn an
+    /// HTTP-date `Retry-After` into a delay.
+    pub now: SystemTime,
+}
+
+/// Performs one refresh of one grant.
+///
+/// The [`TokenManager`](crate::TokenManager) decides *when* to refresh and guarantees that at
+/// most one refresh of a grant is in flight per process (and per store, when the store has a
+/// lock). A provider only talks to the authorization server and classifies the answer.
+///
+/// # Errors
+///
+/// Return a classified [`ProviderError`]: [`ProviderError::reauthorize`] only when the grant
+/// is certainly dead (the manager persists that and stops refreshing it), `rate_limited` or
+/// `unavailable` for anything retrying may fix, `misconfigured` for client configuration
+/// faults. Never put a token or a raw response body in an error.
+///
+/// # Implementing
+///
+/// For an RFC 6749 endpoint use [`OAuth2Provider`]. For anything else, implement this trait;
+/// [`HttpReply`] and the [`Classifier`]s do the reading and classification:
+///
+/// ```
+/// use async_trait::async_trait;
+/// use tokenkeeper::{HttpReply, Provider, ProviderError, RefreshRequest, StandardClassifier,
+///     TokenResponse, ConfigProblem};
+///
+/// struct JsonEndpoint { client: reqwest::Client, url: String }
+///
+/// #[async_trait]
+/// impl Provider for JsonEndpoint {
+///     async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
+///         let Some(refresh_token) = req.tokens.refresh_token() else {
+///             return Err(ProviderError::reauthorize(tokenkeeper::InvalidationReason::NoRefreshToken));
+///         };
+///         let body = serde_json::json!({ "refresh_token": refresh_token.secret() });
+///         let request = self.client.post(&self.url)
+///             .header("content-type", "application/json")
+///             .body(body.to_string())
+///             .build()
+///             .map_err(|_| ProviderError::misconfigured(ConfigProblem::Endpoint))?;
+///         let reply = HttpReply::send(&self.client, request, tokenkeeper::DEFAULT_BODY_LIMIT).await?;
+///         reply.interpret(&StandardClassifier, req.now)
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Refreshes the grant once.
+    async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError>;
+}
+
+/// A [`Provider`] from an async closure; handy in tests and doctests.
+///
+/// ```
+/// use tokenkeeper::{provider_fn, AccessToken, TokenResponse};
+/// let provider = provider_fn(|_key, _tokens| async {
+///     Ok(TokenResponse::new(AccessToken::new("fresh")))
+/// });
+/// # let _ = provider;
+/// ```
+pub fn provider_fn<F, Fut>(f: F) -> FnProvider<F>
+where
+    F: Fn(TokenKey, TokenSet) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<TokenResponse, ProviderError>> + Send + 'static,
+{
+    FnProvider(f)
+}
+
+/// The [`Provider`] made by [`provider_fn`].
+#[derive(Clone)]
+pub struct FnProvider<F>(F);
+
+impl<F> std::fmt::Debug for FnProvider<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnProvider")
+    }
+}
+
+#[async_trait]
+impl<F, Fut> Provider for FnProvider<F>
+where
+    F: Fn(TokenKey, TokenSet) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<TokenResponse, ProviderError>> + Send + 'static,
+{
+    async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
+        (self.0)(request.key.clone(), request.tokens.clone()).await
+    }
+}

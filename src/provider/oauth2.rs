@@ -1,0 +1,284 @@
+//! The RFC 6749 refresh-token grant, built on the `oauth2` crate over `reqwest`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use oauth2::basic::BasicClient;
+use oauth2::{AuthType, EndpointNotSet, EndpointSet, Scope, TokenUrl};
+
+use super::http::transport_error;
+use super::{Classifier, HttpReply, Provider, RefreshRequest, StandardClassifier};
+use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError};
+use crate::provider::DEFAULT_BODY_LIMIT;
+use crate::token::{ClientSecret, TokenResponse};
+
+type Client = BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// HTTP Basic with the url-encoded client id and secret (the RFC's preferred method).
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the form body.
+    RequestBody,
+}
+
+/// A [`Provider`] for standard RFC 6749 token endpoints: `grant_type=refresh_token`.
+///
+/// The request is built by the [`oauth2`] crate (client authentication, scopes, extra
+/// parameters) and sent with a [`reqwest::Client`]. The reply is read here, with a size limit,
+/// so that its HTTP status and headers (`Retry-After`) reach the [`Classifier`], and so that
+/// common deviations (`expires_in` as a string, epoch expiries) parse; see
+/// [`StandardClassifier`] for the rules.
+///
+/// ```
+/// use tokenkeeper::{ClientAuth, ClientSecret, OAuth2Provider};
+/// let provider = OAuth2Provider::builder("my-client-id", "https://auth.example.com/oauth2/token")
+///     .client_secret(ClientSecret::new("my-client-secret"))
+///     .client_auth(ClientAuth::Basic)
+///     .scopes(["offline_access"])
+///     .build()?;
+/// # Ok::<(), tokenkeeper::Error>(())
+/// ```
+pub struct OAuth2Provider {
+    client: Client,
+    http: reqwest::Client,
+    scopes: Vec<String>,
+    extra_params: Vec<(String, String)>,
+    classifier: Arc<dyn Classifier>,
+    body_limit: usize,
+    timeout: Option<Duration>,
+}
+
+impl OAuth2Provider {
+    /// Starts building a provider for `client_id` at the token endpoint `token_url`.
+    pub fn builder(
+        client_id: impl Into<String>,
+        token_url: impl Into<String>,
+    ) -> OAuth2ProviderBuilder {
+        OAuth2ProviderBuilder {
+            client_id: client_id.into(),
+            token_url: token_url.into(),
+            client_secret: None,
+            auth: ClientAuth::default(),
+            scopes: Vec::new(),
+            extra_params: Vec::new(),
+            classifier: Arc::new(StandardClassifier),
+            http: None,
+            body_limit: DEFAULT_BODY_LIMIT,
+            timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl fmt::Debug for OAuth2Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2Provider")
+            .field("client_id", &self.client.client_id().as_str())
+            .field("token_url", &self.client.token_uri().as_str())
+            .field("scopes", &self.scopes)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`OAuth2Provider`].
+pub struct OAuth2ProviderBuilder {
+    client_id: String,
+    token_url: String,
+    client_secret: Option<ClientSecret>,
+    auth: ClientAuth,
+    scopes: Vec<String>,
+    extra_params: Vec<(String, String)>,
+    classifier: Arc<dyn Classifier>,
+    http: Option<reqwest::Client>,
+    body_limit: usize,
+    timeout: Option<Duration>,
+}
+
+impl fmt::Debug for OAuth2ProviderBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2ProviderBuilder")
+            .field("client_id", &self.client_id)
+            .field("token_url", &self.token_url)
+            .field("client_secret", &self.client_secret)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OAuth2ProviderBuilder {
+    /// The client secret (omit for public clients, which send `client_id` in the body).
+    pub fn client_secret(mut self, secret: ClientSecret) -> Self {
+        self.client_secret = Some(secret);
+        self
+    }
+
+    /// How to authenticate the client (default [`ClientAuth::Basic`]).
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Scopes to request on refresh (usually none: the grant keeps its scopes).
+    pub fn scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// An extra form parameter sent with every refresh.
+    pub fn extra_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_params.push((name.into(), value.into()));
+        self
+    }
+
+    /// A classifier for the provider's non-standard replies (default: the RFC rules only).
+    pub fn classifier(mut self, classifier: impl Classifier) -> Self {
+        self.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// The HTTP client to use (default: a new `reqwest::Client`). Redirects should be
+    /// disabled on a client used for token endpoints.
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// Per-request timeout (default 30 s; `None` leaves it to the HTTP client).
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Largest reply body accepted (default [`DEFAULT_BODY_LIMIT`]).
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Builds the provider.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misconfigured`] if the token URL does not parse or the default HTTP client
+    /// cannot be built.
+    pub fn build(self) -> Result<OAuth2Provider, Error> {
+        let misconfigured = |problem, source: Option<crate::error::SharedError>| Error::Misconfigured {
+            key: None,
+            problem,
+            status: None,
+            source,
+        };
+        let token_url = TokenUrl::new(self.token_url)
+            .map_err(|e| misconfigured(ConfigProblem::Endpoint, Some(Arc::new(e))))?;
+        let mut client = BasicClient::new(oauth2::ClientId::new(self.client_id))
+            .set_token_uri(token_url)
+            .set_auth_type(match self.auth {
+                ClientAuth::Basic => AuthType::BasicAuth,
+                ClientAuth::RequestBody => AuthType::RequestBody,
+            });
+        if let Some(secret) = self.client_secret {
+            client = client.set_client_secret(oauth2::ClientSecret::new(secret.secret().to_owned()));
+        }
+        let http = match self.http {
+            Some(http) => http,
+            None => reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| misconfigured(ConfigProblem::HttpClient, Some(Arc::new(e))))?,
+        };
+        Ok(OAuth2Provider {
+            client,
+            http,
+            scopes: self.scopes,
+            extra_params: self.extra_params,
+            classifier: self.classifier,
+            body_limit: self.body_limit,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// Marks a request whose outcome was captured for classification.
+#[derive(Debug)]
+struct Captured;
+
+impl fmt::Display for Captured {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("captured")
+    }
+}
+
+impl std::error::Error for Captured {}
+
+/// Sends `oauth2`'s request with reqwest and keeps the whole reply for classification.
+struct CapturingClient<'a> {
+    provider: &'a OAuth2Provider,
+    outcome: &'a Mutex<Option<Result<HttpReply, ProviderError>>>,
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for CapturingClient<'_> {
+    type Error = Captured;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, Captured>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let provider = self.provider;
+            let result = match reqwest::Request::try_from(request) {
+                Ok(mut request) => {
+                    if let Some(timeout) = provider.timeout {
+                        *request.timeout_mut() = Some(timeout);
+                    }
+                    HttpReply::send(&provider.http, request, provider.body_limit).await
+                }
+                Err(e) => Err(transport_error(e)),
+            };
+            *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+            Err(Captured)
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for OAuth2Provider {
+    async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
+        let Some(refresh_token) = req.tokens.refresh_token() else {
+            return Err(ProviderError::reauthorize(InvalidationReason::NoRefreshToken));
+        };
+        let refresh_token = oauth2::RefreshToken::new(refresh_token.secret().to_owned());
+        // `oauth2` builds the request; the reply is captured here, because `oauth2`'s own
+        // handling drops the status and headers the classification needs and rejects
+        // deviations (such as `expires_in` as a string) that real providers send.
+        let outcome: Mutex<Option<Result<HttpReply, ProviderError>>> = Mutex::new(None);
+        let send = CapturingClient {
+            provider: self,
+            outcome: &outcome,
+        };
+        let mut request = self.client.exchange_refresh_token(&refresh_token);
+        for scope in &self.scopes {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        for (name, value) in &self.extra_params {
+            request = request.add_extra_param(name.as_str(), value.as_str());
+        }
+        let _ = request.request_async(&send).await;
+        match outcome.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(reply)) => reply.interpret(&*self.classifier, req.now),
+            Some(Err(e)) => Err(e),
+            // `oauth2` could not build the request.
+            None => Err(ProviderError::misconfigured(ConfigProblem::HttpClient)),
+        }
+    }
+}

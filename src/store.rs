@@ -1,0 +1,264 @@
+//! Where grants live: the [`TokenStore`] trait and the stored record.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InvalidationReason, StoreError};
+use crate::token::{epoch_ms_opt, TokenKey, TokenSet};
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// A record version for compare-and-swap. Stores must never reuse a version for a key, even
+/// across delete and re-insert.
+pub type Version = u64;
+
+/// A value with the version it was loaded at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    /// The version to pass back to [`TokenStore::save`].
+    pub version: Version,
+    /// The value.
+    pub value: T,
+}
+
+/// The outcome of a compare-and-swap [`TokenStore::save`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cas {
+    /// Saved; this is the new version.
+    Saved(Version),
+    /// The stored version was not the expected one; nothing was written.
+    Conflict,
+}
+
+/// Everything stored for one grant: its tokens and its state.
+///
+/// A grant that needs re-authorization is persisted as such, so it stays dead across restarts
+/// and across every manager that shares the store, until a new grant is inserted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub(crate) tokens: TokenSet,
+    #[serde(default)]
+    pub(crate) state: GrantState,
+    #[serde(default)]
+    pub(crate) failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    pub(crate) retry_not_before: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    pub(crate) last_refresh: Option<SystemTime>,
+}
+
+/// The lifecycle state of a stored grant.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum GrantState {
+    /// The grant can be refreshed.
+    #[default]
+    Active,
+    /// The grant is dead until a new one is inserted.
+    ReauthorizationRequired {
+        /// Why.
+        reason: InvalidationReason,
+        /// When this was found, as epoch milliseconds.
+        #[serde(default, with = "epoch_ms_opt")]
+        since: Option<SystemTime>,
+    },
+}
+
+impl GrantRecord {
+    /// A fresh, active record for `tokens`.
+    pub fn new(tokens: TokenSet) -> Self {
+        Self {
+            tokens,
+            state: GrantState::Active,
+            failures: 0,
+            retry_not_before: None,
+            last_error: None,
+            last_refresh: None,
+        }
+    }
+
+    /// The grant's tokens.
+    pub fn tokens(&self) -> &TokenSet {
+        &self.tokens
+    }
+
+    /// The grant's state.
+    pub fn state(&self) -> &GrantState {
+        &self.state
+    }
+
+    /// Consecutive failed refreshes.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// No refresh is sent before this instant (backoff after failures).
+    pub fn retry_not_before(&self) -> Option<SystemTime> {
+        self.retry_not_before
+    }
+
+    /// The last refresh error, as text (never holds a secret).
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// When the grant was last refreshed successfully.
+    pub fn last_refresh(&self) -> Option<SystemTime> {
+        self.last_refresh
+    }
+
+    pub(crate) fn dead_reason(&self) -> Option<&InvalidationReason> {
+        match &self.state {
+            GrantState::ReauthorizationRequired { reason, .. } => Some(reason),
+            GrantState::Active => None,
+        }
+    }
+
+    /// Encodes the record as JSON, the form the built-in persistent stores write.
+    pub fn to_json(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(self).map_err(StoreError::corrupt)
+    }
+
+    /// Decodes a record written by [`to_json`](Self::to_json).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, StoreError> {
+        serde_json::from_slice(bytes).map_err(StoreError::corrupt)
+    }
+}
+
+impl fmt::Debug for GrantRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrantRecord")
+            .field("tokens", &self.tokens)
+            .field("state", &self.state)
+            .field("failures", &self.failures)
+            .field("retry_not_before", &self.retry_not_before)
+            .field("last_error", &self.last_error)
+            .field("last_refresh", &self.last_refresh)
+            .finish()
+    }
+}
+
+/// Persistence for grants, shared by every [`TokenManager`](crate::TokenManager) (and every
+/// process) that manages the same grants.
+///
+/// # Contract
+///
+/// - [`load`](Self::load) of an absent key is `Ok(None)`, never an error.
+/// - [`save`](Self::save) is a compare-and-swap: it writes only if the stored version equals
+///   `expected` (`None`: only if the key is absent) and returns the new version; otherwise it
+///   writes nothing and returns [`Cas::Conflict`]. Versions only grow.
+///
+/// # Concurrency
+///
+/// Methods are called concurrently from many tasks. Each call must be atomic on its own. The
+/// manager serialises refreshes of one grant within a process; across processes it relies on
+/// [`lock`](Self::lock) when the store provides one, and on compare-and-swap always.
+///
+/// # Errors
+///
+/// Return [`StoreError::new`] for backend failures and [`StoreError::corrupt`] for records
+/// that cannot be decoded. The manager never discards a rotated token because of a store error:
+/// it keeps it in memory, reports [`Event::PersistFailed`](crate::Event::PersistFailed), and
+/// retries the save.
+///
+/// # Implementing
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use async_trait::async_trait;
+/// use tokenkeeper::{Cas, GrantRecord, StoreError, TokenKey, TokenStore, Version, Versioned};
+///
+/// #[derive(Default)]
+/// struct MyStore {
+///     next: Mutex<Version>,
+///     map: Mutex<HashMap<TokenKey, (Version, Vec<u8>)>>,
+/// }
+///
+/// #[async_trait]
+/// impl TokenStore for MyStore {
+///     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+///         let map = self.map.lock().unwrap();
+///         match map.get(key) {
+///             None => Ok(None),
+///             Some((version, bytes)) => Ok(Some(Versioned {
+///                 version: *version,
+///                 value: GrantRecord::from_json(bytes)?,
+///             })),
+///         }
+///     }
+///
+///     async fn save(
+///         &self,
+///         key: &TokenKey,
+///         record: &GrantRecord,
+///         expected: Option<Version>,
+///     ) -> Result<Cas, StoreError> {
+///         let bytes = record.to_json()?;
+///         let mut map = self.map.lock().unwrap();
+///         if map.get(key).map(|(v, _)| *v) != expected {
+///             return Ok(Cas::Conflict);
+///         }
+///         let mut next = self.next.lock().unwrap();
+///         *next += 1;
+///         map.insert(key.clone(), (*next, bytes));
+///         Ok(Cas::Saved(*next))
+///     }
+///
+///     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+///         Ok(self.map.lock().unwrap().remove(key).is_some())
+///     }
+///
+///     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+///         Ok(self.map.lock().unwrap().keys().cloned().collect())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Loads the record for `key` with its version; `Ok(None)` if absent.
+    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError>;
+
+    /// Saves `record` if the stored version is `expected` (`None`: if absent).
+    async fn save(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expected: Option<Version>,
+    ) -> Result<Cas, StoreError>;
+
+    /// Deletes the record; `Ok(false)` if there was none.
+    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError>;
+
+    /// Every stored key.
+    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError>;
+
+    /// Takes the cross-process refresh lock for `key`, waiting for it, or `Ok(None)` if this
+    /// store has no cross-process lock (the default; in-process single-flight and
+    /// compare-and-swap still hold).
+    ///
+    /// `ttl` bounds how long a crashed holder can keep the lock.
+    async fn lock(
+        &self,
+        key: &TokenKey,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        let _ = (key, ttl);
+        Ok(None)
+    }
+}
+
+/// A held cross-process refresh lock (see [`TokenStore::lock`]).
+#[async_trait]
+pub trait RefreshLock: Send + Sync {
+    /// Releases the lock. Dropping without releasing leaves it to expire.
+    async fn release(self: Box<Self>) -> Result<(), StoreError>;
+}

@@ -1,0 +1,111 @@
+//! The in-memory store.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+use crate::store::{Cas, GrantRecord, TokenStore, Version, Versioned};
+use crate::token::TokenKey;
+
+/// A [`TokenStore`] in this process's memory. Grants are lost when the process ends.
+///
+/// Share one `Arc<MemoryStore>` between managers to model several managers on one store.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_version: Version,
+    records: HashMap<TokenKey, Versioned<GrantRecord>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave a record half-written (each update is
+        // a single insert), so a poisoned lock is safe to keep using.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        Ok(self.lock().records.get(key).cloned())
+    }
+
+    async fn save(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expected: Option<Version>,
+    ) -> Result<Cas, StoreError> {
+        let mut inner = self.lock();
+        if inner.records.get(key).map(|r| r.version) != expected {
+            return Ok(Cas::Conflict);
+        }
+        inner.next_version += 1;
+        let version = inner.next_version;
+        inner.records.insert(
+            key.clone(),
+            Versioned {
+                version,
+                value: record.clone(),
+            },
+        );
+        Ok(Cas::Saved(version))
+    }
+
+    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        Ok(self.lock().records.remove(key).is_some())
+    }
+
+    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        Ok(self.lock().records.keys().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{AccessToken, TokenSet};
+
+    fn record(at: &str) -> GrantRecord {
+        GrantRecord::new(TokenSet::new(AccessToken::new(at)))
+    }
+
+    #[tokio::test]
+    async fn compare_and_swap() {
+        let store = MemoryStore::new();
+        let key = TokenKey::from("k");
+        assert!(store.load(&key).await.unwrap().is_none());
+        let Cas::Saved(v1) = store.save(&key, &record("a"), None).await.unwrap() else {
+            panic!("first save must succeed")
+        };
+        assert_eq!(store.save(&key, &record("b"), None).await.unwrap(), Cas::Conflict);
+        assert_eq!(store.save(&key, &record("b"), Some(v1 + 7)).await.unwrap(), Cas::Conflict);
+        let Cas::Saved(v2) = store.save(&key, &record("b"), Some(v1)).await.unwrap() else {
+            panic!("save at the current version must succeed")
+        };
+        assert!(v2 > v1);
+        let loaded = store.load(&key).await.unwrap().unwrap();
+        assert_eq!(loaded.version, v2);
+        assert_eq!(loaded.value.tokens().access_token().secret(), "b");
+        assert!(store.delete(&key).await.unwrap());
+        assert!(!store.delete(&key).await.unwrap());
+        // Versions are never reused after delete and re-insert.
+        let Cas::Saved(v3) = store.save(&key, &record("c"), None).await.unwrap() else {
+            panic!()
+        };
+        assert!(v3 > v2);
+        assert_eq!(store.keys().await.unwrap(), vec![key]);
+    }
+}

@@ -1,0 +1,681 @@
+//! Token values, secret newtypes and expiry math.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+macro_rules! secret_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        ///
+        /// The value is never printed: `Debug` shows a redacted placeholder and there is no
+        /// `Display`. Read it deliberately with [`secret`](Self::secret).
+        #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Wraps a secret value.
+            pub fn new(value: impl Into<String>) -> Self {
+                Self(Arc::from(value.into()))
+            }
+
+            /// The secret value. Call this only where the value must leave the program.
+            pub fn secret(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+    };
+}
+
+secret_type!(
+    /// A bearer access token.
+    ///
+    /// Cloning is cheap (a reference count), so the fast path of
+    /// [`TokenManager::access_token`](crate::TokenManager::access_token) never copies the string.
+    AccessToken
+);
+secret_type!(
+    /// A refresh token.
+    RefreshToken
+);
+secret_type!(
+    /// An OAuth client secret.
+    ClientSecret
+);
+
+/// Names one grant inside a [`TokenManager`](crate::TokenManager): a user, a tenant, a
+/// connected account. Not a secret; it appears in errors, events and traces.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TokenKey(Arc<str>);
+
+impl TokenKey {
+    /// A key from any string.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(Arc::from(key.into()))
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for TokenKey {
+    fn from(key: &str) -> Self {
+        Self::new(key)
+    }
+}
+
+impl From<String> for TokenKey {
+    fn from(key: String) -> Self {
+        Self::new(key)
+    }
+}
+
+/// The tokens of one grant, with absolute expiries.
+///
+/// Built from an initial grant with [`TokenSet::new`] and the `with_*` methods, or by the
+/// [`TokenManager`](crate::TokenManager) from a provider's [`TokenResponse`].
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenSet {
+    access_token: AccessToken,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<RefreshToken>,
+    #[serde(default = "bearer")]
+    token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    expires_at: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    refresh_expires_at: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    issued_at: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    extra: Map<String, Value>,
+}
+
+fn bearer() -> String {
+    "Bearer".to_owned()
+}
+
+impl TokenSet {
+    /// A token set holding only an access token (no refresh token, unknown expiry).
+    pub fn new(access_token: AccessToken) -> Self {
+        Self {
+            access_token,
+            refresh_token: None,
+            token_type: bearer(),
+            expires_at: None,
+            refresh_expires_at: None,
+            scopes: None,
+            issued_at: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// Sets the refresh token.
+    pub fn with_refresh_token(mut self, refresh_token: RefreshToken) -> Self {
+        self.refresh_token = Some(refresh_token);
+        self
+    }
+
+    /// Sets the absolute expiry of the access token.
+    pub fn with_expires_at(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Sets the absolute expiry of the refresh token, where the provider makes it known.
+    pub fn with_refresh_expires_at(mut self, at: SystemTime) -> Self {
+        self.refresh_expires_at = Some(at);
+        self
+    }
+
+    /// Sets the token type (default `Bearer`).
+    pub fn with_token_type(mut self, token_type: impl Into<String>) -> Self {
+        self.token_type = token_type.into();
+        self
+    }
+
+    /// Sets the granted scopes.
+    pub fn with_scopes(mut self, scopes: Vec<String>) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
+
+    /// Sets when these tokens were issued.
+    pub fn with_issued_at(mut self, at: SystemTime) -> Self {
+        self.issued_at = Some(at);
+        self
+    }
+
+    /// Sets provider-specific extra fields (kept as JSON).
+    pub fn with_extra(mut self, extra: Map<String, Value>) -> Self {
+        self.extra = extra;
+        self
+    }
+
+    /// The access token.
+    pub fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+
+    /// The refresh token, if the grant has one.
+    pub fn refresh_token(&self) -> Option<&RefreshToken> {
+        self.refresh_token.as_ref()
+    }
+
+    /// The token type, usually `Bearer`.
+    pub fn token_type(&self) -> &str {
+        &self.token_type
+    }
+
+    /// When the access token expires, if known.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+
+    /// When the refresh token expires, if the provider said.
+    pub fn refresh_expires_at(&self) -> Option<SystemTime> {
+        self.refresh_expires_at
+    }
+
+    /// The granted scopes, if the provider said.
+    pub fn scopes(&self) -> Option<&[String]> {
+        self.scopes.as_deref()
+    }
+
+    /// When these tokens were issued, if known.
+    pub fn issued_at(&self) -> Option<SystemTime> {
+        self.issued_at
+    }
+
+    /// Provider-specific fields of the token response, kept as they came.
+    pub fn extra(&self) -> &Map<String, Value> {
+        &self.extra
+    }
+
+    /// Whether the access token has expired at `now`. Unknown expiry counts as not expired.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        matches!(self.expires_at, Some(at) if at <= now)
+    }
+
+    /// Whether the access token is valid at `now` and stays valid for at least `margin`.
+    pub fn is_fresh(&self, now: SystemTime, margin: Duration) -> bool {
+        match self.expires_at {
+            None => true,
+            Some(at) => at.duration_since(now).is_ok_and(|left| left > margin),
+        }
+    }
+
+    /// Whether the refresh token is known to have expired at `now`.
+    pub fn is_refresh_token_expired(&self, now: SystemTime) -> bool {
+        matches!(self.refresh_expires_at, Some(at) if at <= now)
+    }
+
+    /// Folds a provider's response into a new token set, computed at `now`.
+    ///
+    /// Relative lifetimes become absolute here (RFC 6749 §5.1). If the response carries no
+    /// refresh token, the current one is kept (RFC 6749 §6), with its known expiry.
+    pub fn apply(&self, response: TokenResponse, now: SystemTime) -> TokenSet {
+        let rotated = response.refresh_token.is_some();
+        let refresh_expires_at = match (&response.refresh_expires, rotated) {
+            (Some(expiry), _) => Some(expiry.at(now)),
+            (None, true) => None,
+            (None, false) => self.refresh_expires_at,
+        };
+        TokenSet {
+            access_token: response.access_token,
+            refresh_token: response.refresh_token.or_else(|| self.refresh_token.clone()),
+            token_type: response
+                .token_type
+                .unwrap_or_else(|| self.token_type.clone()),
+            expires_at: response.expires.map(|e| e.at(now)),
+            refresh_expires_at,
+            scopes: response.scopes.or_else(|| self.scopes.clone()),
+            issued_at: Some(now),
+            extra: response.extra,
+        }
+    }
+}
+
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSet")
+            .field("access_token", &self.access_token)
+            .field("refresh_token", &self.refresh_token)
+            .field("token_type", &self.token_type)
+            .field("expires_at", &self.expires_at)
+            .field("refresh_expires_at", &self.refresh_expires_at)
+            .field("scopes", &self.scopes)
+            .field("issued_at", &self.issued_at)
+            // Extra fields may hold an `id_token` or other secrets: show names only.
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// When something expires, as a provider stated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Relative to the time of the response (`expires_in`).
+    In(Duration),
+    /// An absolute instant (an epoch in the response).
+    At(SystemTime),
+}
+
+impl Expiry {
+    /// The absolute instant, taking `now` as the time of the response.
+    pub fn at(self, now: SystemTime) -> SystemTime {
+        match self {
+            Expiry::In(d) => now.checked_add(d).unwrap_or(now),
+            Expiry::At(t) => t,
+        }
+    }
+}
+
+/// What a [`Provider`](crate::Provider) returns from one successful refresh.
+#[derive(Clone)]
+pub struct TokenResponse {
+    pub(crate) access_token: AccessToken,
+    pub(crate) refresh_token: Option<RefreshToken>,
+    pub(crate) token_type: Option<String>,
+    pub(crate) expires: Option<Expiry>,
+    pub(crate) refresh_expires: Option<Expiry>,
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) extra: Map<String, Value>,
+}
+
+impl TokenResponse {
+    /// A response with only an access token.
+    pub fn new(access_token: AccessToken) -> Self {
+        Self {
+            access_token,
+            refresh_token: None,
+            token_type: None,
+            expires: None,
+            refresh_expires: None,
+            scopes: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// Sets the (possibly rotated) refresh token.
+    pub fn with_refresh_token(mut self, token: RefreshToken) -> Self {
+        self.refresh_token = Some(token);
+        self
+    }
+
+    /// Sets when the access token expires.
+    pub fn with_expires(mut self, expiry: Expiry) -> Self {
+        self.expires = Some(expiry);
+        self
+    }
+
+    /// Sets when the refresh token expires.
+    pub fn with_refresh_expires(mut self, expiry: Expiry) -> Self {
+        self.refresh_expires = Some(expiry);
+        self
+    }
+
+    /// Sets the token type.
+    pub fn with_token_type(mut self, token_type: impl Into<String>) -> Self {
+        self.token_type = Some(token_type.into());
+        self
+    }
+
+    /// Sets the scopes.
+    pub fn with_scopes(mut self, scopes: Vec<String>) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
+
+    /// Sets extra provider-specific fields.
+    pub fn with_extra(mut self, extra: Map<String, Value>) -> Self {
+        self.extra = extra;
+        self
+    }
+
+    /// The access token.
+    pub fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+
+    /// The refresh token, if the response carried one.
+    pub fn refresh_token(&self) -> Option<&RefreshToken> {
+        self.refresh_token.as_ref()
+    }
+
+    /// The access token's expiry, as stated.
+    pub fn expires(&self) -> Option<Expiry> {
+        self.expires
+    }
+
+    /// The refresh token's expiry, as stated.
+    pub fn refresh_expires(&self) -> Option<Expiry> {
+        self.refresh_expires
+    }
+
+    /// Parses a JSON token response leniently.
+    ///
+    /// Accepts the RFC 6749 §5.1 fields and the common deviations seen in the field:
+    /// `expires_in` as a number or a numeric string; absolute expiries in
+    /// `expires_at` / `access_token_expiry` / `refresh_token_expiry` /
+    /// `refresh_token_expires_at` as epoch seconds or milliseconds, number or string;
+    /// `refresh_token_expires_in` relative; `scope` as a space-separated string. Other fields
+    /// are kept in [`TokenSet::extra`]. Fails on anything that is not a JSON object with a
+    /// non-empty string `access_token`.
+    pub fn from_json(body: &[u8]) -> Result<Self, ParseError> {
+        let value: Value = serde_json::from_slice(body).map_err(|_| ParseError::NotJson)?;
+        let Value::Object(mut obj) = value else {
+            return Err(ParseError::NotAnObject);
+        };
+        let access_token = match obj.remove("access_token") {
+            Some(Value::String(s)) if !s.is_empty() => AccessToken::new(s),
+            Some(_) => return Err(ParseError::InvalidField("access_token")),
+            None => return Err(ParseError::MissingAccessToken),
+        };
+        let refresh_token = match obj.remove("refresh_token") {
+            Some(Value::String(s)) if !s.is_empty() => Some(RefreshToken::new(s)),
+            Some(Value::Null) | None => None,
+            Some(Value::String(_)) => None,
+            Some(_) => return Err(ParseError::InvalidField("refresh_token")),
+        };
+        let token_type = match obj.remove("token_type") {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let expires = take_expiry(&mut obj, &["expires_in"], &["expires_at", "access_token_expiry"])
+            .map_err(|()| ParseError::InvalidField("expires_in"))?;
+        let refresh_expires = take_expiry(
+            &mut obj,
+            &["refresh_token_expires_in", "refresh_expires_in"],
+            &["refresh_token_expiry", "refresh_token_expires_at", "refresh_expires_at"],
+        )
+        .map_err(|()| ParseError::InvalidField("refresh_token_expires_in"))?;
+        let scopes = match obj.remove("scope") {
+            Some(Value::String(s)) => Some(s.split_whitespace().map(str::to_owned).collect()),
+            Some(Value::Array(items)) => Some(
+                items
+                    .into_iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            access_token,
+            refresh_token,
+            token_type,
+            expires,
+            refresh_expires,
+            scopes,
+            extra: obj,
+        })
+    }
+}
+
+impl fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &self.access_token)
+            .field("refresh_token", &self.refresh_token)
+            .field("token_type", &self.token_type)
+            .field("expires", &self.expires)
+            .field("refresh_expires", &self.refresh_expires)
+            .field("scopes", &self.scopes)
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Why a token response body could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// The body is not JSON.
+    #[error("token response is not JSON")]
+    NotJson,
+    /// The body is JSON but not an object.
+    #[error("token response is not a JSON object")]
+    NotAnObject,
+    /// No `access_token` field.
+    #[error("token response has no access_token")]
+    MissingAccessToken,
+    /// A field has a type or value that cannot be used.
+    #[error("token response field `{0}` is invalid")]
+    InvalidField(&'static str),
+    /// The body is larger than the limit.
+    #[error("token response is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+}
+
+/// Largest lifetime accepted from `expires_in`: 100 years. Larger values are treated as a
+/// malformed response rather than a token that never expires.
+const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+fn take_expiry(
+    obj: &mut Map<String, Value>,
+    relative: &[&str],
+    absolute: &[&str],
+) -> Result<Option<Expiry>, ()> {
+    let mut found = None;
+    for name in absolute {
+        if let Some(v) = obj.remove(*name) {
+            if found.is_none() {
+                found = Some(Expiry::At(epoch(&v).ok_or(())?));
+            }
+        }
+    }
+    for name in relative {
+        if let Some(v) = obj.remove(*name) {
+            let secs = number(&v).ok_or(())?;
+            if !(0.0..=MAX_LIFETIME.as_secs_f64()).contains(&secs) {
+                return Err(());
+            }
+            // A relative lifetime measured at response time is the more reliable of the two.
+            found = Some(Expiry::In(Duration::from_secs_f64(secs)));
+        }
+    }
+    Ok(found)
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|n| n.is_finite())
+}
+
+/// Reads an epoch in seconds or milliseconds, as a number or a numeric string.
+///
+/// Values above 10^11 are taken as milliseconds (10^11 seconds is the year 5138).
+pub fn epoch(v: &Value) -> Option<SystemTime> {
+    let n = number(v)?;
+    if n < 0.0 {
+        return None;
+    }
+    let secs = if n >= 1e11 { n / 1000.0 } else { n };
+    if secs > 1e11 {
+        return None;
+    }
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs_f64(secs))
+}
+
+pub(crate) mod epoch_ms_opt {
+    //! `Option<SystemTime>` as epoch milliseconds, for readable stored records.
+    use std::time::{Duration, SystemTime};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => {
+                let ms = t
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                s.serialize_some(&ms)
+            }
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        assert_eq!(
+            format!("{:?}", AccessToken::new("at-1")),
+            "AccessToken([redacted])"
+        );
+        assert_eq!(
+            format!("{:?}", RefreshToken::new("rt-1")),
+            "RefreshToken([redacted])"
+        );
+        assert_eq!(
+            format!("{:?}", ClientSecret::new("cs-1")),
+            "ClientSecret([redacted])"
+        );
+        let mut extra = Map::new();
+        extra.insert("id_token".into(), Value::String("idt-secret".into()));
+        let set = TokenSet::new(AccessToken::new("at-secret"))
+            .with_refresh_token(RefreshToken::new("rt-secret"))
+            .with_extra(extra.clone());
+        let dbg = format!("{set:?}");
+        assert!(!dbg.contains("secret\""), "{dbg}");
+        assert!(!dbg.contains("at-secret") && !dbg.contains("rt-secret") && !dbg.contains("idt-secret"));
+        let resp = TokenResponse::new(AccessToken::new("at-secret")).with_extra(extra);
+        let dbg = format!("{resp:?}");
+        assert!(!dbg.contains("at-secret") && !dbg.contains("idt-secret"), "{dbg}");
+    }
+
+    #[test]
+    fn expires_in_becomes_absolute_at_response_time() {
+        let r = TokenResponse::from_json(br#"{"access_token":"a","expires_in":3600}"#).unwrap();
+        let set = TokenSet::new(AccessToken::new("old")).apply(r, t(1000));
+        assert_eq!(set.expires_at(), Some(t(4600)));
+        assert_eq!(set.issued_at(), Some(t(1000)));
+    }
+
+    #[test]
+    fn missing_refresh_token_keeps_the_old_one() {
+        let old = TokenSet::new(AccessToken::new("a0"))
+            .with_refresh_token(RefreshToken::new("r0"))
+            .with_refresh_expires_at(t(9999));
+        let r = TokenResponse::from_json(br#"{"access_token":"a1"}"#).unwrap();
+        let new = old.apply(r, t(10));
+        assert_eq!(new.refresh_token().unwrap().secret(), "r0");
+        assert_eq!(new.refresh_expires_at(), Some(t(9999)));
+        let r = TokenResponse::from_json(br#"{"access_token":"a2","refresh_token":"r2"}"#).unwrap();
+        let newer = new.apply(r, t(20));
+        assert_eq!(newer.refresh_token().unwrap().secret(), "r2");
+        assert_eq!(newer.refresh_expires_at(), None);
+    }
+
+    #[test]
+    fn epochs_in_seconds_and_milliseconds_as_numbers_and_strings() {
+        for body in [
+            r#"{"access_token":"a","access_token_expiry":"1718000000000"}"#,
+            r#"{"access_token":"a","access_token_expiry":1718000000000}"#,
+            r#"{"access_token":"a","expires_at":1718000000}"#,
+            r#"{"access_token":"a","expires_at":"1718000000"}"#,
+        ] {
+            let r = TokenResponse::from_json(body.as_bytes()).unwrap();
+            assert_eq!(r.expires(), Some(Expiry::At(t(1_718_000_000))), "{body}");
+        }
+        let r = TokenResponse::from_json(
+            br#"{"access_token":"a","expires_in":"1296000","refresh_token_expiry":"1720000000000"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.expires(), Some(Expiry::In(Duration::from_secs(1_296_000))));
+        assert_eq!(r.refresh_expires(), Some(Expiry::At(t(1_720_000_000))));
+    }
+
+    #[test]
+    fn malformed_bodies_are_typed_errors() {
+        let cases: &[(&[u8], ParseError)] = &[
+            (b"", ParseError::NotJson),
+            (b"<html>502</html>", ParseError::NotJson),
+            (b"[1,2]", ParseError::NotAnObject),
+            (b"null", ParseError::NotAnObject),
+            (br#"{"token_type":"bearer"}"#, ParseError::MissingAccessToken),
+            (br#"{"access_token":42}"#, ParseError::InvalidField("access_token")),
+            (br#"{"access_token":""}"#, ParseError::InvalidField("access_token")),
+            (br#"{"access_token":"a","expires_in":-5}"#, ParseError::InvalidField("expires_in")),
+            (br#"{"access_token":"a","expires_in":"soon"}"#, ParseError::InvalidField("expires_in")),
+            (br#"{"access_token":"a","expires_in":1e300}"#, ParseError::InvalidField("expires_in")),
+            (br#"{"access_token":"a","refresh_token":7}"#, ParseError::InvalidField("refresh_token")),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                TokenResponse::from_json(body).err().as_ref(),
+                Some(want),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn freshness_honours_the_margin() {
+        let set = TokenSet::new(AccessToken::new("a")).with_expires_at(t(100));
+        assert!(set.is_fresh(t(30), Duration::from_secs(60)));
+        assert!(!set.is_fresh(t(40), Duration::from_secs(60)));
+        assert!(!set.is_expired(t(99)));
+        assert!(set.is_expired(t(100)));
+        assert!(TokenSet::new(AccessToken::new("a")).is_fresh(t(u32::MAX as u64), Duration::ZERO));
+    }
+
+    #[test]
+    fn stored_form_round_trips() {
+        let set = TokenSet::new(AccessToken::new("a"))
+            .with_refresh_token(RefreshToken::new("r"))
+            .with_expires_at(t(100))
+            .with_scopes(vec!["offline_access".into()]);
+        let json = serde_json::to_string(&set).unwrap();
+        let back: TokenSet = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, set);
+    }
+}
