@@ -32,3 +32,9 @@ impl fmt::Debug for SystemClock {
         f.write_str("SystemClock")
     }
 }
+
+impl<T: Clock + ?Sized> Clock for std::sync::Arc<T> {
+    fn now(&self) -> SystemTime {
+        (**self).now()
+    }
+}

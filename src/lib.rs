@@ -4,7 +4,10 @@
 
 mod clock;
 mod error;
+mod event;
+mod manager;
 mod provider;
+mod status;
 mod store;
 mod token;
 
@@ -13,6 +16,9 @@ pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
 };
+pub use event::Event;
+pub use manager::{TokenManager, TokenManagerBuilder};
+pub use status::{GrantHealth, TokenStatus};
 pub use provider::{
     provider_fn, Classifier, ClientAuth, FnProvider, HttpReply, OAuth2Provider,
     OAuth2ProviderBuilder, Provider, RefreshRequest, StandardClassifier, XoxodayClassifier,

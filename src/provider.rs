@@ -114,3 +114,10 @@ where
         (self.0)(request.key.clone(), request.tokens.clone()).await
     }
 }
+
+#[async_trait]
+impl<T: Provider + ?Sized> Provider for std::sync::Arc<T> {
+    async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
+        (**self).refresh(request).await
+    }
+}

@@ -262,3 +262,35 @@ pub trait RefreshLock: Send + Sync {
     /// Releases the lock. Dropping without releasing leaves it to expire.
     async fn release(self: Box<Self>) -> Result<(), StoreError>;
 }
+
+#[async_trait]
+impl<T: TokenStore + ?Sized> TokenStore for std::sync::Arc<T> {
+    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        (**self).load(key).await
+    }
+
+    async fn save(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expected: Option<Version>,
+    ) -> Result<Cas, StoreError> {
+        (**self).save(key, record, expected).await
+    }
+
+    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        (**self).delete(key).await
+    }
+
+    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        (**self).keys().await
+    }
+
+    async fn lock(
+        &self,
+        key: &TokenKey,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        (**self).lock(key, ttl).await
+    }
+}

@@ -1,0 +1,75 @@
+//! Notifications for the application.
+
+use std::time::SystemTime;
+
+use crate::error::{Error, InvalidationReason, StoreError};
+use crate::token::TokenKey;
+
+/// Something that happened to a grant, for the application to act on (notify a user, page an
+/// operator, update a dashboard). Receive them with
+/// [`TokenManager::subscribe`](crate::TokenManager::subscribe).
+///
+/// Events never carry a token.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// The grant was refreshed and the result saved.
+    Refreshed {
+        /// The grant.
+        key: TokenKey,
+        /// Whether the provider issued a new refresh token.
+        rotated: bool,
+        /// When the new access token expires, if known.
+        expires_at: Option<SystemTime>,
+    },
+    /// A refresh failed; the grant is alive and will be retried.
+    RefreshFailed {
+        /// The grant.
+        key: TokenKey,
+        /// What went wrong.
+        error: Error,
+        /// No refresh is attempted before this instant.
+        retry_at: Option<SystemTime>,
+    },
+    /// The grant died; only a human can fix it. Sent once per transition to dead.
+    ReauthorizationRequired {
+        /// The grant.
+        key: TokenKey,
+        /// Why.
+        reason: InvalidationReason,
+    },
+    /// A new grant was inserted for a key that needed re-authorization.
+    Recovered {
+        /// The grant.
+        key: TokenKey,
+    },
+    /// The refresh token cannot be renewed and expires soon; a human must act before then.
+    RefreshTokenExpiring {
+        /// The grant.
+        key: TokenKey,
+        /// When the refresh token expires.
+        expires_at: SystemTime,
+    },
+    /// Saving a refreshed grant failed. The new tokens are kept in memory and the save is
+    /// retried before any further refresh.
+    PersistFailed {
+        /// The grant.
+        key: TokenKey,
+        /// The store's error.
+        error: StoreError,
+    },
+}
+
+impl Event {
+    /// The grant the event is about.
+    pub fn key(&self) -> &TokenKey {
+        match self {
+            Event::Refreshed { key, .. }
+            | Event::RefreshFailed { key, .. }
+            | Event::ReauthorizationRequired { key, .. }
+            | Event::Recovered { key }
+            | Event::RefreshTokenExpiring { key, .. }
+            | Event::PersistFailed { key, .. } => key,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! What the application can ask about one grant.
+
+use std::time::{Duration, SystemTime};
+
+use crate::error::InvalidationReason;
+use crate::store::GrantRecord;
+use crate::token::TokenKey;
+
+/// A snapshot of one grant, from [`TokenManager::status`](crate::TokenManager::status).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct TokenStatus {
+    /// The grant.
+    pub key: TokenKey,
+    /// Alive, backing off, or dead.
+    pub health: GrantHealth,
+    /// When the access token expires, if known.
+    pub access_expires_at: Option<SystemTime>,
+    /// When the refresh token expires, if known.
+    pub refresh_expires_at: Option<SystemTime>,
+    /// Whether the grant has a refresh token.
+    pub has_refresh_token: bool,
+    /// The last successful refresh.
+    pub last_refresh: Option<SystemTime>,
+    /// When the next refresh is due: the access expiry less the refresh margin, or the end
+    /// of a backoff. `None` for a dead grant or one that never expires.
+    pub next_refresh: Option<SystemTime>,
+    /// Consecutive failed refreshes.
+    pub failures: u32,
+    /// The last refresh error, as text.
+    pub last_error: Option<String>,
+}
+
+/// The lifecycle state of a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GrantHealth {
+    /// Refreshable.
+    Active,
+    /// Refreshable, but no refresh is sent before `until` after failures.
+    BackingOff {
+        /// End of the backoff.
+        until: SystemTime,
+    },
+    /// Dead until a new grant is inserted.
+    ReauthorizationRequired {
+        /// Why.
+        reason: InvalidationReason,
+        /// When it was found dead.
+        since: Option<SystemTime>,
+    },
+}
+
+impl TokenStatus {
+    pub(crate) fn from_record(
+        key: TokenKey,
+        record: &GrantRecord,
+        now: SystemTime,
+        margin: Duration,
+    ) -> Self {
+        let health = GrantHealth::of(record, now);
+        let tokens = record.tokens();
+        let next_refresh = match &health {
+            GrantHealth::ReauthorizationRequired { .. } => None,
+            GrantHealth::BackingOff { until } => Some(*until),
+            GrantHealth::Active => tokens
+                .expires_at()
+                .map(|at| at.checked_sub(margin).unwrap_or(at)),
+        };
+        Self {
+            key,
+            health,
+            access_expires_at: tokens.expires_at(),
+            refresh_expires_at: tokens.refresh_expires_at(),
+            has_refresh_token: tokens.refresh_token().is_some(),
+            last_refresh: record.last_refresh(),
+            next_refresh,
+            failures: record.failures(),
+            last_error: record.last_error().map(str::to_owned),
+        }
+    }
+
+    /// Whether only a human can revive this grant.
+    pub fn needs_reauthorization(&self) -> bool {
+        matches!(self.health, GrantHealth::ReauthorizationRequired { .. })
+    }
+}
