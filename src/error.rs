@@ -178,7 +178,9 @@ impl fmt::Display for InvalidationReason {
             Self::PasswordChanged => f.write_str("the user's password changed"),
             Self::Superseded => f.write_str("new tokens were issued elsewhere"),
             Self::Revoked => f.write_str("access was revoked"),
-            Self::NoRefreshToken => f.write_str("the access token expired and there is no refresh token"),
+            Self::NoRefreshToken => {
+                f.write_str("the access token expired and there is no refresh token")
+            }
             Self::Provider { code } => write!(f, "provider code `{code}`"),
         }
     }
@@ -403,8 +405,12 @@ impl ProviderError {
     pub(crate) fn into_error(self, key: &TokenKey) -> Error {
         let key = key.clone();
         match self.kind {
-            ProviderErrorKind::Reauthorize(reason) => Error::ReauthorizationRequired { key, reason },
-            ProviderErrorKind::RateLimited { retry_after } => Error::RateLimited { key, retry_after },
+            ProviderErrorKind::Reauthorize(reason) => {
+                Error::ReauthorizationRequired { key, reason }
+            }
+            ProviderErrorKind::RateLimited { retry_after } => {
+                Error::RateLimited { key, retry_after }
+            }
             ProviderErrorKind::Unavailable { cause, retry_after } => Error::Unavailable {
                 key,
                 cause,
@@ -477,7 +483,10 @@ mod tests {
             reason: InvalidationReason::PasswordChanged,
         };
         let s = e.to_string();
-        assert_eq!(s, "grant `acct-1` needs re-authorization: the user's password changed");
+        assert_eq!(
+            s,
+            "grant `acct-1` needs re-authorization: the user's password changed"
+        );
         assert!(!s.ends_with('.'));
     }
 }

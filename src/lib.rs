@@ -18,13 +18,15 @@ pub use error::{
 };
 pub use event::Event;
 pub use manager::{TokenManager, TokenManagerBuilder};
-pub use status::{GrantHealth, TokenStatus};
 pub use provider::{
     provider_fn, Classifier, ClientAuth, FnProvider, HttpReply, OAuth2Provider,
     OAuth2ProviderBuilder, Provider, RefreshRequest, StandardClassifier, XoxodayClassifier,
     DEFAULT_BODY_LIMIT,
 };
-pub use store::{Cas, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version, Versioned};
+pub use status::{GrantHealth, TokenStatus};
+pub use store::{
+    Cas, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version, Versioned,
+};
 pub use token::{
     epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshToken, TokenKey, TokenResponse,
     TokenSet,

@@ -119,7 +119,11 @@ impl TokenManager {
         if let Some(token) = self.inner.fresh(key, |t| t.access_token().clone()) {
             return Ok(token);
         }
-        Ok(self.token_slow(key, Need::Expiring).await?.access_token().clone())
+        Ok(self
+            .token_slow(key, Need::Expiring)
+            .await?
+            .access_token()
+            .clone())
     }
 
     /// Like [`access_token`](Self::access_token), with the whole [`TokenSet`].
@@ -162,7 +166,9 @@ impl TokenManager {
         let record = GrantRecord::new(tokens);
         loop {
             let current = self.inner.store.load(&key).await?;
-            let was_dead = current.as_ref().is_some_and(|c| c.value.dead_reason().is_some());
+            let was_dead = current
+                .as_ref()
+                .is_some_and(|c| c.value.dead_reason().is_some());
             let expected = current.map(|c| c.version);
             if let crate::store::Cas::Saved(version) =
                 self.inner.store.save(&key, &record, expected).await?
@@ -364,7 +370,12 @@ impl Inner {
     }
 
     /// Joins the refresh in flight for `key`, or starts one on a spawned task.
-    async fn refresh_shared(self: &Arc<Self>, key: &TokenKey, slot: Arc<Slot>, need: Need) -> Outcome {
+    async fn refresh_shared(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        slot: Arc<Slot>,
+        need: Need,
+    ) -> Outcome {
         let mut rx = {
             let mut flight = slot.flight.lock().unwrap_or_else(|e| e.into_inner());
             match &*flight {

@@ -46,11 +46,19 @@ pub struct GrantRecord {
     pub(crate) state: GrantState,
     #[serde(default)]
     pub(crate) failures: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
     pub(crate) retry_not_before: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) last_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
     pub(crate) last_refresh: Option<SystemTime>,
 }
 

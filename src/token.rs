@@ -106,13 +106,25 @@ pub struct TokenSet {
     refresh_token: Option<RefreshToken>,
     #[serde(default = "bearer")]
     token_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
     expires_at: Option<SystemTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
     refresh_expires_at: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     scopes: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "epoch_ms_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
     issued_at: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     extra: Map<String, Value>,
@@ -250,7 +262,9 @@ impl TokenSet {
         };
         TokenSet {
             access_token: response.access_token,
-            refresh_token: response.refresh_token.or_else(|| self.refresh_token.clone()),
+            refresh_token: response
+                .refresh_token
+                .or_else(|| self.refresh_token.clone()),
             token_type: response
                 .token_type
                 .unwrap_or_else(|| self.token_type.clone()),
@@ -409,12 +423,20 @@ impl TokenResponse {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
-        let expires = take_expiry(&mut obj, &["expires_in"], &["expires_at", "access_token_expiry"])
-            .map_err(|()| ParseError::InvalidField("expires_in"))?;
+        let expires = take_expiry(
+            &mut obj,
+            &["expires_in"],
+            &["expires_at", "access_token_expiry"],
+        )
+        .map_err(|()| ParseError::InvalidField("expires_in"))?;
         let refresh_expires = take_expiry(
             &mut obj,
             &["refresh_token_expires_in", "refresh_expires_in"],
-            &["refresh_token_expiry", "refresh_token_expires_at", "refresh_expires_at"],
+            &[
+                "refresh_token_expiry",
+                "refresh_token_expires_at",
+                "refresh_expires_at",
+            ],
         )
         .map_err(|()| ParseError::InvalidField("refresh_token_expires_in"))?;
         let scopes = match obj.remove("scope") {
@@ -585,10 +607,15 @@ mod tests {
             .with_extra(extra.clone());
         let dbg = format!("{set:?}");
         assert!(!dbg.contains("secret\""), "{dbg}");
-        assert!(!dbg.contains("at-secret") && !dbg.contains("rt-secret") && !dbg.contains("idt-secret"));
+        assert!(
+            !dbg.contains("at-secret") && !dbg.contains("rt-secret") && !dbg.contains("idt-secret")
+        );
         let resp = TokenResponse::new(AccessToken::new("at-secret")).with_extra(extra);
         let dbg = format!("{resp:?}");
-        assert!(!dbg.contains("at-secret") && !dbg.contains("idt-secret"), "{dbg}");
+        assert!(
+            !dbg.contains("at-secret") && !dbg.contains("idt-secret"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -629,7 +656,10 @@ mod tests {
             br#"{"access_token":"a","expires_in":"1296000","refresh_token_expiry":"1720000000000"}"#,
         )
         .unwrap();
-        assert_eq!(r.expires(), Some(Expiry::In(Duration::from_secs(1_296_000))));
+        assert_eq!(
+            r.expires(),
+            Some(Expiry::In(Duration::from_secs(1_296_000)))
+        );
         assert_eq!(r.refresh_expires(), Some(Expiry::At(t(1_720_000_000))));
     }
 
@@ -640,13 +670,34 @@ mod tests {
             (b"<html>502</html>", ParseError::NotJson),
             (b"[1,2]", ParseError::NotAnObject),
             (b"null", ParseError::NotAnObject),
-            (br#"{"token_type":"bearer"}"#, ParseError::MissingAccessToken),
-            (br#"{"access_token":42}"#, ParseError::InvalidField("access_token")),
-            (br#"{"access_token":""}"#, ParseError::InvalidField("access_token")),
-            (br#"{"access_token":"a","expires_in":-5}"#, ParseError::InvalidField("expires_in")),
-            (br#"{"access_token":"a","expires_in":"soon"}"#, ParseError::InvalidField("expires_in")),
-            (br#"{"access_token":"a","expires_in":1e300}"#, ParseError::InvalidField("expires_in")),
-            (br#"{"access_token":"a","refresh_token":7}"#, ParseError::InvalidField("refresh_token")),
+            (
+                br#"{"token_type":"bearer"}"#,
+                ParseError::MissingAccessToken,
+            ),
+            (
+                br#"{"access_token":42}"#,
+                ParseError::InvalidField("access_token"),
+            ),
+            (
+                br#"{"access_token":""}"#,
+                ParseError::InvalidField("access_token"),
+            ),
+            (
+                br#"{"access_token":"a","expires_in":-5}"#,
+                ParseError::InvalidField("expires_in"),
+            ),
+            (
+                br#"{"access_token":"a","expires_in":"soon"}"#,
+                ParseError::InvalidField("expires_in"),
+            ),
+            (
+                br#"{"access_token":"a","expires_in":1e300}"#,
+                ParseError::InvalidField("expires_in"),
+            ),
+            (
+                br#"{"access_token":"a","refresh_token":7}"#,
+                ParseError::InvalidField("refresh_token"),
+            ),
         ];
         for (body, want) in cases {
             assert_eq!(

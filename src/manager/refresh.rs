@@ -39,8 +39,12 @@ impl Inner {
             match &outcome {
                 Ok(_) => tracing::debug!("refresh finished"),
                 Err(e) => {
-                    if let Error::Unavailable { status: Some(s), .. }
-                    | Error::Misconfigured { status: Some(s), .. } = e
+                    if let Error::Unavailable {
+                        status: Some(s), ..
+                    }
+                    | Error::Misconfigured {
+                        status: Some(s), ..
+                    } = e
                     {
                         span.record("status", s);
                     }
@@ -55,7 +59,10 @@ impl Inner {
 
     async fn refresh_locked(&self, key: &TokenKey, slot: &Slot, need: Need) -> Outcome {
         let span = tracing::Span::current();
-        let Some(Versioned { version, value: record }) = self.load_persisting_unsaved(key, slot).await?
+        let Some(Versioned {
+            version,
+            value: record,
+        }) = self.load_persisting_unsaved(key, slot).await?
         else {
             slot.cached.store(None);
             return Err(Error::NotFound { key: key.clone() });
@@ -78,7 +85,13 @@ impl Inner {
         if record.tokens.is_refresh_token_expired(now) {
             span.record("outcome", "dead");
             return self
-                .mark_dead(key, slot, record, version, InvalidationReason::RefreshTokenExpired)
+                .mark_dead(
+                    key,
+                    slot,
+                    record,
+                    version,
+                    InvalidationReason::RefreshTokenExpired,
+                )
                 .await;
         }
 
@@ -100,7 +113,9 @@ impl Inner {
                 let mut fresh = GrantRecord::new(tokens);
                 fresh.last_refresh = Some(now);
                 span.record("rotated", rotated);
-                let outcome = self.save_refreshed(key, slot, fresh, &record, version).await;
+                let outcome = self
+                    .save_refreshed(key, slot, fresh, &record, version)
+                    .await;
                 if outcome.is_ok() {
                     span.record("outcome", "refreshed");
                     self.emit(Event::Refreshed {
@@ -129,7 +144,11 @@ impl Inner {
         slot: &Slot,
     ) -> Result<Option<Versioned<GrantRecord>>, Error> {
         let loaded = self.store.load(key).await?;
-        let unsaved = slot.unsaved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let unsaved = slot
+            .unsaved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let (Some((record, base)), Some(current)) = (unsaved, &loaded) else {
             return Ok(loaded);
         };
@@ -177,8 +196,9 @@ impl Inner {
                     let current = self.store.load(key).await?;
                     match current {
                         // Only metadata changed (a peer recorded a failure): keep our tokens.
-                        Some(c) if c.value.tokens.refresh_token() == base.tokens.refresh_token()
-                            && c.value.dead_reason().is_none() =>
+                        Some(c)
+                            if c.value.tokens.refresh_token() == base.tokens.refresh_token()
+                                && c.value.dead_reason().is_none() =>
                         {
                             expected = c.version;
                         }
@@ -235,7 +255,9 @@ impl Inner {
         let error = failure.into_error(key);
         if let Error::ReauthorizationRequired { reason, .. } = &error {
             span.record("outcome", "dead");
-            return self.mark_dead(key, slot, record, version, reason.clone()).await;
+            return self
+                .mark_dead(key, slot, record, version, reason.clone())
+                .await;
         }
         span.record(
             "outcome",
@@ -352,4 +374,3 @@ fn dead(key: &TokenKey, reason: &InvalidationReason) -> Error {
         reason: reason.clone(),
     }
 }
-

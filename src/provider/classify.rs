@@ -70,9 +70,8 @@ pub(crate) fn standard(reply: &HttpReply, now: SystemTime) -> Option<ProviderErr
     if status == 429 {
         return Some(ProviderError::rate_limited(retry_after));
     }
-    let unavailable = |cause| {
-        ProviderError::new(ProviderErrorKind::Unavailable { cause, retry_after })
-    };
+    let unavailable =
+        |cause| ProviderError::new(ProviderErrorKind::Unavailable { cause, retry_after });
     if (200..300).contains(&status) {
         return None;
     }
@@ -80,14 +79,18 @@ pub(crate) fn standard(reply: &HttpReply, now: SystemTime) -> Option<ProviderErr
         let err = match code.as_str() {
             "invalid_grant" => ProviderError::reauthorize(InvalidationReason::InvalidGrant),
             "invalid_client" => ProviderError::misconfigured(ConfigProblem::InvalidClient),
-            "unauthorized_client" => ProviderError::misconfigured(ConfigProblem::UnauthorizedClient),
+            "unauthorized_client" => {
+                ProviderError::misconfigured(ConfigProblem::UnauthorizedClient)
+            }
             "unsupported_grant_type" => {
                 ProviderError::misconfigured(ConfigProblem::UnsupportedGrantType)
             }
             "invalid_scope" => ProviderError::misconfigured(ConfigProblem::InvalidScope),
             "invalid_request" => ProviderError::misconfigured(ConfigProblem::InvalidRequest),
             "slow_down" => ProviderError::rate_limited(retry_after),
-            "temporarily_unavailable" | "server_error" => unavailable(UnavailableCause::ServerError),
+            "temporarily_unavailable" | "server_error" => {
+                unavailable(UnavailableCause::ServerError)
+            }
             _ if status >= 500 => unavailable(UnavailableCause::ServerError),
             _ => unavailable(UnavailableCause::UnexpectedStatus),
         };
@@ -122,7 +125,9 @@ impl Classifier for XoxodayClassifier {
         let json = reply.json()?;
         let text = |v: &Value| v.as_str().map(str::to_owned);
         if json.get("error_message_id").and_then(Value::as_str) == Some("auth.token_error") {
-            return Some(ProviderError::reauthorize(InvalidationReason::PasswordChanged));
+            return Some(ProviderError::reauthorize(
+                InvalidationReason::PasswordChanged,
+            ));
         }
         if json.get("error").and_then(Value::as_str) == Some("invalid_token") {
             return Some(ProviderError::reauthorize(InvalidationReason::Superseded));
@@ -137,7 +142,9 @@ impl Classifier for XoxodayClassifier {
                         .get("penaltySeconds")
                         .and_then(Value::as_u64)
                         .map(Duration::from_secs);
-                    return Some(ProviderError::rate_limited(penalty.or(reply.retry_after(now))));
+                    return Some(ProviderError::rate_limited(
+                        penalty.or(reply.retry_after(now)),
+                    ));
                 }
             }
         }
@@ -145,9 +152,11 @@ impl Classifier for XoxodayClassifier {
             .iter()
             .find_map(|k| json.get(*k).and_then(text))?;
         match code.as_str() {
-            "PIPE10015" | "PIPE10016" => Some(ProviderError::reauthorize(
-                InvalidationReason::Provider { code },
-            )),
+            "PIPE10015" | "PIPE10016" => {
+                Some(ProviderError::reauthorize(InvalidationReason::Provider {
+                    code,
+                }))
+            }
             "PIPE10017" => Some(ProviderError::misconfigured(ConfigProblem::OAuth { code })),
             _ => None,
         }
@@ -226,11 +235,21 @@ mod tests {
             ),
         ];
         for (status, body, want) in cases {
-            assert_eq!(kind(reply(status, body).interpret(&c, now())), want, "{body}");
+            assert_eq!(
+                kind(reply(status, body).interpret(&c, now())),
+                want,
+                "{body}"
+            );
         }
         // Status 200 with the password-reset body is still a dead grant.
         assert_eq!(
-            kind(reply(200, r#"{"success":0,"error_message_id":"auth.token_error"}"#).interpret(&c, now())),
+            kind(
+                reply(
+                    200,
+                    r#"{"success":0,"error_message_id":"auth.token_error"}"#
+                )
+                .interpret(&c, now())
+            ),
             ProviderErrorKind::Reauthorize(InvalidationReason::PasswordChanged)
         );
         // A success passes through.

@@ -16,7 +16,8 @@ use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError};
 use crate::provider::DEFAULT_BODY_LIMIT;
 use crate::token::{ClientSecret, TokenResponse};
 
-type Client = BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+type Client =
+    BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -174,12 +175,13 @@ impl OAuth2ProviderBuilder {
     /// [`Error::Misconfigured`] if the token URL does not parse or the default HTTP client
     /// cannot be built.
     pub fn build(self) -> Result<OAuth2Provider, Error> {
-        let misconfigured = |problem, source: Option<crate::error::SharedError>| Error::Misconfigured {
-            key: None,
-            problem,
-            status: None,
-            source,
-        };
+        let misconfigured =
+            |problem, source: Option<crate::error::SharedError>| Error::Misconfigured {
+                key: None,
+                problem,
+                status: None,
+                source,
+            };
         let token_url = TokenUrl::new(self.token_url)
             .map_err(|e| misconfigured(ConfigProblem::Endpoint, Some(Arc::new(e))))?;
         let mut client = BasicClient::new(oauth2::ClientId::new(self.client_id))
@@ -189,7 +191,8 @@ impl OAuth2ProviderBuilder {
                 ClientAuth::RequestBody => AuthType::RequestBody,
             });
         if let Some(secret) = self.client_secret {
-            client = client.set_client_secret(oauth2::ClientSecret::new(secret.secret().to_owned()));
+            client =
+                client.set_client_secret(oauth2::ClientSecret::new(secret.secret().to_owned()));
         }
         let http = match self.http {
             Some(http) => http,
@@ -230,8 +233,7 @@ struct CapturingClient<'a> {
 
 impl<'c> oauth2::AsyncHttpClient<'c> for CapturingClient<'_> {
     type Error = Captured;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, Captured>> + Send + 'c>>;
+    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, Captured>> + Send + 'c>>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {
@@ -255,7 +257,9 @@ impl<'c> oauth2::AsyncHttpClient<'c> for CapturingClient<'_> {
 impl Provider for OAuth2Provider {
     async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
         let Some(refresh_token) = req.tokens.refresh_token() else {
-            return Err(ProviderError::reauthorize(InvalidationReason::NoRefreshToken));
+            return Err(ProviderError::reauthorize(
+                InvalidationReason::NoRefreshToken,
+            ));
         };
         let refresh_token = oauth2::RefreshToken::new(refresh_token.secret().to_owned());
         // `oauth2` builds the request; the reply is captured here, because `oauth2`'s own

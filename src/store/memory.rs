@@ -1,20 +1,32 @@
 //! The in-memory store.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::StoreError;
-use crate::store::{Cas, GrantRecord, TokenStore, Version, Versioned};
+use crate::store::{Cas, GrantRecord, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
 
 /// A [`TokenStore`] in this process's memory. Grants are lost when the process ends.
 ///
-/// Share one `Arc<MemoryStore>` between managers to model several managers on one store.
+/// Share one `Arc<MemoryStore>` between managers (say, one per worker) and they refresh each
+/// grant once between them: the store's refresh lock is a per-key async mutex.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    locks: Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct MemoryLock(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
+
+#[async_trait]
+impl RefreshLock for MemoryLock {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -29,7 +41,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn state(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave a record half-written (each update is
         // a single insert), so a poisoned lock is safe to keep using.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -39,7 +51,7 @@ impl MemoryStore {
 #[async_trait]
 impl TokenStore for MemoryStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
-        Ok(self.lock().records.get(key).cloned())
+        Ok(self.state().records.get(key).cloned())
     }
 
     async fn save(
@@ -48,7 +60,7 @@ impl TokenStore for MemoryStore {
         record: &GrantRecord,
         expected: Option<Version>,
     ) -> Result<Cas, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.state();
         if inner.records.get(key).map(|r| r.version) != expected {
             return Ok(Cas::Conflict);
         }
@@ -65,11 +77,28 @@ impl TokenStore for MemoryStore {
     }
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
-        Ok(self.lock().records.remove(key).is_some())
+        Ok(self.state().records.remove(key).is_some())
     }
 
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        Ok(self.lock().records.keys().cloned().collect())
+        Ok(self.state().records.keys().cloned().collect())
+    }
+
+    /// A per-key lock shared by every manager on this store. The `ttl` does not apply: a
+    /// holder cannot crash without taking the store with it.
+    async fn lock(
+        &self,
+        key: &TokenKey,
+        _ttl: Duration,
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        let mutex = self
+            .locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        Ok(Some(Box::new(MemoryLock(mutex.lock_owned().await))))
     }
 }
 
@@ -90,8 +119,14 @@ mod tests {
         let Cas::Saved(v1) = store.save(&key, &record("a"), None).await.unwrap() else {
             panic!("first save must succeed")
         };
-        assert_eq!(store.save(&key, &record("b"), None).await.unwrap(), Cas::Conflict);
-        assert_eq!(store.save(&key, &record("b"), Some(v1 + 7)).await.unwrap(), Cas::Conflict);
+        assert_eq!(
+            store.save(&key, &record("b"), None).await.unwrap(),
+            Cas::Conflict
+        );
+        assert_eq!(
+            store.save(&key, &record("b"), Some(v1 + 7)).await.unwrap(),
+            Cas::Conflict
+        );
         let Cas::Saved(v2) = store.save(&key, &record("b"), Some(v1)).await.unwrap() else {
             panic!("save at the current version must succeed")
         };
