@@ -187,7 +187,8 @@ impl fmt::Display for InvalidationReason {
 }
 
 /// What transient failure made the token endpoint unavailable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum UnavailableCause {
     /// The connection could not be made.
@@ -224,7 +225,8 @@ impl fmt::Display for UnavailableCause {
 }
 
 /// What is wrong with the client configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ConfigProblem {
     /// `invalid_client`: client authentication failed (wrong id or secret, wrong auth method).

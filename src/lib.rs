@@ -1,4 +1,78 @@
-//! tokenkeeper (in progress)
+//! Keeps OAuth grants alive for applications that call third-party APIs on their users' behalf.
+//!
+//! Holding an OAuth grant looks easy until a provider rotates refresh tokens (two racing
+//! refreshes can revoke the grant), rate limits refreshes, invalidates grants out of band, or
+//! lets an idle grant's refresh token quietly expire. `tokenkeeper` does the refreshing and
+//! tells the application, in typed terms, when only a human can help.
+//!
+//! # Quick start
+//!
+//! ```
+//! use std::time::{Duration, SystemTime};
+//! use tokenkeeper::{provider_fn, AccessToken, Expiry, RefreshToken, TokenKey, TokenManager,
+//!     TokenResponse, TokenSet};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In production: `OAuth2Provider::builder(client_id, token_url)…build()?`.
+//! let provider = provider_fn(|_key, _tokens| async {
+//!     Ok(TokenResponse::new(AccessToken::new("fresh-access-token"))
+//!         .with_refresh_token(RefreshToken::new("rotated-refresh-token"))
+//!         .with_expires(Expiry::In(Duration::from_secs(3600))))
+//! });
+//! let manager = TokenManager::builder(provider).build();
+//!
+//! // From your OAuth callback (or copied from a provider's dashboard):
+//! let key = TokenKey::from("customer-42");
+//! let grant = TokenSet::new(AccessToken::new("initial-access-token"))
+//!     .with_refresh_token(RefreshToken::new("initial-refresh-token"))
+//!     .with_expires_at(SystemTime::now() - Duration::from_secs(1)); // already expired
+//! manager.insert(key.clone(), grant).await?;
+//!
+//! // Before each API call: a valid token, refreshed (once, however many callers) if needed.
+//! let token = manager.access_token(&key).await?;
+//! assert_eq!(token.secret(), "fresh-access-token");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Concepts
+//!
+//! - A [`TokenManager`] serves one provider and many grants, each named by a [`TokenKey`].
+//! - A [`Provider`] performs one refresh: [`OAuth2Provider`] for RFC 6749 endpoints (with a
+//!   pluggable [`Classifier`] for non-standard error bodies), or your own implementation.
+//! - A [`TokenStore`] keeps grants with a version for compare-and-swap ([`MemoryStore`] by
+//!   default). A dead grant is stored as dead, so it stays dead across restarts.
+//! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
+//!   configuration. [`Event`]s report the same to the application as they happen.
+//! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
+//!
+//! # Concurrency and cancel safety
+//!
+//! One refresh per grant at a time: concurrent callers share it. The refresh re-reads the
+//! store first and adopts a peer's fresh token, saves a rotated refresh token before any
+//! caller sees the new access token, and runs on a spawned task so dropping the callers'
+//! futures never loses it. After a failure, a per-grant backoff (honouring `Retry-After`)
+//! holds further attempts while a still-valid token keeps being served. Before a grant is
+//! declared dead on `invalid_grant`, the store is re-read in case a peer rotated it.
+//!
+//! # Security
+//!
+//! [`AccessToken`], [`RefreshToken`] and [`ClientSecret`] print as `[redacted]` in `Debug` and
+//! have no `Display`; errors, events and `tracing` fields never hold a token or a raw response
+//! body. Read a secret deliberately with `secret()`.
+//!
+//! # Features
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `rustls-tls` | yes | TLS for the default HTTP client through rustls |
+//! | `native-tls` | no | TLS through the platform's library instead |
+//! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.85.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -34,3 +108,21 @@ pub use token::{
 
 #[cfg(feature = "test-util")]
 pub mod testing;
+
+// The traits must stay dyn-compatible and the handles shareable across threads.
+const _: () = {
+    fn _object_safe(_: &dyn TokenStore, _: &dyn Provider, _: &dyn Clock, _: &dyn Classifier) {}
+    fn _assert_send_sync<T: Send + Sync + 'static>() {}
+    fn _assert_impls() {
+        _assert_send_sync::<TokenManager>();
+        _assert_send_sync::<Error>();
+        _assert_send_sync::<Event>();
+        _assert_send_sync::<OAuth2Provider>();
+        _assert_send_sync::<MemoryStore>();
+    }
+};
+
+/// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -73,6 +73,7 @@ pub(crate) struct Cached {
     pub(crate) dead: Option<InvalidationReason>,
     pub(crate) retry_not_before: Option<SystemTime>,
     pub(crate) last_error: Option<Error>,
+    pub(crate) last_failure: Option<crate::store::StoredFailure>,
 }
 
 pub(crate) type Outcome = Result<Arc<TokenSet>>;
@@ -282,9 +283,10 @@ impl Cached {
             return Some(Ok(self.tokens.clone()));
         }
         let wait = until.duration_since(now).unwrap_or_default();
-        let error = match &self.last_error {
-            Some(e) => e.clone().with_retry_after(wait),
-            None => Error::Unavailable {
+        let error = match (&self.last_error, &self.last_failure) {
+            (Some(e), _) => e.clone().with_retry_after(wait),
+            (None, Some(failure)) => failure.to_error(key).with_retry_after(wait),
+            (None, None) => Error::Unavailable {
                 key: key.clone(),
                 cause: UnavailableCause::Backoff,
                 status: None,
@@ -353,6 +355,7 @@ impl Inner {
             dead: record.dead_reason().cloned(),
             retry_not_before: record.retry_not_before,
             last_error,
+            last_failure: record.last_failure.clone(),
         });
         let previous = slot.cached.rcu(|current| match current {
             Some(c) if c.version > version => Some(c.clone()),

@@ -29,6 +29,14 @@ pub struct RefreshRequest<'a> {
     pub now: SystemTime,
 }
 
+impl<'a> RefreshRequest<'a> {
+    /// A request to refresh `tokens` of grant `key` at `now` (for calling a provider directly,
+    /// as in a provider's own tests).
+    pub fn new(key: &'a TokenKey, tokens: &'a TokenSet, now: SystemTime) -> Self {
+        Self { key, tokens, now }
+    }
+}
+
 /// Performs one refresh of one grant.
 ///
 /// The [`TokenManager`](crate::TokenManager) decides *when* to refresh and guarantees that at

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{InvalidationReason, StoreError};
+use crate::error::{ConfigProblem, Error, InvalidationReason, StoreError, UnavailableCause};
 use crate::token::{epoch_ms_opt, TokenKey, TokenSet};
 
 mod memory;
@@ -60,6 +60,68 @@ pub struct GrantRecord {
         with = "epoch_ms_opt"
     )]
     pub(crate) last_refresh: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_failure: Option<StoredFailure>,
+}
+
+/// The class of the last refresh failure, kept so that every manager sharing the store (and
+/// this one after a restart) answers with the same typed error during a backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum StoredFailure {
+    RateLimited,
+    Unavailable {
+        cause: UnavailableCause,
+        #[serde(default)]
+        status: Option<u16>,
+    },
+    Misconfigured {
+        problem: ConfigProblem,
+        #[serde(default)]
+        status: Option<u16>,
+    },
+}
+
+impl StoredFailure {
+    pub(crate) fn of(error: &Error) -> Option<Self> {
+        match error {
+            Error::RateLimited { .. } => Some(Self::RateLimited),
+            Error::Unavailable { cause, status, .. } => Some(Self::Unavailable {
+                cause: cause.clone(),
+                status: *status,
+            }),
+            Error::Misconfigured {
+                problem, status, ..
+            } => Some(Self::Misconfigured {
+                problem: problem.clone(),
+                status: *status,
+            }),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn to_error(&self, key: &TokenKey) -> Error {
+        let key = key.clone();
+        match self.clone() {
+            Self::RateLimited => Error::RateLimited {
+                key,
+                retry_after: None,
+            },
+            Self::Unavailable { cause, status } => Error::Unavailable {
+                key,
+                cause,
+                status,
+                retry_after: None,
+                source: None,
+            },
+            Self::Misconfigured { problem, status } => Error::Misconfigured {
+                key: Some(key),
+                problem,
+                status,
+                source: None,
+            },
+        }
+    }
 }
 
 /// The lifecycle state of a stored grant.
@@ -90,6 +152,7 @@ impl GrantRecord {
             retry_not_before: None,
             last_error: None,
             last_refresh: None,
+            last_failure: None,
         }
     }
 

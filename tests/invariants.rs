@@ -678,3 +678,35 @@ impl Rotating {
         Arc::new(self).provider()
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_in_backoff_answers_with_the_same_typed_error_and_does_not_call() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(MemoryStore::new());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let limited = |calls: Arc<AtomicUsize>| {
+        provider_fn(move |_, _| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err(ProviderError::rate_limited(Some(Duration::from_secs(600))).with_status(429))
+            }
+        })
+    };
+    let a = manager(limited(calls.clone()), store.clone(), clock.clone());
+    let b = manager(limited(calls.clone()), store.clone(), clock.clone());
+    a.insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+
+    let err = a.access_token(&key()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RateLimited { retry_after: Some(d), .. } if d >= Duration::from_secs(600))
+    );
+    clock.advance(Duration::from_secs(60));
+    let err = b.access_token(&key()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RateLimited { retry_after: Some(d), .. } if d >= Duration::from_secs(500)),
+        "{err:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

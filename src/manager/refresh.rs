@@ -8,8 +8,11 @@ use super::{Inner, Need, Outcome, Slot};
 use crate::error::{Error, InvalidationReason, ProviderError};
 use crate::event::Event;
 use crate::provider::RefreshRequest;
-use crate::store::{Cas, GrantRecord, GrantState, Version, Versioned};
+use crate::store::{Cas, GrantRecord, GrantState, StoredFailure, Version, Versioned};
 use crate::token::TokenKey;
+
+/// The longest `Retry-After` or penalty honoured.
+const MAX_PROVIDER_HINT: Duration = Duration::from_secs(24 * 3600);
 
 /// How many times a lost compare-and-swap is retried before giving up.
 const CAS_ATTEMPTS: usize = 8;
@@ -38,18 +41,7 @@ impl Inner {
             span.record("duration_ms", started.elapsed().as_millis() as u64);
             match &outcome {
                 Ok(_) => tracing::debug!("refresh finished"),
-                Err(e) => {
-                    if let Error::Unavailable {
-                        status: Some(s), ..
-                    }
-                    | Error::Misconfigured {
-                        status: Some(s), ..
-                    } = e
-                    {
-                        span.record("status", s);
-                    }
-                    tracing::warn!(error = %e, "refresh failed");
-                }
+                Err(e) => tracing::warn!(error = %e, "refresh failed"),
             }
             outcome
         }
@@ -270,12 +262,13 @@ impl Inner {
         let now = self.clock.now();
         let failures = record.failures.saturating_add(1);
         let delay = self.backoff(failures, error.retry_after());
-        let retry_at = now + delay;
+        let retry_at = now.checked_add(delay).unwrap_or(now);
         let error = error.with_retry_after(delay);
         let mut held = record.clone();
         held.failures = failures;
         held.retry_not_before = Some(retry_at);
         held.last_error = Some(error.to_string());
+        held.last_failure = StoredFailure::of(&error);
         let version = match self.store.save(key, &held, Some(version)).await {
             Ok(Cas::Saved(v)) => v,
             // A peer changed the record; our backoff still holds in this process.
@@ -362,7 +355,8 @@ impl Inner {
         let half = exp / 2;
         let jittered = half + half.mul_f64(fastrand::f64());
         match provider_hint {
-            Some(hint) => jittered.max(hint),
+            // A hint beyond a day is a malformed header, not advice to follow.
+            Some(hint) => jittered.max(hint.min(MAX_PROVIDER_HINT)),
             None => jittered.max(Duration::from_millis(100)),
         }
     }
