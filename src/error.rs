@@ -280,8 +280,16 @@ pub struct StoreError {
 pub enum StoreErrorKind {
     /// The backend failed (I/O, connection, timeout).
     Backend,
-    /// A stored record could not be read (corrupt, or written by something else).
+    /// A stored record could not be read (corrupt, or written by something else). It is left
+    /// as it is for a human to inspect; nothing is written over it.
     Corrupt,
+    /// The store's location (a directory, a database) does not exist. Absent *records* are
+    /// `Ok(None)`, never this.
+    NotFound,
+    /// The process may not read or write the store.
+    PermissionDenied,
+    /// Waiting for a cross-process refresh lock took longer than the store allows.
+    LockTimeout,
 }
 
 impl fmt::Display for StoreErrorKind {
@@ -289,6 +297,9 @@ impl fmt::Display for StoreErrorKind {
         f.write_str(match self {
             Self::Backend => "store backend error",
             Self::Corrupt => "stored record is corrupt",
+            Self::NotFound => "store location not found",
+            Self::PermissionDenied => "permission denied by the store",
+            Self::LockTimeout => "timed out waiting for the refresh lock",
         })
     }
 }
@@ -306,6 +317,14 @@ impl StoreError {
     pub fn corrupt(source: impl Into<BoxError>) -> Self {
         Self {
             kind: StoreErrorKind::Corrupt,
+            source: Some(Arc::from(source.into())),
+        }
+    }
+
+    /// A failure of the given kind caused by `source`.
+    pub fn with_kind(kind: StoreErrorKind, source: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
             source: Some(Arc::from(source.into())),
         }
     }

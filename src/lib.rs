@@ -99,8 +99,11 @@ pub use provider::{
 };
 pub use status::{GrantHealth, TokenStatus};
 pub use store::{
-    Cas, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version, Versioned,
+    Cas, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version,
+    Versioned,
 };
+#[cfg(feature = "redis")]
+pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::{
     epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshToken, TokenKey, TokenResponse,
     TokenSet,
@@ -119,6 +122,9 @@ const _: () = {
         _assert_send_sync::<Event>();
         _assert_send_sync::<OAuth2Provider>();
         _assert_send_sync::<MemoryStore>();
+        _assert_send_sync::<FileStore>();
+        #[cfg(feature = "redis")]
+        _assert_send_sync::<RedisStore>();
     }
 };
 

@@ -9,9 +9,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ConfigProblem, Error, InvalidationReason, StoreError, UnavailableCause};
 use crate::token::{epoch_ms_opt, TokenKey, TokenSet};
 
+mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+pub use file::FileStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, RedisStoreBuilder};
 
 /// A record version for compare-and-swap. Stores must never reuse a version for a key, even
 /// across delete and re-insert.
@@ -199,9 +205,32 @@ impl GrantRecord {
     }
 
     /// Decodes a record written by [`to_json`](Self::to_json).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::Corrupt`](crate::StoreErrorKind::Corrupt), saying where decoding
+    /// failed but never quoting the stored bytes (they may hold a token).
     pub fn from_json(bytes: &[u8]) -> Result<Self, StoreError> {
-        serde_json::from_slice(bytes).map_err(StoreError::corrupt)
+        serde_json::from_slice(bytes).map_err(|e| {
+            StoreError::corrupt(format!("invalid grant record: {}", json_position(&e)))
+        })
     }
+}
+
+/// Where and how JSON decoding failed, without serde_json's message: it can quote the
+/// offending value, which may be a token.
+pub(crate) fn json_position(e: &serde_json::Error) -> String {
+    let category = match e.classify() {
+        serde_json::error::Category::Io => "i/o",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "unexpected data",
+        serde_json::error::Category::Eof => "unexpected end",
+    };
+    format!(
+        "{category} error at line {}, column {}",
+        e.line(),
+        e.column()
+    )
 }
 
 impl fmt::Debug for GrantRecord {

@@ -1,0 +1,940 @@
+//! The file store: one file per grant in a directory, shared safely between processes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{StoreError, StoreErrorKind};
+use crate::store::{json_position, Cas, GrantRecord, RefreshLock, TokenStore, Version, Versioned};
+use crate::token::TokenKey;
+
+/// Marks a file as written by this store.
+const FORMAT: &str = "tokenkeeper.grant";
+/// The newest file layout this version reads and the one it writes.
+const FORMAT_VERSION: u32 = 1;
+/// Encoded key names longer than this are refused: with the longest suffix the name must
+/// stay within the usual 255-byte limit of file systems.
+const MAX_ENCODED_KEY: usize = 240;
+/// How long [`TokenStore::lock`] waits for another holder by default.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// A [`TokenStore`] that keeps each grant in its own file in a directory, for apps whose
+/// processes share a machine (a CLI and its cron job, a few workers) and must survive restarts.
+///
+/// # Layout
+///
+/// A key becomes a file name by percent-encoding: `a`–`z`, `0`–`9`, `-` and `_` are kept, every
+/// other byte of the key's UTF-8 (upper-case letters too, so that case-insensitive file
+/// systems cannot merge two keys) becomes `%XX`; the empty key is `%`. So the key
+/// `Customer-42` lives in:
+///
+/// | file | holds |
+/// |---|---|
+/// | `%43ustomer-42.json` | the grant: `{"format":"tokenkeeper.grant","version":…,"key":…,"record":…}` |
+/// | `%43ustomer-42.json.tmp` | the next version while it is being written (left over only by a crash) |
+/// | `%43ustomer-42.lock` | locked while a save or delete compares versions and writes |
+/// | `%43ustomer-42.refresh` | the cross-process refresh lock ([`TokenStore::lock`]) |
+///
+/// Keys whose encoded name exceeds 240 bytes are refused with an error. Every file is created
+/// with mode `0600` on Unix; [`FileStore::create`] makes the directory `0700`.
+///
+/// # Crash safety
+///
+/// A save writes the temporary file, fsyncs it, renames it over the grant file and fsyncs the
+/// directory, so a crash at any point leaves the previous or the new record, never a torn one.
+/// Loads take no lock: a rename is atomic.
+///
+/// # Versions and compare-and-swap
+///
+/// A save or delete holds an exclusive advisory lock (`flock`, through the `fs4` crate) on the
+/// key's `.lock` file while it reads the stored version, compares it and writes, so
+/// compare-and-swap holds between threads and processes. A delete leaves a *tombstone* (the
+/// file with `"deleted": true` and the last version) so a version is never reused for a key;
+/// tombstones are not listed by [`keys`](TokenStore::keys).
+///
+/// # The refresh lock
+///
+/// [`lock`](TokenStore::lock) takes an exclusive `flock` on the key's `.refresh` file, polling
+/// with a short async backoff (it never blocks the runtime) for at most
+/// [`with_lock_wait`](Self::with_lock_wait) (30 s by default), then fails with
+/// [`StoreErrorKind::LockTimeout`]. It is released by [`RefreshLock::release`], when the lock
+/// is dropped, and by the operating system when the process dies, even by `kill -9`; so the
+/// `ttl` argument does not apply. Advisory locks are only as good as the file system's: use a
+/// local directory, not a network share.
+///
+/// # Errors
+///
+/// - A file that is not a grant written by this store (corrupt, truncated by hand, foreign) is
+///   [`StoreErrorKind::Corrupt`] for load, save and delete alike: it is never written over.
+///   Move it away by hand to recover the key.
+/// - A missing directory is [`StoreErrorKind::NotFound`]; a file or directory this process may
+///   not read or write is [`StoreErrorKind::PermissionDenied`].
+///
+/// # Example
+///
+/// ```
+/// use tokenkeeper::{AccessToken, Cas, FileStore, GrantRecord, TokenKey, TokenSet, TokenStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = std::env::temp_dir().join(format!("tokenkeeper-doc-{}", std::process::id()));
+/// # let dir = tmp.join("grants");
+/// let store = FileStore::create(&dir)?; // `FileStore::open` if it must already exist
+/// let key = TokenKey::from("customer-42");
+/// let record = GrantRecord::new(TokenSet::new(AccessToken::new("access-token")));
+/// assert!(matches!(store.save(&key, &record, None).await?, Cas::Saved(_)));
+/// assert_eq!(store.keys().await?, vec![key]);
+/// # std::fs::remove_dir_all(&tmp)?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+    lock_wait: Duration,
+}
+
+impl FileStore {
+    /// A store in the existing directory `dir`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::NotFound`] if `dir` does not exist or is not a directory,
+    /// [`StoreErrorKind::PermissionDenied`] if it cannot be read.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let dir = dir.as_ref();
+        match fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => Ok(Self {
+                dir: dir.to_path_buf(),
+                lock_wait: DEFAULT_LOCK_WAIT,
+            }),
+            Ok(_) => Err(StoreError::with_kind(
+                StoreErrorKind::NotFound,
+                format!("`{}` is not a directory", dir.display()),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::with_kind(
+                StoreErrorKind::NotFound,
+                format!(
+                    "directory `{}` does not exist (FileStore::create makes it)",
+                    dir.display()
+                ),
+            )),
+            Err(e) => Err(io_error("open the directory", dir, e)),
+        }
+    }
+
+    /// A store in `dir`, creating it (and its parents) with mode `0700` on Unix if missing.
+    /// An existing directory is used as it is.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open), and when the directory cannot be created.
+    pub fn create(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let dir = dir.as_ref();
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .map_err(|e| io_error("create the directory", dir, e))?;
+        Self::open(dir)
+    }
+
+    /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
+    /// [`StoreErrorKind::LockTimeout`] (default 30 s).
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// The directory holding the grants.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn paths(&self, key: &TokenKey) -> Result<Paths, StoreError> {
+        let name = encode_key(key.as_str());
+        if name.len() > MAX_ENCODED_KEY {
+            return Err(StoreError::new(format!(
+                "key `{key}` is too long for a file name ({} bytes encoded, at most {MAX_ENCODED_KEY})",
+                name.len()
+            )));
+        }
+        let file = |suffix: &str| self.dir.join(format!("{name}.{suffix}"));
+        Ok(Paths {
+            dir: self.dir.clone(),
+            key: key.clone(),
+            record: file("json"),
+            tmp: file("json.tmp"),
+            cas_lock: file("lock"),
+            refresh_lock: file("refresh"),
+        })
+    }
+}
+
+/// Runs blocking file-system work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::new(format!("file store task failed: {e}")))?
+}
+
+#[async_trait]
+impl TokenStore for FileStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        let paths = self.paths(key)?;
+        blocking(move || {
+            Ok(paths.read()?.and_then(|entry| {
+                entry.record.map(|value| Versioned {
+                    version: entry.version,
+                    value,
+                })
+            }))
+        })
+        .await
+    }
+
+    async fn save(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expected: Option<Version>,
+    ) -> Result<Cas, StoreError> {
+        let paths = self.paths(key)?;
+        let record = record.clone();
+        blocking(move || {
+            let _guard = paths.lock_for_write()?;
+            let stored = paths.read()?;
+            let current = stored
+                .as_ref()
+                .filter(|e| e.record.is_some())
+                .map(|e| e.version);
+            if current != expected {
+                return Ok(Cas::Conflict);
+            }
+            // A tombstone keeps the last version, so versions are never reused.
+            let last = stored.map_or(0, |e| e.version);
+            let version = last
+                .checked_add(1)
+                .ok_or_else(|| StoreError::new("version counter exhausted"))?;
+            paths.write(version, Some(&record))?;
+            Ok(Cas::Saved(version))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        let paths = self.paths(key)?;
+        blocking(move || {
+            let _guard = paths.lock_for_write()?;
+            match paths.read()? {
+                Some(Entry {
+                    version,
+                    record: Some(_),
+                }) => {
+                    paths.write(version, None)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        let store = self.clone();
+        blocking(move || {
+            let entries = fs::read_dir(&store.dir).map_err(|e| io_error("list", &store.dir, e))?;
+            let mut keys = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| io_error("list", &store.dir, e))?;
+                let name = entry.file_name();
+                let Some(key) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .and_then(decode_key)
+                else {
+                    continue; // Not a grant file (a lock, a temporary file, something else).
+                };
+                let key = TokenKey::from(key);
+                match store.paths(&key)?.read() {
+                    // Deleted (a tombstone), or deleted since the listing.
+                    Ok(None) | Ok(Some(Entry { record: None, .. })) => {}
+                    Ok(Some(_)) => keys.push(key),
+                    // Listed, so that loading it reports the problem.
+                    Err(e) if e.kind() == StoreErrorKind::Corrupt => keys.push(key),
+                    Err(e) => return Err(e),
+                }
+            }
+            keys.sort();
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// An exclusive `flock` on the key's `.refresh` file. The `ttl` does not apply: the
+    /// operating system releases the lock when its holder exits or is killed.
+    async fn lock(
+        &self,
+        key: &TokenKey,
+        _ttl: Duration,
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        let paths = self.paths(key)?;
+        let path = paths.refresh_lock.clone();
+        let file = blocking(move || open_lock_file(&path)).await?;
+        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match fs4::FileExt::try_lock(&file) {
+                Ok(()) => return Ok(Some(Box::new(FileLock { file }))),
+                Err(fs4::TryLockError::WouldBlock) => {}
+                Err(fs4::TryLockError::Error(e)) => {
+                    return Err(io_error("lock", &paths.refresh_lock, e));
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(StoreError::with_kind(
+                    StoreErrorKind::LockTimeout,
+                    format!(
+                        "the refresh lock of `{key}` was held by another process for more than {:?}",
+                        self.lock_wait
+                    ),
+                ));
+            }
+            let jitter = pause.mul_f64(fastrand::f64() * 0.5);
+            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A held refresh lock: the open `.refresh` file. Closing it (on drop) releases the `flock`.
+struct FileLock {
+    file: File,
+}
+
+#[async_trait]
+impl RefreshLock for FileLock {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        fs4::FileExt::unlock(&self.file).map_err(|e| StoreError::new(IoError::new("unlock", e)))
+    }
+}
+
+/// The paths of one key's files.
+struct Paths {
+    dir: PathBuf,
+    key: TokenKey,
+    record: PathBuf,
+    tmp: PathBuf,
+    cas_lock: PathBuf,
+    refresh_lock: PathBuf,
+}
+
+/// What a grant file holds: a record, or a tombstone (`record: None`) keeping the version.
+struct Entry {
+    version: Version,
+    record: Option<GrantRecord>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    format: &'static str,
+    format_version: u32,
+    key: &'a str,
+    version: Version,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<&'a GrantRecord>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    format: String,
+    format_version: u32,
+    key: String,
+    version: Version,
+    #[serde(default)]
+    deleted: bool,
+    #[serde(default)]
+    record: Option<GrantRecord>,
+}
+
+impl Paths {
+    /// Takes the key's write lock (blocking); released when the returned file is dropped.
+    fn lock_for_write(&self) -> Result<File, StoreError> {
+        let file = open_lock_file(&self.cas_lock)?;
+        fs4::FileExt::lock(&file).map_err(|e| io_error("lock", &self.cas_lock, e))?;
+        Ok(file)
+    }
+
+    fn read(&self) -> Result<Option<Entry>, StoreError> {
+        let bytes = match fs::read(&self.record) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Tell a missing key from a missing directory.
+                return match fs::metadata(&self.dir) {
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(io_error("open the directory", &self.dir, e)),
+                };
+            }
+            Err(e) => return Err(io_error("read", &self.record, e)),
+        };
+        let corrupt = |why: String| {
+            StoreError::corrupt(format!(
+                "`{}` is not a grant file of this store: {why}; nothing was written over it",
+                self.record.display()
+            ))
+        };
+        let envelope: EnvelopeIn =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(json_position(&e)))?;
+        if envelope.format != FORMAT {
+            return Err(corrupt("unknown format".into()));
+        }
+        if envelope.format_version > FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "written by a newer version (format {})",
+                envelope.format_version
+            )));
+        }
+        if envelope.key != self.key.as_str() {
+            return Err(corrupt(format!("it holds the key `{}`", envelope.key)));
+        }
+        if envelope.deleted == envelope.record.is_some() {
+            return Err(corrupt("neither a record nor a tombstone".into()));
+        }
+        Ok(Some(Entry {
+            version: envelope.version,
+            record: envelope.record,
+        }))
+    }
+
+    /// Replaces the grant file atomically: temporary file, fsync, rename, fsync of the
+    /// directory. Call with the write lock held (the temporary file's name is per key).
+    fn write(&self, version: Version, record: Option<&GrantRecord>) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(&EnvelopeOut {
+            format: FORMAT,
+            format_version: FORMAT_VERSION,
+            key: self.key.as_str(),
+            version,
+            deleted: record.is_none(),
+            record,
+        })
+        .map_err(|e| StoreError::new(format!("cannot encode the record: {e}")))?;
+        let result = self.write_tmp(&bytes).and_then(|()| {
+            fs::rename(&self.tmp, &self.record)
+                .map_err(|e| io_error("rename into place", &self.record, e))
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        result?;
+        sync_dir(&self.dir)
+    }
+
+    fn write_tmp(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        // A leftover from a crash (or a file someone else created) is replaced by a new file,
+        // so the mode below always applies.
+        match fs::remove_file(&self.tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_error("remove", &self.tmp, e));
+            }
+            _ => {}
+        }
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options
+            .open(&self.tmp)
+            .map_err(|e| io_error("create", &self.tmp, e))?;
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_error("write", &self.tmp, e))
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File, StoreError> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map_err(|e| io_error("open", path, e))
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("sync the directory", dir, e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// The file-name form of a key (see [`FileStore`]'s layout).
+fn encode_key(key: &str) -> String {
+    if key.is_empty() {
+        return "%".to_owned();
+    }
+    let mut name = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if keeps(b) {
+            name.push(char::from(b));
+        } else {
+            name.push_str(&format!("%{b:02X}"));
+        }
+    }
+    name
+}
+
+/// The key of a file name, if it is exactly what [`encode_key`] makes of some key.
+fn decode_key(name: &str) -> Option<String> {
+    if name == "%" {
+        return Some(String::new());
+    }
+    let mut bytes = Vec::with_capacity(name.len());
+    let mut rest = name.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = tail.get(..2)?;
+            if !hex
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+            {
+                return None;
+            }
+            let byte = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            if keeps(byte) {
+                return None; // Not the canonical name of any key.
+            }
+            bytes.push(byte);
+            rest = &tail[2..];
+        } else if keeps(b) {
+            bytes.push(b);
+            rest = tail;
+        } else {
+            return None;
+        }
+    }
+    if bytes.is_empty() {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+fn keeps(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+}
+
+/// An I/O failure on a path, as the source of a [`StoreError`].
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action}{}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default())]
+struct IoError {
+    action: &'static str,
+    path: Option<PathBuf>,
+    #[source]
+    source: io::Error,
+}
+
+impl IoError {
+    fn new(action: &'static str, source: io::Error) -> Self {
+        Self {
+            action,
+            path: None,
+            source,
+        }
+    }
+}
+
+fn io_error(action: &'static str, path: &Path, source: io::Error) -> StoreError {
+    let kind = match source.kind() {
+        io::ErrorKind::NotFound => StoreErrorKind::NotFound,
+        io::ErrorKind::PermissionDenied => StoreErrorKind::PermissionDenied,
+        _ => StoreErrorKind::Backend,
+    };
+    StoreError::with_kind(
+        kind,
+        IoError {
+            action,
+            path: Some(path.to_path_buf()),
+            source,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::token::{AccessToken, TokenSet};
+
+    fn record(at: &str) -> GrantRecord {
+        GrantRecord::new(TokenSet::new(AccessToken::new(at)))
+    }
+
+    fn store() -> (tempfile::TempDir, FileStore) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::create(tmp.path().join("grants")).unwrap();
+        (tmp, store)
+    }
+
+    #[tokio::test]
+    async fn compare_and_swap() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        assert!(store.load(&key).await.unwrap().is_none());
+        let Cas::Saved(v1) = store.save(&key, &record("a"), None).await.unwrap() else {
+            panic!("first save must succeed")
+        };
+        assert_eq!(
+            store.save(&key, &record("b"), None).await.unwrap(),
+            Cas::Conflict
+        );
+        assert_eq!(
+            store.save(&key, &record("b"), Some(v1 + 7)).await.unwrap(),
+            Cas::Conflict
+        );
+        let Cas::Saved(v2) = store.save(&key, &record("b"), Some(v1)).await.unwrap() else {
+            panic!("save at the current version must succeed")
+        };
+        assert!(v2 > v1);
+        let loaded = store.load(&key).await.unwrap().unwrap();
+        assert_eq!(loaded.version, v2);
+        assert_eq!(loaded.value, record("b"));
+        assert!(store.delete(&key).await.unwrap());
+        assert!(!store.delete(&key).await.unwrap());
+        assert!(store.load(&key).await.unwrap().is_none());
+        assert_eq!(
+            store.save(&key, &record("c"), Some(v2)).await.unwrap(),
+            Cas::Conflict,
+            "a deleted record has no version to match"
+        );
+        assert!(
+            store.keys().await.unwrap().is_empty(),
+            "tombstones are not listed"
+        );
+        let Cas::Saved(v3) = store.save(&key, &record("c"), None).await.unwrap() else {
+            panic!()
+        };
+        assert!(v3 > v2);
+        assert_eq!(store.keys().await.unwrap(), vec![key]);
+    }
+
+    #[tokio::test]
+    async fn versions_are_never_reused_after_delete_even_across_reopen() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        let mut seen = Vec::new();
+        for round in 0..3 {
+            let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+                panic!()
+            };
+            seen.push(v);
+            assert!(store.delete(&key).await.unwrap());
+            if round == 1 {
+                // A restart: nothing is kept in memory.
+                let reopened = FileStore::open(store.dir()).unwrap();
+                let Cas::Saved(v) = reopened.save(&key, &record("b"), None).await.unwrap() else {
+                    panic!()
+                };
+                seen.push(v);
+                assert!(reopened.delete(&key).await.unwrap());
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_tmp, store) = store();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(store.dir()), 0o700);
+        let key = TokenKey::from("k");
+        store.save(&key, &record("a"), None).await.unwrap();
+        let lock = store.lock(&key, Duration::from_secs(1)).await.unwrap();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(store.dir()).unwrap() {
+            let entry = entry.unwrap();
+            names.push(entry.file_name().into_string().unwrap());
+            assert_eq!(mode(&entry.path()), 0o600, "{:?}", entry.path());
+        }
+        names.sort();
+        assert_eq!(names, ["k.json", "k.lock", "k.refresh"]);
+        drop(lock);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_or_foreign_file_is_an_error_and_never_overwritten() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        let path = store.dir().join("k.json");
+        let foreign = [
+            &b"{\"access_token\": \"sec"[..],          // torn
+            b"",                                       // empty
+            b"\x00\xff not json",                      // binary
+            br#"{"access_token":"a","version":1}"#,    // someone else's JSON
+            br#"{"format":"tokenkeeper.grant","format_version":1,"key":"other","version":1,"record":null,"deleted":true}"#,
+        ];
+        for contents in foreign {
+            fs::write(&path, contents).unwrap();
+            let err = store.load(&key).await.unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            for expected in [None, Some(1), Some(2)] {
+                let err = store
+                    .save(&key, &record("new"), expected)
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            }
+            let err = store.delete(&key).await.unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            assert_eq!(fs::read(&path).unwrap(), contents, "never written over");
+            // Listed, so that loading it reports the problem.
+            assert_eq!(store.keys().await.unwrap(), vec![key.clone()]);
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_errors_do_not_quote_the_file() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        let mut record = serde_json::to_value(EnvelopeOut {
+            format: FORMAT,
+            format_version: FORMAT_VERSION,
+            key: "k",
+            version: 1,
+            deleted: false,
+            record: Some(&record("a")),
+        })
+        .unwrap();
+        // A value in the wrong place: serde_json would quote it in its message.
+        record["version"] = serde_json::json!("super-secret-value");
+        let quoted = serde_json::from_value::<EnvelopeIn>(record.clone())
+            .err()
+            .unwrap();
+        assert!(quoted.to_string().contains("super-secret-value"));
+        fs::write(store.dir().join("k.json"), record.to_string()).unwrap();
+        let err = store.load(&key).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        let mut text = format!("{err} {err:?}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            text.push_str(&format!(" {s} {s:?}"));
+            source = s.source();
+        }
+        assert!(text.contains("k.json"), "{text}");
+        assert!(!text.contains("super-secret-value"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_a_typed_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("nope");
+        let err = FileStore::open(&dir).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::NotFound);
+        assert!(std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("does not exist"),);
+        let file = tmp.path().join("file");
+        fs::write(&file, b"").unwrap();
+        assert_eq!(
+            FileStore::open(&file).unwrap_err().kind(),
+            StoreErrorKind::NotFound
+        );
+
+        // Removed under a running store: an error, not an empty store.
+        let store = FileStore::create(&dir).unwrap();
+        fs::remove_dir(&dir).unwrap();
+        let key = TokenKey::from("k");
+        assert_eq!(
+            store.load(&key).await.unwrap_err().kind(),
+            StoreErrorKind::NotFound
+        );
+        assert_eq!(
+            store
+                .save(&key, &record("a"), None)
+                .await
+                .unwrap_err()
+                .kind(),
+            StoreErrorKind::NotFound
+        );
+        assert_eq!(
+            store.keys().await.unwrap_err().kind(),
+            StoreErrorKind::NotFound
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn permission_problems_are_typed() {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            io_error(
+                "read",
+                Path::new("x"),
+                io::ErrorKind::PermissionDenied.into()
+            )
+            .kind(),
+            StoreErrorKind::PermissionDenied
+        );
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        store.save(&key, &record("a"), None).await.unwrap();
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o500)).unwrap();
+        let denied = fs::write(store.dir().join("probe"), b"").is_err();
+        let result = store.save(&key, &record("b"), Some(1)).await;
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o700)).unwrap();
+        // Root ignores file modes; the check only means something for other users.
+        if denied {
+            assert_eq!(result.unwrap_err().kind(), StoreErrorKind::PermissionDenied);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_compare_and_swap_has_one_winner_per_version() {
+        let (_tmp, store) = store();
+        // Two instances on one directory behave like two processes.
+        let stores = [
+            Arc::new(store.clone()),
+            Arc::new(FileStore::open(store.dir()).unwrap()),
+        ];
+        let key = TokenKey::from("shared");
+        let mut expected = None;
+        for round in 0..10 {
+            let tasks: Vec<_> = (0..16)
+                .map(|i| {
+                    let store = stores[i % 2].clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        store
+                            .save(&key, &record(&format!("{round}-{i}")), expected)
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut winners = Vec::new();
+            for (i, task) in tasks.into_iter().enumerate() {
+                if let Cas::Saved(v) = task.await.unwrap() {
+                    winners.push((i, v));
+                }
+            }
+            assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+            let (i, v) = winners[0];
+            let loaded = store.load(&key).await.unwrap().unwrap();
+            assert_eq!(loaded.version, v);
+            assert_eq!(loaded.value, record(&format!("{round}-{i}")));
+            expected = Some(v);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_lock_is_exclusive_until_released_or_dropped() {
+        let (_tmp, store) = store();
+        let other = FileStore::open(store.dir())
+            .unwrap()
+            .with_lock_wait(Duration::from_secs(5));
+        let key = TokenKey::from("k");
+        let ttl = Duration::from_secs(60);
+        let held = store.lock(&key, ttl).await.unwrap().unwrap();
+        let err = other.lock(&key, ttl).await.err().unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+        // Another key is independent.
+        other
+            .lock(&TokenKey::from("j"), ttl)
+            .await
+            .unwrap()
+            .unwrap();
+
+        let waiter = tokio::spawn(async move { other.lock(&key, ttl).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        held.release().await.unwrap();
+        let held = waiter.await.unwrap().unwrap().unwrap();
+        drop(held);
+        let again = store.lock(&TokenKey::from("k"), ttl).await.unwrap();
+        assert!(again.is_some(), "dropping the lock releases it");
+    }
+
+    #[tokio::test]
+    async fn keys_map_to_safe_file_names_and_back() {
+        let (_tmp, store) = store();
+        let keys = [
+            "",
+            "customer-42",
+            "Customer-42",
+            "a.b",
+            "../../etc/passwd",
+            "a/b\\c",
+            "%41",
+            "%",
+            "user@example.com",
+            "ключ",
+            "tab\there\n",
+            ".json",
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            let name = encode_key(k);
+            assert!(
+                name.bytes()
+                    .all(|b| keeps(b) || b == b'%' || b.is_ascii_hexdigit()),
+                "{name}"
+            );
+            assert!(!name.contains('.') && !name.contains('/'), "{name}");
+            assert_eq!(decode_key(&name).as_deref(), Some(*k), "{name}");
+            store
+                .save(&TokenKey::from(*k), &record(&i.to_string()), None)
+                .await
+                .unwrap();
+        }
+        for (i, k) in keys.iter().enumerate() {
+            let loaded = store.load(&TokenKey::from(*k)).await.unwrap().unwrap();
+            assert_eq!(loaded.value, record(&i.to_string()), "{k:?}");
+        }
+        // Files that are not canonical names of a key are not ours.
+        for foreign in [
+            "README", "%61.json", "%4a.json", "A.json", "x.y.json", "%.tmp",
+        ] {
+            fs::write(store.dir().join(foreign), b"{}").unwrap();
+        }
+        let mut listed = store.keys().await.unwrap();
+        let mut expected: Vec<TokenKey> = keys.iter().map(|k| TokenKey::from(*k)).collect();
+        listed.sort();
+        expected.sort();
+        assert_eq!(listed, expected);
+
+        let long = TokenKey::from("x".repeat(241));
+        assert_eq!(
+            store.load(&long).await.unwrap_err().kind(),
+            StoreErrorKind::Backend
+        );
+        let fits = TokenKey::from("x".repeat(240));
+        store.save(&fits, &record("a"), None).await.unwrap();
+    }
+
+    #[test]
+    fn debug_shows_the_directory() {
+        let (_tmp, store) = store();
+        let text = format!("{store:?}");
+        assert!(
+            text.contains("FileStore") && text.contains("grants"),
+            "{text}"
+        );
+    }
+}
