@@ -1,0 +1,214 @@
+//! Crash test for `FileStore`: a child process saves in a tight loop and is killed with
+//! SIGKILL at random moments, many times; after each kill the store must load and hold either
+//! the last acknowledged record or the one being saved, never a torn or lost one.
+//!
+//! Runs with `harness = false`: `main` re-executes this binary with `--child <dir>` to get the
+//! process that is killed. Run it alone with `cargo test --test file_store_crash`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokenkeeper::{AccessToken, Cas, FileStore, GrantRecord, RefreshToken, TokenKey, TokenSet};
+use tokenkeeper::{TokenStore, Version};
+
+const NAME: &str = "file_store_crash";
+const KILLS: usize = 50;
+/// The whole run must finish well within this.
+const BUDGET: Duration = Duration::from_secs(45);
+/// A record of a few kilobytes, so a torn write would show.
+const PAD: usize = 8 * 1024;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let Some(dir) = args.get(i + 1) else {
+            eprintln!("--child needs a directory");
+            return ExitCode::FAILURE;
+        };
+        child(Path::new(dir));
+    }
+    // Behave like libtest with a name filter (`cargo test some_other_test` runs every test
+    // binary with that filter).
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if !filters.is_empty() && !filters.iter().any(|f| NAME.contains(f.as_str())) {
+        println!("{NAME}: filtered out");
+        return ExitCode::SUCCESS;
+    }
+    match run() {
+        Ok(report) => {
+            println!("{NAME}: {report}");
+            println!("{KILLS} passed, 0 failed");
+            ExitCode::SUCCESS
+        }
+        Err((passed, why)) => {
+            eprintln!("{NAME}: FAILED: {why}");
+            println!("{passed} passed, 1 failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A record whose every part names `n`, so that any mix of two records is detected.
+fn record(n: u64) -> GrantRecord {
+    let mut extra = serde_json::Map::new();
+    let pad = format!("{n};").repeat(PAD / (n.to_string().len() + 1));
+    extra.insert("pad".into(), pad.into());
+    GrantRecord::new(
+        TokenSet::new(AccessToken::new(format!("access-{n}")))
+            .with_refresh_token(RefreshToken::new(format!("refresh-{n}")))
+            .with_extra(extra),
+    )
+}
+
+/// The `n` a loaded record was made from, if it is whole.
+fn generation(record: &GrantRecord) -> Result<u64, String> {
+    let tokens = record.tokens();
+    let n: u64 = tokens
+        .access_token()
+        .secret()
+        .strip_prefix("access-")
+        .and_then(|n| n.parse().ok())
+        .ok_or("access token is not ours")?;
+    if *record != self::record(n) {
+        return Err(format!("record {n} is not whole"));
+    }
+    Ok(n)
+}
+
+/// The child: saves generation after generation, printing `version n` after each save.
+fn child(dir: &Path) -> ! {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let store = FileStore::open(dir).expect("store");
+        let key = TokenKey::from("grant");
+        let (mut version, mut n) = match store.load(&key).await.expect("load") {
+            Some(loaded) => (
+                Some(loaded.version),
+                generation(&loaded.value).expect("a whole record"),
+            ),
+            None => (None, 0),
+        };
+        loop {
+            n += 1;
+            match store.save(&key, &record(n), version).await.expect("save") {
+                Cas::Saved(v) => {
+                    println!("{v} {n}");
+                    version = Some(v);
+                }
+                Cas::Conflict => panic!("nobody else writes this grant"),
+            }
+        }
+    })
+}
+
+fn spawn_child(dir: &Path) -> Result<(Child, mpsc::Receiver<(Version, u64)>), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .arg("--child")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the child: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let mut parts = line.split(' ').map(str::parse::<u64>);
+            if let (Some(Ok(v)), Some(Ok(n))) = (parts.next(), parts.next()) {
+                if tx.send((v, n)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+fn run() -> Result<String, (usize, String)> {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().map_err(|e| (0, e.to_string()))?;
+    let dir: PathBuf = tmp.path().join("grants");
+    let store = FileStore::create(&dir).map_err(|e| (0, e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (0, e.to_string()))?;
+    let key = TokenKey::from("grant");
+    // The last state the parent knows to be durable: (version, generation).
+    let mut known: Option<(Version, u64)> = None;
+    let mut acked_total = 0u64;
+    let mut caught_in_flight = 0usize;
+    for round in 0..KILLS {
+        let fail = |why: String| (round, format!("kill {}: {why}", round + 1));
+        if started.elapsed() > BUDGET {
+            return Err(fail(format!("over the time budget of {BUDGET:?}")));
+        }
+        let (mut child, acks) = spawn_child(&dir).map_err(fail)?;
+        // Let it get into its loop (one acknowledged save), then kill it at a random moment.
+        let first = acks.recv_timeout(Duration::from_secs(10));
+        if first.is_ok() {
+            std::thread::sleep(Duration::from_micros(fastrand::u64(0..15_000)));
+        }
+        child
+            .kill()
+            .map_err(|e| fail(format!("cannot kill the child: {e}")))?;
+        let status = child.wait().map_err(|e| fail(e.to_string()))?;
+        let first = first.map_err(|_| fail(format!("the child never saved ({status})")))?;
+        let mut last = first;
+        acked_total += 1;
+        // Every line it wrote before dying.
+        while let Ok(ack) = acks.recv_timeout(Duration::from_secs(5)) {
+            last = ack;
+            acked_total += 1;
+        }
+        if let Some((v, n)) = known {
+            if first.1 != n + 1 || first.0 <= v {
+                return Err(fail(format!(
+                    "the child resumed at {first:?} after {known:?}"
+                )));
+            }
+        }
+
+        let loaded = runtime
+            .block_on(store.load(&key))
+            .map_err(|e| fail(format!("load failed: {e}")))?
+            .ok_or_else(|| fail("the record is gone".into()))?;
+        let n = generation(&loaded.value).map_err(fail)?;
+        let state = (loaded.version, n);
+        if state == last {
+            // The acknowledged record.
+        } else if n == last.1 + 1 && loaded.version > last.0 {
+            caught_in_flight += 1; // Saved, killed before it could say so.
+        } else {
+            return Err(fail(format!(
+                "loaded {state:?}; the last acknowledged save was {last:?}"
+            )));
+        }
+        known = Some(state);
+
+        // Only the grant, its lock and at most one leftover temporary file.
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| fail(e.to_string()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names.retain(|n| n != "grant.json" && n != "grant.lock" && n != "grant.json.tmp");
+        if !names.is_empty() {
+            return Err(fail(format!("unexpected files: {names:?}")));
+        }
+    }
+    Ok(format!(
+        "{KILLS} SIGKILLs, {acked_total} acknowledged saves, {caught_in_flight} kills after a \
+         save completed but before it was acknowledged, all loads consistent, {:.1} s",
+        started.elapsed().as_secs_f64()
+    ))
+}
