@@ -81,7 +81,11 @@ fn manager(
 async fn one_refresh_for_a_thousand_concurrent_callers() {
     let clock = Arc::new(ManualClock::fixed());
     let rotating = Arc::new(Rotating::default());
-    let manager = manager(rotating.provider(), Arc::default(), clock.clone());
+    // A store without a refresh lock: the manager's own single-flight must do it alone.
+    let manager = TokenManager::builder(rotating.provider())
+        .store(FlakyStore::default())
+        .clock(clock.clone())
+        .build();
     manager
         .insert(key(), expired_grant(&clock, "rt-0"))
         .await

@@ -182,6 +182,7 @@ impl Inner {
         for _ in 0..CAS_ATTEMPTS {
             match self.store.save(key, &fresh, Some(expected)).await {
                 Ok(Cas::Saved(version)) => {
+                    slot.used.store(false, std::sync::atomic::Ordering::Relaxed);
                     return Ok(self.cache(slot, &fresh, version, None).tokens.clone());
                 }
                 Ok(Cas::Conflict) => {
