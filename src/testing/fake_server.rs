@@ -1,5 +1,6 @@
 //! The fake OAuth authorization server: [`FakeAuthServer`] and its script.
 
+mod api;
 mod config;
 mod grant;
 mod record;
@@ -101,6 +102,14 @@ impl FakeAuthServer {
             })
             .mount(&server)
             .await;
+        Mock::given(path(api::PATH))
+            .respond_with(api::ResourceEndpoint {
+                preset: config.preset,
+                clock: Arc::clone(&clock),
+                state: Arc::clone(&state),
+            })
+            .mount(&server)
+            .await;
         Self {
             server,
             config,
@@ -117,6 +126,17 @@ impl FakeAuthServer {
     /// The server's base URL, e.g. `http://127.0.0.1:41234`.
     pub fn uri(&self) -> String {
         self.server.uri()
+    }
+
+    /// The full URL of a protected resource on the server, for code that calls an API with the
+    /// access token: any method with `Authorization: Bearer <valid token>` gets
+    /// `200 {"grant":"g1"}`; anything else gets the preset's `401` — Standard: RFC 6750
+    /// `WWW-Authenticate: Bearer error="invalid_token"`; Constant Contact:
+    /// `WWW-Authenticate: Bearer realm=api.cc.email` with
+    /// `{"error_key":"unauthorized","error_message":"Unauthorized"}`; Xoxoday (a guess):
+    /// `{"error":"invalid_token","error_description":"invalid/expired token"}`.
+    pub fn api_url(&self) -> String {
+        format!("{}{}", self.server.uri(), api::PATH)
     }
 
     /// The configuration the server runs with.
@@ -226,6 +246,11 @@ impl FakeAuthServer {
             .iter()
             .filter(|call| call.grant == Some(*grant))
             .count()
+    }
+
+    /// Calls to [`api_url`](Self::api_url) so far, accepted or not.
+    pub fn api_calls(&self) -> usize {
+        self.state().api_calls
     }
 
     /// How many times reuse detection revoked a grant.

@@ -169,6 +169,8 @@ pub struct FakeConfig {
     pub(super) client_secret: String,
     pub(super) scope: Option<String>,
     pub(super) omit_unchanged_refresh_token: bool,
+    pub(super) numeric_expiries: bool,
+    pub(super) public_client: bool,
     pub(super) seed: u64,
 }
 
@@ -184,6 +186,8 @@ impl FakeConfig {
             client_secret: "tokenkeeper-test-secret".to_owned(),
             scope: None,
             omit_unchanged_refresh_token: false,
+            numeric_expiries: false,
+            public_client: false,
             seed: 0x746f_6b65_6e6b_6565,
         }
     }
@@ -265,6 +269,20 @@ impl FakeConfig {
         self
     }
 
+    /// Xoxoday preset: sends `access_token_expiry` and `refresh_token_expiry` as JSON numbers
+    /// (`1718000000000`) instead of strings (`"1718000000000"`); the provider's specs disagree.
+    pub fn with_numeric_expiries(mut self, numeric: bool) -> Self {
+        self.numeric_expiries = numeric;
+        self
+    }
+
+    /// Accepts a public (PKCE) client: `client_id` in the request without a secret. A secret
+    /// that is sent must still match.
+    pub fn with_public_client(mut self, public: bool) -> Self {
+        self.public_client = public;
+        self
+    }
+
     /// Seeds the generator behind token values; the same seed, clock and calls give the same
     /// tokens.
     pub fn with_seed(mut self, seed: u64) -> Self {
@@ -313,6 +331,8 @@ impl fmt::Debug for FakeConfig {
                 "omit_unchanged_refresh_token",
                 &self.omit_unchanged_refresh_token,
             )
+            .field("numeric_expiries", &self.numeric_expiries)
+            .field("public_client", &self.public_client)
             .field("seed", &self.seed)
             .finish()
     }

@@ -21,6 +21,7 @@ pub(super) struct State {
     pub(super) delay: Option<Duration>,
     pub(super) log: Vec<RecordedRefresh>,
     pub(super) reuse_detections: usize,
+    pub(super) api_calls: usize,
 }
 
 struct Grant {
@@ -78,6 +79,7 @@ impl State {
             delay: None,
             log: Vec::new(),
             reuse_detections: 0,
+            api_calls: 0,
         }
     }
 
@@ -304,7 +306,9 @@ impl State {
 
     fn client_matches(&self, id: &str, secret: Option<&String>) -> bool {
         id == self.config.client_id
-            && secret.is_some_and(|secret| *secret == self.config.client_secret)
+            && secret.map_or(self.config.public_client, |secret| {
+                *secret == self.config.client_secret
+            })
     }
 
     fn token_reply(&self, issued: IssuedGrant, rotated: bool) -> Reply {
@@ -318,6 +322,7 @@ impl State {
             access_expires_at: issued.access_expires_at,
             refresh_expires_at: issued.refresh_expires_at,
             scope: self.config.scope.clone(),
+            numeric_expiries: self.config.numeric_expiries,
         })
     }
 
@@ -392,6 +397,12 @@ impl State {
                 && token.expires_at.is_some_and(|at| now < at)
                 && self.grant(token.grant).revoked.is_none()
         })
+    }
+
+    /// The grant a valid access token belongs to.
+    pub(super) fn authorize(&self, access_token: &str, now: SystemTime) -> Option<GrantId> {
+        self.is_access_token_valid(access_token, now)
+            .then(|| self.tokens[access_token].grant)
     }
 
     pub(super) fn current_refresh_token(&self, id: GrantId) -> Option<String> {

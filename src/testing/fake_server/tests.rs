@@ -903,3 +903,87 @@ async fn works_under_paused_tokio_time() {
     let grant = server.issue_grant();
     assert_eq!(refresh(&server, &grant.refresh_token).await.status, 200);
 }
+
+#[tokio::test]
+async fn xoxoday_expiries_can_be_numbers() {
+    let (server, clock) = start(FakeConfig::xoxoday().with_numeric_expiries(true)).await;
+    let grant = server.issue_grant();
+    let reply = refresh(&server, &grant.refresh_token).await;
+    let body = reply.json();
+    assert_eq!(
+        body["access_token_expiry"].as_u64().map(u128::from),
+        Some(millis(clock.now() + 15 * DAY))
+    );
+    assert!(body["refresh_token_expiry"].is_u64(), "{}", reply.body);
+}
+
+#[tokio::test]
+async fn public_clients_send_only_their_id() {
+    let params = |server: &FakeAuthServer, rt: &str| {
+        form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt),
+            ("client_id", server.client_id()),
+        ])
+    };
+    for (config, expected) in [
+        (FakeConfig::standard(), 401),
+        (FakeConfig::standard().with_public_client(true), 200),
+    ] {
+        let (server, _clock) = start(config).await;
+        let grant = server.issue_grant();
+        let reply = send(
+            reqwest::Client::new()
+                .post(server.token_url())
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(params(&server, &grant.refresh_token)),
+        )
+        .await;
+        assert_eq!(reply.status, expected, "{}", reply.body);
+    }
+}
+
+#[tokio::test]
+async fn the_protected_resource_answers_in_the_presets_words() {
+    let (server, clock) = start(FakeConfig::constant_contact()).await;
+    let grant = server.issue_grant();
+    let call = |token: &str| {
+        reqwest::Client::new()
+            .get(server.api_url())
+            .header("authorization", format!("Bearer {token}"))
+    };
+    let ok = send(call(&grant.access_token)).await;
+    assert_eq!((ok.status, ok.body.as_str()), (200, r#"{"grant":"g1"}"#));
+
+    clock.advance(DAY);
+    let expired = send(call(&grant.access_token)).await;
+    assert_eq!(
+        (expired.status, expired.body.as_str()),
+        (
+            401,
+            r#"{"error_key":"unauthorized","error_message":"Unauthorized"}"#
+        )
+    );
+    assert_eq!(
+        expired.header("www-authenticate"),
+        Some("Bearer realm=api.cc.email")
+    );
+    let anonymous = send(reqwest::Client::new().get(server.api_url())).await;
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(server.api_calls(), 3);
+    assert_eq!(server.refresh_calls(), 0);
+
+    let (standard, _clock) = start(FakeConfig::standard()).await;
+    let grant = standard.issue_grant();
+    standard.revoke(&grant.grant);
+    let revoked = send(
+        reqwest::Client::new()
+            .post(standard.api_url())
+            .header("authorization", format!("Bearer {}", grant.access_token)),
+    )
+    .await;
+    assert_eq!(revoked.status, 401);
+    assert!(revoked
+        .header("www-authenticate")
+        .is_some_and(|challenge| challenge.starts_with(r#"Bearer error="invalid_token""#)));
+}

@@ -200,6 +200,7 @@ pub(super) struct TokenReply {
     pub(super) access_expires_at: SystemTime,
     pub(super) refresh_expires_at: Option<SystemTime>,
     pub(super) scope: Option<String>,
+    pub(super) numeric_expiries: bool,
 }
 
 #[derive(Serialize)]
@@ -230,9 +231,9 @@ struct XoxodayTokens<'a> {
     token_type: &'a str,
     expires_in: u64,
     refresh_token: &'a str,
-    access_token_expiry: String,
+    access_token_expiry: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
-    refresh_token_expiry: Option<String>,
+    refresh_token_expiry: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -358,8 +359,8 @@ impl TokenReply {
                 token_type: "bearer",
                 expires_in,
                 refresh_token: self.refresh_token.as_deref().unwrap_or_default(),
-                access_token_expiry: epoch_millis(self.access_expires_at),
-                refresh_token_expiry: self.refresh_expires_at.map(epoch_millis),
+                access_token_expiry: self.expiry(self.access_expires_at),
+                refresh_token_expiry: self.refresh_expires_at.map(|at| self.expiry(at)),
             }),
         };
         // Serializing these structs cannot fail: every field is a string or an integer.
@@ -368,6 +369,18 @@ impl TokenReply {
             reply
         } else {
             no_store(reply)
+        }
+    }
+}
+
+impl TokenReply {
+    /// Epoch milliseconds, as a string or (with `numeric_expiries`) a number.
+    fn expiry(&self, at: SystemTime) -> serde_json::Value {
+        let millis = epoch_millis(at);
+        if self.numeric_expiries {
+            serde_json::Value::from(u64::try_from(millis).unwrap_or(u64::MAX))
+        } else {
+            serde_json::Value::from(millis.to_string())
         }
     }
 }
@@ -402,7 +415,7 @@ fn oauth_error(status: u16, error: &str, error_description: &str) -> ResponseTem
     no_store(json_bytes(status, body.unwrap_or_default()))
 }
 
-fn json(status: u16, body: &'static str) -> ResponseTemplate {
+pub(super) fn json(status: u16, body: &'static str) -> ResponseTemplate {
     json_bytes(status, body.as_bytes().to_vec())
 }
 
@@ -446,10 +459,9 @@ fn whole_seconds_up(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
-pub(super) fn epoch_millis(at: SystemTime) -> String {
+fn epoch_millis(at: SystemTime) -> u128 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_millis())
-        .to_string()
 }
 
 #[cfg(test)]
