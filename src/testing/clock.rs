@@ -18,9 +18,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock reading `start`.
     pub fn new(start: SystemTime) -> Self {
-        Self {
-            now: Mutex::new(start),
-        }
+        Self { now: Mutex::new(start) }
     }
 
     /// A clock reading 2026-01-01T00:00:00Z, a fixed and readable starting point.
