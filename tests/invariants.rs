@@ -235,8 +235,16 @@ async fn rotated_refresh_token_is_saved_before_the_caller_sees_the_new_token() {
         !caller.is_finished(),
         "the caller got a token whose save had not happened"
     );
+    // Nor does anyone else, through the cache.
+    let late = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.access_token(&key()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!late.is_finished(), "a late caller saw the unsaved token");
     drop(held);
     assert_eq!(caller.await.unwrap().unwrap().secret(), "at-1");
+    assert_eq!(late.await.unwrap().unwrap().secret(), "at-1");
     assert_eq!(
         log.lock().unwrap().as_slice(),
         ["saved rt-0", "saved rt-1", "returned"]
