@@ -210,6 +210,8 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30)
+        // Plot rendering costs more than the measurements; keep the run short.
+        .without_plots()
         .configure_from_args();
     bench_single_thread(&mut c, &fx, &rt);
     bench_two_threads(&mut c, &fx, &rts);

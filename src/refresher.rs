@@ -289,7 +289,9 @@ impl Scheduler {
                 scheduled: self.planned.len(),
                 in_flight: self.in_flight.len(),
                 started: self.started,
-                idle: self.in_flight.is_empty() && self.queue.first().is_none_or(|(t, _)| *t > now),
+                // Due checks left over wait for the rate window (clock time) or for a refresh
+                // in flight: either way nothing more can happen until one of those moves.
+                idle: self.in_flight.is_empty(),
                 stopped: false,
             });
             // Wake for the next check, the end of a rate-limit window or the next rescan —

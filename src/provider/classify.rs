@@ -177,7 +177,7 @@ mod tests {
     }
 
     fn kind(r: Result<crate::TokenResponse, ProviderError>) -> ProviderErrorKind {
-        r.err().expect("expected a failure").kind().clone()
+        r.expect_err("expected a failure").kind().clone()
     }
 
     #[test]
