@@ -436,6 +436,15 @@ impl Scheduler {
             }
         }
 
+        // Past a known refresh-token expiry no refresh can succeed: look again when the access
+        // token runs out, which is when the grant dies.
+        if tokens.is_refresh_token_expired(now) {
+            return match tokens.expires_at() {
+                Some(expires) if expires > now => Plan::CheckAt(expires),
+                _ => Plan::Refresh,
+            };
+        }
+
         let used = self.inner.was_used(key);
         let mut refresh_at: Option<SystemTime> = None;
         if let Some(expires) = tokens.expires_at() {

@@ -722,3 +722,30 @@ async fn a_peer_in_backoff_answers_with_the_same_typed_error_and_does_not_call()
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_refresh_token_leaves_a_valid_access_token_usable_until_it_expires() {
+    use tokenkeeper::Clock;
+    let clock = Arc::new(ManualClock::fixed());
+    let rotating = Arc::new(Rotating::default());
+    let manager = manager(rotating.provider(), Arc::default(), clock.clone());
+    // The refresh token died a second ago; the access token has 30 s left (inside the margin).
+    let grant = TokenSet::new(AccessToken::new("at-0"))
+        .with_refresh_token(RefreshToken::new("rt-0"))
+        .with_expires_at(clock.now() + Duration::from_secs(30))
+        .with_refresh_expires_at(clock.now() - Duration::from_secs(1));
+    manager.insert(key(), grant).await.unwrap();
+    assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-0");
+    assert!(!manager
+        .status(&key())
+        .await
+        .unwrap()
+        .needs_reauthorization());
+    clock.advance(Duration::from_secs(31));
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert_eq!(
+        err.invalidation_reason(),
+        Some(&InvalidationReason::RefreshTokenExpired)
+    );
+    assert_eq!(rotating.calls.load(Ordering::SeqCst), 0);
+}
