@@ -1,1 +1,253 @@
-fn main() {}
+//! The fast path of `TokenManager::access_token` (a cached, valid token) against the cheapest
+//! possible baseline measured in the same run: `ArcSwap::load_full()` of the same token.
+//!
+//! Run with `cargo bench --bench access_token`. Criterion reports per-call times for the groups
+//! `access_token/single_thread` and `access_token/two_threads`; a final summary prints the ratio
+//! manager / baseline for each, timed with plain `Instant` loops in this process.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use criterion::Criterion;
+use tokenkeeper::{
+    provider_fn, AccessToken, MemoryStore, ProviderError, RefreshToken, TokenKey, TokenManager,
+    TokenSet, UnavailableCause,
+};
+use tokio::runtime::Runtime;
+
+/// Other grants in the manager, so the map is not trivially small.
+const OTHER_GRANTS: usize = 1_000;
+/// Calls per round of the summary's plain `Instant` loops.
+const SUMMARY_CALLS: u64 = 2_000_000;
+const SUMMARY_ROUNDS: usize = 5;
+const THREADS: u64 = 2;
+
+/// Counts refreshes; the fast path must never ask the provider.
+static PROVIDER_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+struct Fixture {
+    manager: TokenManager,
+    key: TokenKey,
+    /// The baseline: the same access token behind an `ArcSwap`.
+    baseline: ArcSwap<AccessToken>,
+}
+
+fn current_thread_runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn fixture(rt: &Runtime) -> Fixture {
+    let provider = provider_fn(|_key: TokenKey, _tokens: TokenSet| {
+        PROVIDER_CALLS.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err(ProviderError::unavailable(UnavailableCause::Internal)))
+    });
+    let manager = TokenManager::builder(provider)
+        .store(MemoryStore::new())
+        .build();
+    let expires_at = SystemTime::now() + Duration::from_secs(3600);
+    let key = TokenKey::new("bench-grant");
+    let token = AccessToken::new("ya29.a0AfB_byC-bench-access-token-0123456789abcdef");
+    rt.block_on(async {
+        for i in 0..OTHER_GRANTS {
+            let tokens = TokenSet::new(AccessToken::new(format!("at-{i}")))
+                .with_refresh_token(RefreshToken::new(format!("rt-{i}")))
+                .with_expires_at(expires_at);
+            manager
+                .insert(TokenKey::new(format!("tenant-{i:04}")), tokens)
+                .await
+                .expect("insert other grant");
+        }
+        let tokens = TokenSet::new(token.clone())
+            .with_refresh_token(RefreshToken::new("rt-bench"))
+            .with_expires_at(expires_at);
+        manager
+            .insert(key.clone(), tokens)
+            .await
+            .expect("insert bench grant");
+        let got = manager.access_token(&key).await.expect("fast path");
+        assert_eq!(got.secret(), token.secret());
+    });
+    Fixture {
+        manager,
+        key,
+        baseline: ArcSwap::from_pointee(token),
+    }
+}
+
+// ---- the measured loops -------------------------------------------------------------------
+
+fn manager_loop(rt: &Runtime, manager: &TokenManager, key: &TokenKey, calls: u64) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..calls {
+            let token = manager
+                .access_token(black_box(key))
+                .await
+                .expect("access_token");
+            black_box(token);
+        }
+        start.elapsed()
+    })
+}
+
+fn baseline_loop(shared: &ArcSwap<AccessToken>, calls: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..calls {
+        black_box(black_box(shared).load_full());
+    }
+    start.elapsed()
+}
+
+/// Wall time of `THREADS` threads each running `work(i, calls_i)`, with the calls split
+/// between them; thread start-up is excluded (the clock starts when all are ready).
+fn two_threads<F>(calls: u64, work: F) -> Duration
+where
+    F: Fn(usize, u64) + Sync,
+{
+    let barrier = Barrier::new(THREADS as usize);
+    let spans: Vec<(Instant, Instant)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|i| {
+                let share = calls / THREADS + u64::from(i < calls % THREADS);
+                let (barrier, work) = (&barrier, &work);
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    work(i as usize, share);
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let start = spans.iter().map(|s| s.0).min().expect("spans");
+    let end = spans.iter().map(|s| s.1).max().expect("spans");
+    end - start
+}
+
+// ---- criterion groups ---------------------------------------------------------------------
+
+fn bench_single_thread(c: &mut Criterion, fx: &Fixture, rt: &Runtime) {
+    let mut group = c.benchmark_group("access_token/single_thread");
+    group.bench_function("baseline_arc_load_clone", |b| {
+        b.iter_custom(|iters| baseline_loop(&fx.baseline, iters))
+    });
+    group.bench_function("manager_access_token", |b| {
+        b.iter_custom(|iters| manager_loop(rt, &fx.manager, &fx.key, iters))
+    });
+    group.finish();
+}
+
+fn bench_two_threads(c: &mut Criterion, fx: &Fixture, rts: &[Runtime]) {
+    let mut group = c.benchmark_group("access_token/two_threads");
+    group.bench_function("baseline_arc_load_clone", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, |_, n| {
+                baseline_loop(&fx.baseline, n);
+            })
+        })
+    });
+    group.bench_function("manager_access_token", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, |i, n| {
+                manager_loop(&rts[i], &fx.manager, &fx.key, n);
+            })
+        })
+    });
+    group.finish();
+}
+
+// ---- summary ------------------------------------------------------------------------------
+
+fn ns_per_call(d: Duration, calls: u64) -> f64 {
+    d.as_secs_f64() * 1e9 / calls as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times manager and baseline in alternating rounds (after one warm-up round each) and
+/// prints the median per-call figures and their ratio.
+fn summarize(
+    name: &str,
+    calls: u64,
+    rounds: usize,
+    mut manager: impl FnMut(u64) -> Duration,
+    mut baseline: impl FnMut(u64) -> Duration,
+) {
+    manager(calls);
+    baseline(calls);
+    let (mut m, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        m.push(ns_per_call(manager(calls), calls));
+        b.push(ns_per_call(baseline(calls), calls));
+    }
+    let (m, b) = (median(m), median(b));
+    println!(
+        "ratio {name}: {:.2} (manager {m:.1} ns / baseline {b:.1} ns)",
+        m / b
+    );
+}
+
+fn main() {
+    let rt = current_thread_runtime();
+    let rts = [current_thread_runtime(), current_thread_runtime()];
+    let fx = fixture(&rt);
+
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+        // Plot rendering costs more than the measurements; keep the run short.
+        .without_plots()
+        .configure_from_args();
+    bench_single_thread(&mut c, &fx, &rt);
+    bench_two_threads(&mut c, &fx, &rts);
+    c.final_summary();
+
+    // `cargo bench` passes `--bench`; under `cargo test --benches` only smoke-test the summary.
+    let full = std::env::args().any(|a| a == "--bench");
+    let (calls, rounds) = if full {
+        (SUMMARY_CALLS, SUMMARY_ROUNDS)
+    } else {
+        (10_000, 1)
+    };
+    println!("\nsummary ({rounds} rounds of {calls} calls, median per call):");
+    summarize(
+        "single_thread",
+        calls,
+        rounds,
+        |n| manager_loop(&rt, &fx.manager, &fx.key, n),
+        |n| baseline_loop(&fx.baseline, n),
+    );
+    summarize(
+        "two_threads",
+        calls,
+        rounds,
+        |n| {
+            two_threads(n, |i, k| {
+                manager_loop(&rts[i], &fx.manager, &fx.key, k);
+            })
+        },
+        |n| {
+            two_threads(n, |_, k| {
+                baseline_loop(&fx.baseline, k);
+            })
+        },
+    );
+
+    let calls = PROVIDER_CALLS.load(Ordering::SeqCst);
+    assert_eq!(calls, 0, "the fast path called the provider {calls} times");
+}

@@ -81,11 +81,12 @@ mod error;
 mod event;
 mod manager;
 mod provider;
+mod refresher;
 mod status;
 mod store;
 mod token;
 
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, Sleep, SystemClock};
 pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
@@ -97,6 +98,7 @@ pub use provider::{
     OAuth2ProviderBuilder, Provider, RefreshRequest, StandardClassifier, XoxodayClassifier,
     DEFAULT_BODY_LIMIT,
 };
+pub use refresher::{Progress, RefresherConfig, RefresherHandle};
 pub use status::{GrantHealth, TokenStatus};
 pub use store::{
     Cas, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version,

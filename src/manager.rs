@@ -1,17 +1,19 @@
 //! [`TokenManager`]: the cache, single-flight refresh and save-before-return.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, InvalidationReason, Result, UnavailableCause};
 use crate::event::Event;
 use crate::provider::Provider;
+use crate::refresher::{self, Control, RefresherConfig, RefresherHandle};
 use crate::status::{GrantHealth, TokenStatus};
 use crate::store::{GrantRecord, GrantState, MemoryStore, TokenStore, Version};
 use crate::token::{AccessToken, TokenKey, TokenSet};
@@ -46,6 +48,7 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     grants: DashMap<TokenKey, Arc<Slot>>,
     events: broadcast::Sender<Event>,
+    scheduler: Mutex<Option<mpsc::UnboundedSender<Control>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +64,8 @@ pub(crate) struct Config {
 #[derive(Default)]
 pub(crate) struct Slot {
     cached: ArcSwapOption<Cached>,
+    /// Read by a caller since its last refresh (the refresher refreshes such grants ahead).
+    used: AtomicBool,
     flight: Mutex<Option<watch::Receiver<Option<Outcome>>>>,
     /// A refreshed record whose save failed: (record, version it replaces).
     unsaved: Mutex<Option<(GrantRecord, Version)>>,
@@ -87,6 +92,8 @@ pub(crate) enum Need {
     Rejected(AccessToken),
     /// The application asked for a refresh.
     Forced,
+    /// The background refresher planned one after seeing tokens issued at this time.
+    Scheduled { seen_issued_at: Option<SystemTime> },
 }
 
 impl TokenManager {
@@ -163,7 +170,10 @@ impl TokenManager {
 
     /// Stores a new grant for `key` (from an OAuth callback, or copied from a dashboard),
     /// replacing any previous one, dead or alive.
-    pub async fn insert(&self, key: TokenKey, tokens: TokenSet) -> Result<()> {
+    pub async fn insert(&self, key: TokenKey, mut tokens: TokenSet) -> Result<()> {
+        if tokens.issued_at().is_none() {
+            tokens = tokens.with_issued_at(self.inner.clock.now());
+        }
         let record = GrantRecord::new(tokens);
         loop {
             let current = self.inner.store.load(&key).await?;
@@ -177,6 +187,7 @@ impl TokenManager {
                 let slot = self.inner.slot(&key);
                 *slot.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.inner.cache(&slot, &record, version, None);
+                self.inner.notify_scheduler(&key);
                 if was_dead {
                     self.inner.emit(Event::Recovered { key });
                 }
@@ -189,6 +200,7 @@ impl TokenManager {
     pub async fn remove(&self, key: &TokenKey) -> Result<bool> {
         let removed = self.inner.store.delete(key).await?;
         self.inner.grants.remove(key);
+        self.inner.notify_scheduler(key);
         Ok(removed)
     }
 
@@ -225,6 +237,13 @@ impl TokenManager {
         self.inner.events.subscribe()
     }
 
+    /// Starts the background refresher: one task that refreshes every grant of this manager
+    /// ahead of expiry and keeps idle grants alive (see [`RefresherConfig`]). Start one per
+    /// manager; it runs until [`RefresherHandle::shutdown`] or until the handle is dropped.
+    pub fn start_refresher(&self, config: RefresherConfig) -> RefresherHandle {
+        refresher::start(self.inner.clone(), config)
+    }
+
     /// The clock this manager computes expiries with.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.clock
@@ -233,6 +252,9 @@ impl TokenManager {
     async fn token_slow(&self, key: &TokenKey, need: Need) -> Result<Arc<TokenSet>> {
         let inner = &self.inner;
         let slot = inner.slot(key);
+        if !matches!(need, Need::Scheduled { .. }) {
+            slot.used.store(true, Ordering::Relaxed);
+        }
         let cached = match slot.cached.load_full() {
             Some(c) if c.dead.is_none() => c,
             // Unknown here, or dead: read the store (a new grant may have been inserted by
@@ -262,6 +284,12 @@ impl Need {
             Need::Expiring => tokens.is_fresh(now, margin),
             Need::Rejected(failed) => tokens.access_token() != failed && !tokens.is_expired(now),
             Need::Forced => false,
+            // A peer refreshed since the refresher looked.
+            Need::Scheduled { seen_issued_at } => match (tokens.issued_at(), seen_issued_at) {
+                (Some(now_issued), Some(seen)) => now_issued > *seen,
+                (Some(_), None) => true,
+                (None, _) => false,
+            },
         }
     }
 }
@@ -277,7 +305,7 @@ impl Cached {
         let until = self.retry_not_before.filter(|t| *t > now)?;
         let usable = match need {
             Need::Expiring => !self.tokens.is_expired(now),
-            Need::Rejected(_) | Need::Forced => false,
+            Need::Rejected(_) | Need::Forced | Need::Scheduled { .. } => false,
         };
         if usable {
             return Some(Ok(self.tokens.clone()));
@@ -302,6 +330,9 @@ impl Inner {
     /// The fast path: a cached, live token valid beyond the margin.
     fn fresh<T>(&self, key: &TokenKey, f: impl FnOnce(&Arc<TokenSet>) -> T) -> Option<T> {
         let slot = self.grants.get(key)?;
+        if !slot.used.load(Ordering::Relaxed) {
+            slot.used.store(true, Ordering::Relaxed);
+        }
         let cached = slot.cached.load();
         let cached = cached.as_ref()?;
         (cached.dead.is_none()
@@ -365,6 +396,29 @@ impl Inner {
             Some(c) if c.version > version => c,
             _ => fresh,
         }
+    }
+
+    /// Whether a caller read this grant since its last refresh.
+    pub(crate) fn was_used(&self, key: &TokenKey) -> bool {
+        self.grants
+            .get(key)
+            .is_some_and(|slot| slot.used.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_scheduler(&self, control: mpsc::UnboundedSender<Control>) {
+        *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+    }
+
+    fn notify_scheduler(&self, key: &TokenKey) {
+        if let Some(control) = &*self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = control.send(Control::Changed(key.clone()));
+        }
+    }
+
+    /// A refresh planned by the background refresher.
+    pub(crate) async fn refresh_scheduled(self: &Arc<Self>, key: &TokenKey, need: Need) -> Outcome {
+        let slot = self.slot(key);
+        self.refresh_shared(key, slot, need).await
     }
 
     pub(crate) fn emit(&self, event: Event) {
@@ -502,6 +556,7 @@ impl TokenManagerBuilder {
                 config: self.config,
                 grants: DashMap::new(),
                 events,
+                scheduler: Mutex::new(None),
             }),
         }
     }

@@ -81,7 +81,11 @@ fn manager(
 async fn one_refresh_for_a_thousand_concurrent_callers() {
     let clock = Arc::new(ManualClock::fixed());
     let rotating = Arc::new(Rotating::default());
-    let manager = manager(rotating.provider(), Arc::default(), clock.clone());
+    // A store without a refresh lock: the manager's own single-flight must do it alone.
+    let manager = TokenManager::builder(rotating.provider())
+        .store(FlakyStore::default())
+        .clock(clock.clone())
+        .build();
     manager
         .insert(key(), expired_grant(&clock, "rt-0"))
         .await
@@ -231,8 +235,16 @@ async fn rotated_refresh_token_is_saved_before_the_caller_sees_the_new_token() {
         !caller.is_finished(),
         "the caller got a token whose save had not happened"
     );
+    // Nor does anyone else, through the cache.
+    let late = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.access_token(&key()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!late.is_finished(), "a late caller saw the unsaved token");
     drop(held);
     assert_eq!(caller.await.unwrap().unwrap().secret(), "at-1");
+    assert_eq!(late.await.unwrap().unwrap().secret(), "at-1");
     assert_eq!(
         log.lock().unwrap().as_slice(),
         ["saved rt-0", "saved rt-1", "returned"]
@@ -709,4 +721,31 @@ async fn a_peer_in_backoff_answers_with_the_same_typed_error_and_does_not_call()
         "{err:?}"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_refresh_token_leaves_a_valid_access_token_usable_until_it_expires() {
+    use tokenkeeper::Clock;
+    let clock = Arc::new(ManualClock::fixed());
+    let rotating = Arc::new(Rotating::default());
+    let manager = manager(rotating.provider(), Arc::default(), clock.clone());
+    // The refresh token died a second ago; the access token has 30 s left (inside the margin).
+    let grant = TokenSet::new(AccessToken::new("at-0"))
+        .with_refresh_token(RefreshToken::new("rt-0"))
+        .with_expires_at(clock.now() + Duration::from_secs(30))
+        .with_refresh_expires_at(clock.now() - Duration::from_secs(1));
+    manager.insert(key(), grant).await.unwrap();
+    assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-0");
+    assert!(!manager
+        .status(&key())
+        .await
+        .unwrap()
+        .needs_reauthorization());
+    clock.advance(Duration::from_secs(31));
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert_eq!(
+        err.invalidation_reason(),
+        Some(&InvalidationReason::RefreshTokenExpired)
+    );
+    assert_eq!(rotating.calls.load(Ordering::SeqCst), 0);
 }

@@ -11,6 +11,9 @@ use crate::provider::RefreshRequest;
 use crate::store::{Cas, GrantRecord, GrantState, StoredFailure, Version, Versioned};
 use crate::token::TokenKey;
 
+/// The least wait after a rate limit that came without `Retry-After`.
+const RATE_LIMIT_FLOOR: Duration = Duration::from_secs(60);
+
 /// The longest `Retry-After` or penalty honoured.
 const MAX_PROVIDER_HINT: Duration = Duration::from_secs(24 * 3600);
 
@@ -75,6 +78,12 @@ impl Inner {
             return held;
         }
         if record.tokens.is_refresh_token_expired(now) {
+            // No refresh can succeed, but the access token works until it expires (unless the
+            // API already rejected it): the grant dies then, not before.
+            if !record.tokens.is_expired(now) && !matches!(need, Need::Rejected(_)) {
+                span.record("outcome", "refresh_token_expired");
+                return Ok(cached.tokens.clone());
+            }
             span.record("outcome", "dead");
             return self
                 .mark_dead(
@@ -182,6 +191,7 @@ impl Inner {
         for _ in 0..CAS_ATTEMPTS {
             match self.store.save(key, &fresh, Some(expected)).await {
                 Ok(Cas::Saved(version)) => {
+                    slot.used.store(false, std::sync::atomic::Ordering::Relaxed);
                     return Ok(self.cache(slot, &fresh, version, None).tokens.clone());
                 }
                 Ok(Cas::Conflict) => {
@@ -261,7 +271,8 @@ impl Inner {
         );
         let now = self.clock.now();
         let failures = record.failures.saturating_add(1);
-        let delay = self.backoff(failures, error.retry_after());
+        let rate_limited = matches!(error, Error::RateLimited { .. });
+        let delay = self.backoff(failures, error.retry_after(), rate_limited);
         let retry_at = now.checked_add(delay).unwrap_or(now);
         let error = error.with_retry_after(delay);
         let mut held = record.clone();
@@ -345,7 +356,12 @@ impl Inner {
     }
 
     /// The delay before the next attempt after `failures` consecutive failures.
-    fn backoff(&self, failures: u32, provider_hint: Option<Duration>) -> Duration {
+    fn backoff(
+        &self,
+        failures: u32,
+        provider_hint: Option<Duration>,
+        rate_limited: bool,
+    ) -> Duration {
         let base = self.config.backoff_base;
         let exp = base
             .checked_mul(1u32 << failures.saturating_sub(1).min(20))
@@ -357,6 +373,9 @@ impl Inner {
         match provider_hint {
             // A hint beyond a day is a malformed header, not advice to follow.
             Some(hint) => jittered.max(hint.min(MAX_PROVIDER_HINT)),
+            // A rate limit without a hint: probing it quickly is what gets grants revoked at
+            // some providers ("an unusual number of refresh requests").
+            None if rate_limited => jittered.max(RATE_LIMIT_FLOOR),
             None => jittered.max(Duration::from_millis(100)),
         }
     }

@@ -1,0 +1,534 @@
+//! The background refresher: one scheduler for all grants of a manager.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::event::Event;
+use crate::manager::{Inner, Need};
+use crate::store::GrantRecord;
+use crate::token::TokenKey;
+
+/// When and how fast the background refresher works.
+///
+/// - A grant **in use** (read through the manager since its last refresh) is refreshed ahead of
+///   expiry: `max(lead_time, lifetime × lead_fraction)` before it, plus random jitter, so
+///   callers rarely wait for a refresh.
+/// - **Every** grant, used or idle, is refreshed at least every `keep_alive` (default 7 days),
+///   so refresh tokens that die unused (180 days at some providers) never do.
+/// - When a refresh token's expiry is known (providers that say when it dies and never extend
+///   it), [`Event::RefreshTokenExpiring`] fires `expiry_warning` ahead (default 7 days).
+/// - At most `max_concurrency` refreshes run at once and at most `max_per_minute` start in any
+///   minute, for all grants together.
+#[derive(Debug, Clone)]
+pub struct RefresherConfig {
+    lead_time: Duration,
+    lead_fraction: f64,
+    jitter: f64,
+    refresh_idle: bool,
+    keep_alive: Option<Duration>,
+    max_concurrency: usize,
+    max_per_minute: usize,
+    rescan_interval: Duration,
+    expiry_warning: Duration,
+    min_sleep: Duration,
+    retry_floor: Duration,
+}
+
+impl Default for RefresherConfig {
+    fn default() -> Self {
+        Self {
+            lead_time: Duration::from_secs(5 * 60),
+            lead_fraction: 0.1,
+            jitter: 0.25,
+            refresh_idle: false,
+            keep_alive: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_concurrency: 8,
+            max_per_minute: 120,
+            rescan_interval: Duration::from_secs(10 * 60),
+            expiry_warning: Duration::from_secs(7 * 24 * 3600),
+            min_sleep: Duration::from_secs(1),
+            retry_floor: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RefresherConfig {
+    /// The default configuration.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Refresh grants in use at least this long before expiry (default 5 min).
+    pub fn lead_time(mut self, lead: Duration) -> Self {
+        self.lead_time = lead;
+        self
+    }
+
+    /// Or this fraction of the token's lifetime before expiry, when longer (default 0.1).
+    pub fn lead_fraction(mut self, fraction: f64) -> Self {
+        self.lead_fraction = fraction.clamp(0.0, 0.9);
+        self
+    }
+
+    /// Random extra lead, as a fraction of the lead (default 0.25), so grants issued together
+    /// are not refreshed together.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Also refresh idle grants ahead of expiry, not only grants in use (default false: idle
+    /// grants are refreshed by keep-alive only, which spares the provider's rate limits).
+    pub fn refresh_idle(mut self, yes: bool) -> Self {
+        self.refresh_idle = yes;
+        self
+    }
+
+    /// Refresh every grant at least this often, used or not; `None` turns keep-alive off
+    /// (default 7 days).
+    pub fn keep_alive(mut self, every: Option<Duration>) -> Self {
+        self.keep_alive = every;
+        self
+    }
+
+    /// Refreshes running at once (default 8).
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = n.max(1);
+        self
+    }
+
+    /// Refreshes started in any one minute of clock time, all grants together (default 120).
+    pub fn max_per_minute(mut self, n: usize) -> Self {
+        self.max_per_minute = n.max(1);
+        self
+    }
+
+    /// How often to look for grants added by other processes (default 10 min).
+    pub fn rescan_interval(mut self, every: Duration) -> Self {
+        self.rescan_interval = every.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How far ahead of a known refresh-token expiry to warn (default 7 days).
+    pub fn expiry_warning(mut self, ahead: Duration) -> Self {
+        self.expiry_warning = ahead;
+        self
+    }
+
+    /// Least time between two attempts for one grant when the last one left no backoff
+    /// (default 30 s).
+    pub fn retry_floor(mut self, floor: Duration) -> Self {
+        self.retry_floor = floor.max(Duration::from_millis(1));
+        self
+    }
+}
+
+/// A running background refresher. Stop it with [`shutdown`](Self::shutdown), or by dropping
+/// the handle. Refreshes already sent finish and are saved either way.
+pub struct RefresherHandle {
+    shutdown: watch::Sender<bool>,
+    control: mpsc::UnboundedSender<Control>,
+    progress: watch::Receiver<Progress>,
+    clock: Arc<dyn crate::Clock>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for RefresherHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefresherHandle")
+            .field("progress", &*self.progress.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RefresherHandle {
+    /// Stops the scheduler and waits for it to exit. Refreshes in flight run to completion on
+    /// their own tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the scheduler task is still running.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits until the scheduler has caught up with the clock's current time: nothing due is
+    /// left waiting and no refresh is in flight. For tests: move a manual clock, then call this.
+    pub async fn wait_idle(&self) {
+        let target = self.clock.now();
+        let mut progress = self.progress.clone();
+        let _ = self.control.send(Control::Poke);
+        let _ = progress
+            .wait_for(|p| (p.idle && p.as_of.is_some_and(|t| t >= target)) || p.stopped)
+            .await;
+    }
+
+    /// What the scheduler last reported.
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+}
+
+impl Drop for RefresherHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// A snapshot of the scheduler, from [`RefresherHandle::progress`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Progress {
+    /// The clock time of the snapshot.
+    pub as_of: Option<SystemTime>,
+    /// Grants with a scheduled check.
+    pub scheduled: usize,
+    /// Refreshes in flight.
+    pub in_flight: usize,
+    /// Refreshes started since the scheduler started.
+    pub started: u64,
+    /// Nothing due is waiting and nothing is in flight.
+    pub idle: bool,
+    /// The scheduler has stopped.
+    pub stopped: bool,
+}
+
+/// Messages to the scheduler.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// A grant was inserted or removed: re-plan it now.
+    Changed(TokenKey),
+    /// A refresh the scheduler started has finished.
+    Done(TokenKey),
+    /// Publish progress now.
+    Poke,
+}
+
+pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHandle {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let (progress_tx, progress) = watch::channel(Progress::default());
+    inner.set_scheduler(control.clone());
+    let clock = inner.clock.clone();
+    let scheduler = Scheduler {
+        semaphore: Arc::new(Semaphore::new(config.max_concurrency)),
+        config,
+        queue: BTreeSet::new(),
+        planned: HashMap::new(),
+        warned: HashMap::new(),
+        last_attempt: HashMap::new(),
+        in_flight: HashSet::new(),
+        starts: VecDeque::new(),
+        started: 0,
+        control: control.clone(),
+        inner,
+    };
+    let task = tokio::spawn(scheduler.run(shutdown_rx, control_rx, progress_tx));
+    RefresherHandle {
+        shutdown,
+        control,
+        progress,
+        clock,
+        task: Some(task),
+    }
+}
+
+struct Scheduler {
+    inner: Arc<Inner>,
+    config: RefresherConfig,
+    /// Next check per grant, ordered by time.
+    queue: BTreeSet<(SystemTime, TokenKey)>,
+    planned: HashMap<TokenKey, SystemTime>,
+    /// The refresh-token expiry already warned about, per grant.
+    warned: HashMap<TokenKey, SystemTime>,
+    last_attempt: HashMap<TokenKey, SystemTime>,
+    in_flight: HashSet<TokenKey>,
+    /// Start times of refreshes in the last minute.
+    starts: VecDeque<SystemTime>,
+    started: u64,
+    semaphore: Arc<Semaphore>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// What to do with a grant at a check.
+enum Plan {
+    Refresh,
+    CheckAt(SystemTime),
+    Forget,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Scheduler {
+    async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        progress: watch::Sender<Progress>,
+    ) {
+        let clock = self.inner.clock.clone();
+        let mut next_rescan = clock.now();
+        loop {
+            let now = clock.now();
+            if now >= next_rescan {
+                self.rescan(now).await;
+                next_rescan = now + self.config.rescan_interval;
+            }
+            let blocked_until = self.start_due(now).await;
+            let _ = progress.send(Progress {
+                as_of: Some(now),
+                scheduled: self.planned.len(),
+                in_flight: self.in_flight.len(),
+                started: self.started,
+                // Due checks left over wait for the rate window (clock time) or for a refresh
+                // in flight: either way nothing more can happen until one of those moves.
+                idle: self.in_flight.is_empty(),
+                stopped: false,
+            });
+            // Wake for the next check, the end of a rate-limit window or the next rescan —
+            // never sooner than the floor, so no state can make this loop spin.
+            let mut wake = next_rescan;
+            match blocked_until {
+                Blocked::No => {}
+                Blocked::Until(t) => wake = wake.min(t),
+                Blocked::Concurrency => {}
+            }
+            if !matches!(blocked_until, Blocked::Concurrency) {
+                if let Some((t, _)) = self.queue.first() {
+                    wake = wake.min(*t);
+                }
+            }
+            let wake = wake.max(now + self.config.min_sleep);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                message = control.recv() => match message {
+                    Some(message) => self.handle(message, clock.now()).await,
+                    None => break,
+                },
+                _ = clock.sleep_until(wake) => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        progress.send_modify(|p| p.stopped = true);
+        tracing::debug!("background refresher stopped");
+    }
+
+    async fn handle(&mut self, message: Control, now: SystemTime) {
+        match message {
+            Control::Changed(key) => {
+                self.unplan(&key);
+                if !self.in_flight.contains(&key) {
+                    self.check(key, now).await;
+                }
+            }
+            Control::Done(key) => {
+                self.in_flight.remove(&key);
+                self.check(key, now).await;
+            }
+            Control::Poke => {}
+        }
+    }
+
+    /// Loads every key the scheduler does not know yet (grants added by other processes, or
+    /// revived after being dead) and plans it.
+    async fn rescan(&mut self, now: SystemTime) {
+        let keys = match self.inner.store.keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "refresher could not list grants; will rescan later");
+                return;
+            }
+        };
+        for key in keys {
+            if !self.planned.contains_key(&key) && !self.in_flight.contains(&key) {
+                self.check(key, now).await;
+            }
+        }
+    }
+
+    /// Starts the refreshes that are due, within the concurrency and rate caps.
+    async fn start_due(&mut self, now: SystemTime) -> Blocked {
+        while let Some((at, _)) = self.queue.first() {
+            if *at > now {
+                break;
+            }
+            while self.starts.front().is_some_and(|t| *t + MINUTE <= now) {
+                self.starts.pop_front();
+            }
+            if self.starts.len() >= self.config.max_per_minute {
+                return Blocked::Until(self.starts[0] + MINUTE);
+            }
+            if self.semaphore.available_permits() == 0 {
+                return Blocked::Concurrency;
+            }
+            let Some((_, key)) = self.queue.pop_first() else {
+                break;
+            };
+            self.planned.remove(&key);
+            self.check(key, now).await;
+        }
+        Blocked::No
+    }
+
+    /// Decides what a grant needs now and does it: refresh, or plan the next check.
+    async fn check(&mut self, key: TokenKey, now: SystemTime) {
+        let record = match self.inner.store.load(&key).await {
+            Ok(Some(loaded)) => loaded.value,
+            Ok(None) => {
+                self.forget(&key);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "refresher could not load a grant");
+                self.plan(key, now + self.config.retry_floor);
+                return;
+            }
+        };
+        match self.decide(&key, &record, now) {
+            Plan::Forget => self.forget(&key),
+            Plan::CheckAt(at) => self.plan(key, at),
+            Plan::Refresh => {
+                if let Some(last) = self.last_attempt.get(&key) {
+                    let floor = *last + self.config.retry_floor;
+                    if floor > now {
+                        self.plan(key, floor);
+                        return;
+                    }
+                }
+                self.spawn_refresh(key, record, now);
+            }
+        }
+    }
+
+    fn decide(&mut self, key: &TokenKey, record: &GrantRecord, now: SystemTime) -> Plan {
+        if record.dead_reason().is_some() {
+            return Plan::Forget;
+        }
+        let tokens = record.tokens();
+        let mut next: Option<SystemTime> = None;
+        let mut earliest = |t: SystemTime| next = Some(next.map_or(t, |n| n.min(t)));
+
+        // Warn once per known, approaching refresh-token expiry.
+        if let Some(dies) = tokens.refresh_expires_at() {
+            let warn_at = dies.checked_sub(self.config.expiry_warning).unwrap_or(dies);
+            if self.warned.get(key) != Some(&dies) {
+                if warn_at <= now {
+                    self.warned.insert(key.clone(), dies);
+                    self.inner.emit(Event::RefreshTokenExpiring {
+                        key: key.clone(),
+                        expires_at: dies,
+                    });
+                } else {
+                    earliest(warn_at);
+                }
+            }
+        }
+
+        // Past a known refresh-token expiry no refresh can succeed: look again when the access
+        // token runs out, which is when the grant dies.
+        if tokens.is_refresh_token_expired(now) {
+            return match tokens.expires_at() {
+                Some(expires) if expires > now => Plan::CheckAt(expires),
+                _ => Plan::Refresh,
+            };
+        }
+
+        let used = self.inner.was_used(key);
+        let mut refresh_at: Option<SystemTime> = None;
+        if let Some(expires) = tokens.expires_at() {
+            let lifetime = tokens
+                .issued_at()
+                .and_then(|issued| expires.duration_since(issued).ok())
+                .unwrap_or_default();
+            let lead = self
+                .config
+                .lead_time
+                .max(lifetime.mul_f64(self.config.lead_fraction));
+            let lead = lead + lead.mul_f64(self.config.jitter * fastrand::f64());
+            let ahead = expires.checked_sub(lead).unwrap_or(expires);
+            if used || self.config.refresh_idle {
+                refresh_at = Some(ahead);
+            } else if ahead > now {
+                // Idle now; look again then, in case it is used meanwhile.
+                earliest(ahead);
+            }
+        }
+        if let Some(every) = self.config.keep_alive {
+            let since = record.last_refresh().or(tokens.issued_at()).unwrap_or(now);
+            let due = since + every;
+            refresh_at = Some(refresh_at.map_or(due, |r| r.min(due)));
+        }
+        if let Some(mut at) = refresh_at {
+            if let Some(not_before) = record.retry_not_before() {
+                at = at.max(not_before);
+            }
+            if at <= now {
+                return Plan::Refresh;
+            }
+            earliest(at);
+        }
+        match next {
+            Some(at) => Plan::CheckAt(at),
+            // Nothing will ever be due (no expiry, no keep-alive): rescans will look again.
+            None => Plan::Forget,
+        }
+    }
+
+    fn spawn_refresh(&mut self, key: TokenKey, record: GrantRecord, now: SystemTime) {
+        let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
+            self.plan(key, now);
+            return;
+        };
+        self.starts.push_back(now);
+        self.started += 1;
+        self.last_attempt.insert(key.clone(), now);
+        self.in_flight.insert(key.clone());
+        let inner = self.inner.clone();
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let need = Need::Scheduled {
+                seen_issued_at: record.tokens().issued_at(),
+            };
+            // Failures are already events (and backoff) inside the refresh.
+            let _ = inner.refresh_scheduled(&key, need).await;
+            let _ = control.send(Control::Done(key));
+        });
+    }
+
+    fn plan(&mut self, key: TokenKey, at: SystemTime) {
+        self.unplan(&key);
+        self.queue.insert((at, key.clone()));
+        self.planned.insert(key, at);
+    }
+
+    fn unplan(&mut self, key: &TokenKey) {
+        if let Some(at) = self.planned.remove(key) {
+            self.queue.remove(&(at, key.clone()));
+        }
+    }
+
+    fn forget(&mut self, key: &TokenKey) {
+        self.unplan(key);
+        self.warned.remove(key);
+        self.last_attempt.remove(key);
+    }
+}
+
+enum Blocked {
+    No,
+    Until(SystemTime),
+    Concurrency,
+}
