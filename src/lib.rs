@@ -41,8 +41,11 @@
 //! - A [`TokenManager`] serves one provider and many grants, each named by a [`TokenKey`].
 //! - A [`Provider`] performs one refresh: [`OAuth2Provider`] for RFC 6749 endpoints (with a
 //!   pluggable [`Classifier`] for non-standard error bodies), or your own implementation.
-//! - A [`TokenStore`] keeps grants with a version for compare-and-swap ([`MemoryStore`] by
-//!   default). A dead grant is stored as dead, so it stays dead across restarts.
+//! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
+//!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
+//!   `RedisStore` (feature `redis`) for instances sharing a Redis. The file and Redis stores
+//!   also lock each refresh across processes. A dead grant is stored as dead, so it stays dead
+//!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
 //!   configuration. [`Event`]s report the same to the application as they happen.
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
@@ -69,6 +72,7 @@
 //! | `rustls-tls` | yes | TLS for the default HTTP client through rustls |
 //! | `native-tls` | no | TLS through the platform's library instead |
 //! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
+//! | `redis` | no | `RedisStore`: grants and refresh locks shared through Redis |
 //!
 //! # Minimum supported Rust version
 //!

@@ -72,3 +72,6 @@ impl Provider for XoxodayProvider {
         reply.interpret(&XoxodayClassifier, req.now)
     }
 }
+
+/// A throwaway `redis-server` for the `redis` feature's tests.
+pub mod redis;
