@@ -68,6 +68,7 @@
 //! |---|---|---|
 //! | `rustls-tls` | yes | TLS for the default HTTP client through rustls |
 //! | `native-tls` | no | TLS through the platform's library instead |
+//! | `middleware` | no | `TokenMiddleware` for `reqwest-middleware` |
 //! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
 //!
 //! # Minimum supported Rust version
@@ -76,6 +77,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod authorized;
 mod clock;
 mod error;
 mod event;
@@ -86,6 +88,9 @@ mod status;
 mod store;
 mod token;
 
+#[cfg(feature = "middleware")]
+pub use authorized::TokenMiddleware;
+pub use authorized::{AuthorizedClient, Rejection, RequestError};
 pub use clock::{Clock, Sleep, SystemClock};
 pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,

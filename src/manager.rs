@@ -244,6 +244,10 @@ impl TokenManager {
         refresher::start(self.inner.clone(), config)
     }
 
+    pub(crate) fn emit(&self, event: Event) {
+        self.inner.emit(event);
+    }
+
     /// The clock this manager computes expiries with.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.clock
