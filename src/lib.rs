@@ -46,6 +46,11 @@
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
 //!   configuration. [`Event`]s report the same to the application as they happen.
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
+//! - The background refresher ([`TokenManager::start_refresher`]) refreshes grants in use
+//!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
+//! - [`AuthorizedClient`] (and `TokenMiddleware` for `reqwest-middleware`) sends API requests
+//!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
+//!   over across several grants for one resource.
 //!
 //! # Concurrency and cancel safety
 //!
