@@ -9,7 +9,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
+use tokenkeeper::testing::{FakeAuthServer, FakeConfig, IssuedGrant, ManualClock};
 use tokenkeeper::{
     AuthorizedClient, Clock, Error, Event, InvalidationReason, Rejection, RequestError, TokenKey,
     TokenManager,
@@ -70,6 +70,19 @@ async fn gated_api(server: Arc<FakeAuthServer>, old: String, n: usize) -> String
     url
 }
 
+/// A wiremock API that rejects every GET with 401 and RFC 6750 `invalid_token`.
+async fn api_rejecting_every_token() -> MockServer {
+    let api = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .insert_header("www-authenticate", r#"Bearer error="invalid_token""#),
+        )
+        .mount(&api)
+        .await;
+    api
+}
+
 struct World {
     clock: Arc<ManualClock>,
     server: FakeAuthServer,
@@ -117,6 +130,16 @@ impl World {
         key
     }
 
+    /// A grant the server issues, inserted under `key` as issued.
+    async fn insert_issued_grant(&self, key: &TokenKey) -> IssuedGrant {
+        let issued = self.server.issue_grant();
+        self.manager
+            .insert(key.clone(), support::tokens(&issued))
+            .await
+            .unwrap();
+        issued
+    }
+
     fn get(&self, url: &str) -> reqwest::Request {
         plain().get(url).build().unwrap()
     }
@@ -151,14 +174,7 @@ async fn a_hundred_requests_rejected_with_one_token_cause_one_refresh() {
 async fn a_rejection_on_the_retry_is_a_typed_error_and_no_loop() {
     let w = world(FakeConfig::standard()).await;
     let key = w.grant_the_api_will_reject("acct").await;
-    let api = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(401)
-                .insert_header("www-authenticate", r#"Bearer error="invalid_token""#),
-        )
-        .mount(&api)
-        .await;
+    let api = api_rejecting_every_token().await;
     let client = AuthorizedClient::new(plain(), w.manager.clone());
     let err = client.send(&key, w.get(&api.uri())).await.unwrap_err();
     assert!(
@@ -271,11 +287,7 @@ async fn a_request_that_cannot_be_cloned_is_not_retried_but_the_grant_is_refresh
 async fn a_dead_grant_is_a_typed_error() {
     let w = world(FakeConfig::standard()).await;
     let key = TokenKey::from("acct");
-    let issued = w.server.issue_grant();
-    w.manager
-        .insert(key.clone(), support::tokens(&issued))
-        .await
-        .unwrap();
+    let issued = w.insert_issued_grant(&key).await;
     // The user revokes the app: the API rejects the token, and the refresh finds the grant dead.
     w.server.revoke(&issued.grant);
     let client = AuthorizedClient::new(plain(), w.manager.clone());
@@ -299,16 +311,8 @@ async fn failover_skips_a_revoked_grant_and_reports_it() {
     let w = world(FakeConfig::standard()).await;
     let mut events = w.manager.subscribe();
     let (first, second) = (TokenKey::from("admin-alice"), TokenKey::from("admin-bob"));
-    let alice = w.server.issue_grant();
-    let bob = w.server.issue_grant();
-    w.manager
-        .insert(first.clone(), support::tokens(&alice))
-        .await
-        .unwrap();
-    w.manager
-        .insert(second.clone(), support::tokens(&bob))
-        .await
-        .unwrap();
+    let alice = w.insert_issued_grant(&first).await;
+    let bob = w.insert_issued_grant(&second).await;
     w.server.revoke(&alice.grant);
 
     let client = AuthorizedClient::new(plain(), w.manager.clone());
@@ -319,7 +323,7 @@ async fn failover_skips_a_revoked_grant_and_reports_it() {
         .unwrap();
     assert_eq!((used, response.status().as_u16()), (second.clone(), 200));
 
-    let events: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    let events: Vec<Event> = support::drain(&mut events);
     assert!(events.iter().any(|e| matches!(
         e,
         Event::ReauthorizationRequired { key, .. } if *key == first
@@ -354,19 +358,8 @@ async fn failover_skips_a_revoked_grant_and_reports_it() {
 async fn bearer_header_is_sent_and_never_leaks_into_errors() {
     let w = world(FakeConfig::standard()).await;
     let key = TokenKey::from("acct");
-    let issued = w.server.issue_grant();
-    w.manager
-        .insert(key.clone(), support::tokens(&issued))
-        .await
-        .unwrap();
-    let api = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(401)
-                .insert_header("www-authenticate", r#"Bearer error="invalid_token""#),
-        )
-        .mount(&api)
-        .await;
+    let issued = w.insert_issued_grant(&key).await;
+    let api = api_rejecting_every_token().await;
     let client = AuthorizedClient::new(plain(), w.manager.clone());
     let err = client.send(&key, w.get(&api.uri())).await.unwrap_err();
     let received = api.received_requests().await.unwrap();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use support::drain;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
 use tokenkeeper::{
     provider_fn, AccessToken, Cas, Clock, Event, Expiry, GrantHealth, GrantRecord,
@@ -19,14 +20,9 @@ use tokenkeeper::{
     TokenKey, TokenManager, TokenResponse, TokenSet, TokenStore, UnavailableCause, Version,
     Versioned,
 };
-use tokio::sync::broadcast::Receiver;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
-
-fn drain(rx: &mut Receiver<Event>) -> Vec<Event> {
-    std::iter::from_fn(|| rx.try_recv().ok()).collect()
-}
 
 /// 1,000 grants on the Constant Contact-style preset (24 h access tokens, refresh tokens that
 /// die after 180 days unused), a third of them never called by anyone, for 400 days. The other
