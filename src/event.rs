@@ -50,6 +50,14 @@ pub enum Event {
         /// When the refresh token expires.
         expires_at: SystemTime,
     },
+    /// A grant of a failover group was skipped (see
+    /// [`AuthorizedClient::send_any`](crate::AuthorizedClient::send_any)).
+    GrantSkipped {
+        /// The grant skipped.
+        key: TokenKey,
+        /// Why.
+        error: Error,
+    },
     /// Saving a refreshed grant failed. The new tokens are kept in memory and the save is
     /// retried before any further refresh.
     PersistFailed {
@@ -69,7 +77,8 @@ impl Event {
             | Event::ReauthorizationRequired { key, .. }
             | Event::Recovered { key }
             | Event::RefreshTokenExpiring { key, .. }
-            | Event::PersistFailed { key, .. } => key,
+            | Event::PersistFailed { key, .. }
+            | Event::GrantSkipped { key, .. } => key,
         }
     }
 }

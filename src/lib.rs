@@ -49,6 +49,11 @@
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
 //!   configuration. [`Event`]s report the same to the application as they happen.
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
+//! - The background refresher ([`TokenManager::start_refresher`]) refreshes grants in use
+//!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
+//! - [`AuthorizedClient`] (and `TokenMiddleware` for `reqwest-middleware`) sends API requests
+//!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
+//!   over across several grants for one resource.
 //!
 //! # Concurrency and cancel safety
 //!
@@ -71,6 +76,7 @@
 //! |---|---|---|
 //! | `rustls-tls` | yes | TLS for the default HTTP client through rustls |
 //! | `native-tls` | no | TLS through the platform's library instead |
+//! | `middleware` | no | `TokenMiddleware` for `reqwest-middleware` |
 //! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
 //! | `redis` | no | `RedisStore`: grants and refresh locks shared through Redis |
 //!
@@ -80,6 +86,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod authorized;
 mod clock;
 mod error;
 mod event;
@@ -90,6 +97,9 @@ mod status;
 mod store;
 mod token;
 
+#[cfg(feature = "middleware")]
+pub use authorized::TokenMiddleware;
+pub use authorized::{AuthorizedClient, Rejection, RequestError};
 pub use clock::{Clock, Sleep, SystemClock};
 pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,

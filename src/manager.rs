@@ -49,6 +49,8 @@ pub(crate) struct Inner {
     grants: DashMap<TokenKey, Arc<Slot>>,
     events: broadcast::Sender<Event>,
     scheduler: Mutex<Option<mpsc::UnboundedSender<Control>>>,
+    /// The background refresher's next check per grant, when one runs.
+    planned: Mutex<Option<Arc<DashMap<TokenKey, SystemTime>>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,12 +211,24 @@ impl TokenManager {
         let Some(loaded) = self.inner.store.load(key).await? else {
             return Err(Error::NotFound { key: key.clone() });
         };
-        Ok(TokenStatus::from_record(
+        let mut status = TokenStatus::from_record(
             key.clone(),
             &loaded.value,
             self.inner.clock.now(),
             self.inner.config.refresh_margin,
-        ))
+        );
+        let planned = self
+            .inner
+            .planned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(at) = planned.and_then(|p| p.get(key).map(|at| *at)) {
+            if !status.needs_reauthorization() {
+                status.next_refresh = Some(at);
+            }
+        }
+        Ok(status)
     }
 
     /// Every stored grant that needs a human to re-authorize, with the reason.
@@ -242,6 +256,10 @@ impl TokenManager {
     /// manager; it runs until [`RefresherHandle::shutdown`] or until the handle is dropped.
     pub fn start_refresher(&self, config: RefresherConfig) -> RefresherHandle {
         refresher::start(self.inner.clone(), config)
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        self.inner.emit(event);
     }
 
     /// The clock this manager computes expiries with.
@@ -405,8 +423,13 @@ impl Inner {
             .is_some_and(|slot| slot.used.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn set_scheduler(&self, control: mpsc::UnboundedSender<Control>) {
+    pub(crate) fn set_scheduler(
+        &self,
+        control: mpsc::UnboundedSender<Control>,
+        planned: Arc<DashMap<TokenKey, SystemTime>>,
+    ) {
         *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+        *self.planned.lock().unwrap_or_else(|e| e.into_inner()) = Some(planned);
     }
 
     fn notify_scheduler(&self, key: &TokenKey) {
@@ -557,6 +580,7 @@ impl TokenManagerBuilder {
                 grants: DashMap::new(),
                 events,
                 scheduler: Mutex::new(None),
+                planned: Mutex::new(None),
             }),
         }
     }

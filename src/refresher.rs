@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use dashmap::DashMap;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -217,13 +218,14 @@ pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHand
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (control, control_rx) = mpsc::unbounded_channel();
     let (progress_tx, progress) = watch::channel(Progress::default());
-    inner.set_scheduler(control.clone());
+    let planned = Arc::new(DashMap::new());
+    inner.set_scheduler(control.clone(), planned.clone());
     let clock = inner.clock.clone();
     let scheduler = Scheduler {
         semaphore: Arc::new(Semaphore::new(config.max_concurrency)),
         config,
         queue: BTreeSet::new(),
-        planned: HashMap::new(),
+        planned: planned.clone(),
         warned: HashMap::new(),
         last_attempt: HashMap::new(),
         in_flight: HashSet::new(),
@@ -247,7 +249,8 @@ struct Scheduler {
     config: RefresherConfig,
     /// Next check per grant, ordered by time.
     queue: BTreeSet<(SystemTime, TokenKey)>,
-    planned: HashMap<TokenKey, SystemTime>,
+    /// Shared with the manager, for `status().next_refresh`.
+    planned: Arc<DashMap<TokenKey, SystemTime>>,
     /// The refresh-token expiry already warned about, per grant.
     warned: HashMap<TokenKey, SystemTime>,
     last_attempt: HashMap<TokenKey, SystemTime>,
@@ -456,7 +459,7 @@ impl Scheduler {
                 .config
                 .lead_time
                 .max(lifetime.mul_f64(self.config.lead_fraction));
-            let lead = lead + lead.mul_f64(self.config.jitter * fastrand::f64());
+            let lead = lead + lead.mul_f64(self.config.jitter * jitter_fraction(key, expires));
             let ahead = expires.checked_sub(lead).unwrap_or(expires);
             if used || self.config.refresh_idle {
                 refresh_at = Some(ahead);
@@ -515,7 +518,7 @@ impl Scheduler {
     }
 
     fn unplan(&mut self, key: &TokenKey) {
-        if let Some(at) = self.planned.remove(key) {
+        if let Some((_, at)) = self.planned.remove(key) {
             self.queue.remove(&(at, key.clone()));
         }
     }
@@ -525,6 +528,16 @@ impl Scheduler {
         self.warned.remove(key);
         self.last_attempt.remove(key);
     }
+}
+
+/// A fraction in [0, 1) fixed for a grant's token generation: the plan made for it does not
+/// move each time it is looked at, while grants issued together still spread out.
+fn jitter_fraction(key: &TokenKey, expires: SystemTime) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    expires.hash(&mut hasher);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 enum Blocked {

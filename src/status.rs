@@ -22,8 +22,10 @@ pub struct TokenStatus {
     pub has_refresh_token: bool,
     /// The last successful refresh.
     pub last_refresh: Option<SystemTime>,
-    /// When the next refresh is due: the access expiry less the refresh margin, or the end
-    /// of a backoff. `None` for a dead grant or one that never expires.
+    /// When the grant is next looked at: with a background refresher running, its next planned
+    /// check (a refresh if one is due then); otherwise when a call would refresh it (the access
+    /// expiry less the refresh margin, or the end of a backoff). `None` for a dead grant or one
+    /// that never expires.
     pub next_refresh: Option<SystemTime>,
     /// Consecutive failed refreshes.
     pub failures: u32,

@@ -1,130 +1,31 @@
-//! How token endpoint replies are classified, through `OAuth2Provider` (and a custom
-//! Xoxoday-style provider) against a wiremock server, and what the manager does with each
+//! How token endpoint replies are classified, through `OAuth2Provider` (and the Xoxoday-style
+//! `support::XoxodayProvider`) against a wiremock server, and what the manager does with each
 //! class: dead grants are persisted and never retried, configuration faults and transient
 //! failures leave the grant alive.
 
-use std::sync::{Arc, Mutex};
+mod support;
+
 use std::time::Duration;
 
-use async_trait::async_trait;
+use support::encoding::{base64, form_urlencode};
+use support::harness::{json_reply, token_endpoint, Harness};
+use support::{drain, XoxodayProvider};
 use tokenkeeper::testing::ManualClock;
 use tokenkeeper::{
-    AccessToken, ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, GrantHealth,
-    GrantRecord, HttpReply, InvalidationReason, MemoryStore, OAuth2Provider, OAuth2ProviderBuilder,
-    Provider, ProviderError, ProviderErrorKind, RefreshRequest, RefreshToken, TokenKey,
-    TokenManager, TokenResponse, TokenSet, TokenStore, UnavailableCause, XoxodayClassifier,
-    DEFAULT_BODY_LIMIT,
+    ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, GrantHealth, InvalidationReason,
+    OAuth2Provider, OAuth2ProviderBuilder, ProviderErrorKind, RefreshToken, TokenManager,
+    UnavailableCause,
 };
 use wiremock::matchers::{body_json, body_string_contains, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const CLIENT_ID: &str = "my client/1";
 const CLIENT_SECRET: &str = "s3cr3t/+:&= ü";
-const OLD_AT: &str = "at-old-0001";
 const OLD_RT: &str = "rt/old+0001";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-type Seen = Arc<Mutex<Vec<Result<TokenResponse, ProviderError>>>>;
-
-/// Wraps a provider and records what it returned, so a test can pin the provider-level
-/// classification (`RefreshRequest` cannot be built outside the crate, so the manager calls it).
-struct Recording<P> {
-    inner: P,
-    seen: Seen,
-}
-
-#[async_trait]
-impl<P: Provider> Provider for Recording<P> {
-    async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        let result = self.inner.refresh(req).await;
-        self.seen.lock().unwrap().push(result.clone());
-        result
-    }
-}
-
-struct Harness {
-    clock: Arc<ManualClock>,
-    store: Arc<MemoryStore>,
-    manager: TokenManager,
-    seen: Seen,
-    key: TokenKey,
-}
-
-impl Harness {
-    /// A manager over `provider`, a memory store and a fixed manual clock, holding one grant
-    /// whose access token has expired.
-    async fn new(provider: impl Provider) -> Self {
-        let clock = Arc::new(ManualClock::fixed());
-        let store = Arc::new(MemoryStore::new());
-        let seen = Seen::default();
-        let manager = TokenManager::builder(Recording {
-            inner: provider,
-            seen: seen.clone(),
-        })
-        .clock(clock.clone())
-        .store(store.clone())
-        .build();
-        let key = TokenKey::from("acct-1");
-        let grant = TokenSet::new(AccessToken::new(OLD_AT))
-            .with_refresh_token(RefreshToken::new(OLD_RT))
-            .with_expires_at(clock.now() - Duration::from_secs(1));
-        manager.insert(key.clone(), grant).await.expect("insert");
-        Self {
-            clock,
-            store,
-            manager,
-            seen,
-            key,
-        }
-    }
-
-    fn calls(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    /// What the provider returned on its last call, which must have failed.
-    fn provider_failure(&self) -> ProviderError {
-        let seen = self.seen.lock().unwrap();
-        match seen.last().expect("the provider was called") {
-            Ok(r) => panic!("expected the provider to fail, got {r:?}"),
-            Err(e) => e.clone(),
-        }
-    }
-
-    async fn stored(&self) -> GrantRecord {
-        self.store
-            .load(&self.key)
-            .await
-            .expect("load")
-            .expect("grant is stored")
-            .value
-    }
-
-    /// The grant is alive and still holds the refresh token it was inserted with.
-    async fn assert_alive_with_original_refresh_token(&self) {
-        let record = self.stored().await;
-        assert_eq!(
-            record.tokens().refresh_token().map(RefreshToken::secret),
-            Some(OLD_RT)
-        );
-        let status = self.manager.status(&self.key).await.expect("status");
-        assert!(
-            !matches!(status.health, GrantHealth::ReauthorizationRequired { .. }),
-            "{status:?}"
-        );
-        assert!(!status.needs_reauthorization());
-        assert!(status.has_refresh_token);
-        assert!(self
-            .manager
-            .reauthorization_required()
-            .await
-            .expect("list")
-            .is_empty());
-    }
-}
 
 fn oauth2(url: &str) -> OAuth2ProviderBuilder {
     OAuth2Provider::builder(CLIENT_ID, url).client_secret(ClientSecret::new(CLIENT_SECRET))
@@ -133,69 +34,16 @@ fn oauth2(url: &str) -> OAuth2ProviderBuilder {
 /// A server answering every POST /token with `reply`, and a harness whose standard provider
 /// (Basic client auth) points at it.
 async fn standard(reply: ResponseTemplate) -> (MockServer, Harness) {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(reply)
-        .mount(&server)
-        .await;
+    let server = token_endpoint(vec![reply]).await;
     let provider = oauth2(&format!("{}/token", server.uri()))
         .build()
         .expect("provider");
-    let harness = Harness::new(provider).await;
+    let harness = Harness::new(provider, OLD_RT).await;
     (server, harness)
-}
-
-fn json_reply(status: u16, body: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status).set_body_raw(body.as_bytes().to_vec(), "application/json")
 }
 
 async fn requests(server: &MockServer) -> Vec<wiremock::Request> {
     server.received_requests().await.expect("recording is on")
-}
-
-fn drain(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut events = Vec::new();
-    while let Ok(e) = rx.try_recv() {
-        events.push(e);
-    }
-    events
-}
-
-/// `application/x-www-form-urlencoded` byte serialisation (what RFC 6749 §2.3.1 asks for).
-fn form_urlencode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -337,7 +185,7 @@ async fn client_configuration_faults_are_misconfigured_and_keep_the_grant() {
         );
         assert_eq!(failure.status(), Some(code));
 
-        h.assert_alive_with_original_refresh_token().await;
+        h.assert_intact(&format!("{code} {error}")).await;
         assert!(
             !drain(&mut events)
                 .iter()
@@ -382,7 +230,7 @@ async fn rate_limit_with_retry_after_seconds() {
             until: h.clock.now() + Duration::from_secs(120)
         }
     );
-    h.assert_alive_with_original_refresh_token().await;
+    h.assert_intact("429 with Retry-After seconds").await;
 }
 
 #[tokio::test]
@@ -403,7 +251,7 @@ async fn rate_limit_with_retry_after_http_date() {
             retry_after: Some(Duration::from_secs(300))
         }
     );
-    h.assert_alive_with_original_refresh_token().await;
+    h.assert_intact("429 with Retry-After date").await;
 }
 
 #[tokio::test]
@@ -427,7 +275,7 @@ async fn rate_limit_without_retry_after_gets_the_managers_backoff() {
     let again = h.manager.access_token(&h.key).await.unwrap_err();
     assert!(matches!(&again, Error::RateLimited { .. }), "{again:?}");
     assert_eq!(h.calls(), 1);
-    h.assert_alive_with_original_refresh_token().await;
+    h.assert_intact("429 without Retry-After").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -480,35 +328,23 @@ async fn server_errors_are_unavailable() {
             "{code}"
         );
         assert_eq!(failure.status(), Some(code));
-        h.assert_alive_with_original_refresh_token().await;
+        h.assert_intact(&code.to_string()).await;
     }
 }
 
-#[tokio::test]
-async fn timeout_is_unavailable_timeout() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(
-            json_reply(200, r#"{"access_token":"late","expires_in":3600}"#)
-                .set_delay(Duration::from_secs(5)),
-        )
-        .mount(&server)
-        .await;
-    let provider = oauth2(&format!("{}/token", server.uri()))
-        .timeout(Some(Duration::from_millis(200)))
-        .build()
-        .expect("provider");
-    let h = Harness::new(provider).await;
+/// Refreshes through `provider`, which gets no HTTP reply, and checks the transient failure:
+/// `cause`, no status, the grant kept.
+async fn assert_unavailable_without_reply(provider: OAuth2Provider, cause: UnavailableCause) {
+    let h = Harness::new(provider, OLD_RT).await;
     let err = h.manager.access_token(&h.key).await.unwrap_err();
     assert!(
         matches!(
             &err,
             Error::Unavailable {
-                cause: UnavailableCause::Timeout,
+                cause: c,
                 status: None,
                 ..
-            }
+            } if *c == cause
         ),
         "{err:?}"
     );
@@ -516,11 +352,26 @@ async fn timeout_is_unavailable_timeout() {
     assert_eq!(
         h.provider_failure().kind(),
         &ProviderErrorKind::Unavailable {
-            cause: UnavailableCause::Timeout,
+            cause: cause.clone(),
             retry_after: None
         }
     );
-    h.assert_alive_with_original_refresh_token().await;
+    h.assert_intact(&format!("{cause:?}")).await;
+}
+
+#[tokio::test]
+async fn timeout_is_unavailable_timeout() {
+    let server = token_endpoint(vec![json_reply(
+        200,
+        r#"{"access_token":"late","expires_in":3600}"#,
+    )
+    .set_delay(Duration::from_secs(5))])
+    .await;
+    let provider = oauth2(&format!("{}/token", server.uri()))
+        .timeout(Some(Duration::from_millis(200)))
+        .build()
+        .expect("provider");
+    assert_unavailable_without_reply(provider, UnavailableCause::Timeout).await;
 }
 
 #[tokio::test]
@@ -533,28 +384,7 @@ async fn connection_refused_is_unavailable_connect() {
         .timeout(Some(Duration::from_secs(5)))
         .build()
         .expect("provider");
-    let h = Harness::new(provider).await;
-    let err = h.manager.access_token(&h.key).await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::Unavailable {
-                cause: UnavailableCause::Connect,
-                status: None,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(err.is_retryable());
-    assert_eq!(
-        h.provider_failure().kind(),
-        &ProviderErrorKind::Unavailable {
-            cause: UnavailableCause::Connect,
-            retry_after: None
-        }
-    );
-    h.assert_alive_with_original_refresh_token().await;
+    assert_unavailable_without_reply(provider, UnavailableCause::Connect).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,7 +425,7 @@ async fn basic_client_auth_sends_urlencoded_credentials_in_the_header() {
         .extra_param("audience", "api://cc")
         .build()
         .expect("provider");
-    let h = Harness::new(provider).await;
+    let h = Harness::new(provider, OLD_RT).await;
     let token = h.manager.access_token(&h.key).await.expect("refreshed");
     assert_eq!(token.secret(), "at-new-0002");
 
@@ -632,7 +462,7 @@ async fn request_body_client_auth_sends_credentials_in_the_form() {
         .extra_param("resource", "contacts")
         .build()
         .expect("provider");
-    let h = Harness::new(provider).await;
+    let h = Harness::new(provider, OLD_RT).await;
     let token = h.manager.access_token(&h.key).await.expect("refreshed");
     assert_eq!(token.secret(), "at-new-0002");
 
@@ -757,42 +587,8 @@ async fn success_without_refresh_token_keeps_the_old_one() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Xoxoday-style: a custom JSON provider with the Xoxoday classifier
+// Xoxoday-style: the custom JSON provider (`support::XoxodayProvider`), Xoxoday classifier
 // ---------------------------------------------------------------------------------------------
-
-struct Xoxoday {
-    http: reqwest::Client,
-    url: String,
-    client_id: String,
-    client_secret: ClientSecret,
-}
-
-#[async_trait]
-impl Provider for Xoxoday {
-    async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        let Some(refresh_token) = req.tokens.refresh_token() else {
-            return Err(ProviderError::reauthorize(
-                InvalidationReason::NoRefreshToken,
-            ));
-        };
-        let body = serde_json::json!({
-            "grant_type": "refresh_token",
-            "refresh_token": refresh_token.secret(),
-            "client_id": self.client_id,
-            "client_secret": self.client_secret.secret(),
-        });
-        let request = self
-            .http
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .timeout(Duration::from_secs(10))
-            .body(body.to_string())
-            .build()
-            .map_err(|_| ProviderError::misconfigured(ConfigProblem::Endpoint))?;
-        let reply = HttpReply::send(&self.http, request, DEFAULT_BODY_LIMIT).await?;
-        reply.interpret(&XoxodayClassifier, req.now)
-    }
-}
 
 async fn xoxoday(reply: ResponseTemplate) -> (MockServer, Harness) {
     let server = MockServer::start().await;
@@ -808,13 +604,13 @@ async fn xoxoday(reply: ResponseTemplate) -> (MockServer, Harness) {
         .respond_with(reply)
         .mount(&server)
         .await;
-    let provider = Xoxoday {
-        http: reqwest::Client::new(),
-        url: format!("{}/chef/v1/oauth/token/user", server.uri()),
-        client_id: "xoxo-client".into(),
-        client_secret: ClientSecret::new("xoxo-secret"),
-    };
-    let harness = Harness::new(provider).await;
+    let provider = XoxodayProvider::with_endpoint(
+        format!("{}/chef/v1/oauth/token/user", server.uri()),
+        "xoxo-client",
+        "xoxo-secret",
+    )
+    .with_timeout(Duration::from_secs(10));
+    let harness = Harness::new(provider, OLD_RT).await;
     (server, harness)
 }
 
@@ -939,5 +735,5 @@ async fn xoxoday_unusual_refresh_volume_is_rate_limited() {
         h.provider_failure().kind(),
         &ProviderErrorKind::RateLimited { retry_after: None }
     );
-    h.assert_alive_with_original_refresh_token().await;
+    h.assert_intact("Xoxoday 429").await;
 }

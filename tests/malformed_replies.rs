@@ -1,142 +1,31 @@
 //! Malformed, empty, huge and non-JSON token endpoint replies become typed errors (or a
 //! correct lenient parse), never a panic, and never cost the grant its refresh token.
 
+mod support;
+
 use std::error::Error as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
-use tokenkeeper::testing::ManualClock;
+use support::harness::{json_reply, reply, token_endpoint, Harness};
 use tokenkeeper::{
-    AccessToken, ClientSecret, Clock, ConfigProblem, Error, GrantHealth, MemoryStore,
-    OAuth2Provider, ParseError, Provider, ProviderError, ProviderErrorKind, RefreshRequest,
-    RefreshToken, TokenKey, TokenManager, TokenResponse, TokenSet, TokenStore, UnavailableCause,
-    DEFAULT_BODY_LIMIT,
+    ClientSecret, Clock, ConfigProblem, Error, OAuth2Provider, ParseError, ProviderErrorKind,
+    RefreshToken, TokenSet, TokenStore, UnavailableCause, DEFAULT_BODY_LIMIT,
 };
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
-const OLD_AT: &str = "at-old-0001";
 const OLD_RT: &str = "rt-old-0001";
 
-type Seen = Arc<Mutex<Vec<Result<TokenResponse, ProviderError>>>>;
-
-/// Records what the wrapped provider returned (a `RefreshRequest` cannot be built outside the
-/// crate, so the manager drives the provider).
-struct Recording<P> {
-    inner: P,
-    seen: Seen,
-}
-
-#[async_trait]
-impl<P: Provider> Provider for Recording<P> {
-    async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        let result = self.inner.refresh(req).await;
-        self.seen.lock().unwrap().push(result.clone());
-        result
-    }
-}
-
-struct Harness {
-    _server: MockServer,
-    clock: Arc<ManualClock>,
-    store: Arc<MemoryStore>,
-    manager: TokenManager,
-    seen: Seen,
-    key: TokenKey,
-}
-
-impl Harness {
-    /// A server answering POST /token with each of `replies` in turn (the last one forever),
-    /// and a manager holding one grant whose access token has expired.
-    async fn new(replies: Vec<ResponseTemplate>) -> Self {
-        let server = MockServer::start().await;
-        let count = replies.len();
-        for (i, reply) in replies.into_iter().enumerate() {
-            let mock = Mock::given(method("POST"))
-                .and(path("/token"))
-                .respond_with(reply);
-            let mock = if i + 1 < count {
-                mock.up_to_n_times(1)
-            } else {
-                mock
-            };
-            mock.mount(&server).await;
-        }
-        let provider = OAuth2Provider::builder("client", format!("{}/token", server.uri()))
-            .client_secret(ClientSecret::new("client-secret"))
-            .build()
-            .expect("provider");
-        let clock = Arc::new(ManualClock::fixed());
-        let store = Arc::new(MemoryStore::new());
-        let seen = Seen::default();
-        let manager = TokenManager::builder(Recording {
-            inner: provider,
-            seen: seen.clone(),
-        })
-        .clock(clock.clone())
-        .store(store.clone())
-        .build();
-        let key = TokenKey::from("acct-1");
-        let grant = TokenSet::new(AccessToken::new(OLD_AT))
-            .with_refresh_token(RefreshToken::new(OLD_RT))
-            .with_expires_at(clock.now() - Duration::from_secs(1));
-        manager.insert(key.clone(), grant).await.expect("insert");
-        Self {
-            _server: server,
-            clock,
-            store,
-            manager,
-            seen,
-            key,
-        }
-    }
-
-    fn provider_failure(&self) -> ProviderError {
-        let seen = self.seen.lock().unwrap();
-        match seen.last().expect("the provider was called") {
-            Ok(r) => panic!("expected the provider to fail, got {r:?}"),
-            Err(e) => e.clone(),
-        }
-    }
-
-    /// The stored grant still holds its original refresh token and is not dead.
-    async fn assert_grant_intact(&self, case: &str) {
-        let record = self
-            .store
-            .load(&self.key)
-            .await
-            .expect("load")
-            .expect("stored")
-            .value;
-        assert_eq!(
-            record.tokens().refresh_token().map(RefreshToken::secret),
-            Some(OLD_RT),
-            "{case}"
-        );
-        assert_eq!(record.tokens().access_token().secret(), OLD_AT, "{case}");
-        let status = self.manager.status(&self.key).await.expect("status");
-        assert!(
-            !matches!(status.health, GrantHealth::ReauthorizationRequired { .. }),
-            "{case}: {status:?}"
-        );
-        assert!(
-            self.manager
-                .reauthorization_required()
-                .await
-                .expect("list")
-                .is_empty(),
-            "{case}"
-        );
-    }
-}
-
-fn reply(status: u16, body: impl Into<Vec<u8>>, content_type: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status).set_body_raw(body.into(), content_type)
-}
-
-fn json(status: u16, body: &str) -> ResponseTemplate {
-    reply(status, body.as_bytes().to_vec(), "application/json")
+/// A server answering POST /token with each of `replies` in turn (the last one forever), and
+/// a harness whose standard provider points at it. Keep the server for the harness's life.
+async fn harness(replies: Vec<ResponseTemplate>) -> (MockServer, Harness) {
+    let server = token_endpoint(replies).await;
+    let provider = OAuth2Provider::builder("client", format!("{}/token", server.uri()))
+        .client_secret(ClientSecret::new("client-secret"))
+        .build()
+        .expect("provider");
+    let harness = Harness::new(provider, OLD_RT).await;
+    (server, harness)
 }
 
 /// What the reply must become.
@@ -151,7 +40,7 @@ enum Want {
 
 /// Sends `template` once through the manager and checks the typed failure and the grant.
 async fn check_failure(case: &str, status: u16, template: ResponseTemplate, want: Want) {
-    let h = Harness::new(vec![template]).await;
+    let (_server, h) = harness(vec![template]).await;
     let err = h.manager.access_token(&h.key).await.unwrap_err();
     let failure = h.provider_failure();
     assert_eq!(failure.status(), Some(status), "{case}");
@@ -207,12 +96,12 @@ async fn check_failure(case: &str, status: u16, template: ResponseTemplate, want
     assert!(!err.is_reauth_required(), "{case}");
     // No token, no body in the error text.
     assert!(!err.to_string().contains("at-new"), "{case}: {err}");
-    h.assert_grant_intact(case).await;
+    h.assert_intact(case).await;
 }
 
 /// Sends `template` through the manager and returns the refreshed token set.
 async fn check_success(case: &str, template: ResponseTemplate) -> (Arc<TokenSet>, SystemTime) {
-    let h = Harness::new(vec![template]).await;
+    let (_server, h) = harness(vec![template]).await;
     let now = h.clock.now();
     let token = h
         .manager
@@ -230,7 +119,7 @@ async fn malformed_200_replies_are_invalid_responses() {
         ("empty body", ResponseTemplate::new(200), ParseError::NotJson),
         (
             "empty body labelled json",
-            json(200, ""),
+            json_reply(200, ""),
             ParseError::NotJson,
         ),
         (
@@ -249,55 +138,55 @@ async fn malformed_200_replies_are_invalid_responses() {
         ),
         (
             "json array",
-            json(200, r#"[{"access_token":"at-new"}]"#),
+            json_reply(200, r#"[{"access_token":"at-new"}]"#),
             ParseError::NotAnObject,
         ),
-        ("json null", json(200, "null"), ParseError::NotAnObject),
-        ("json string", json(200, r#""at-new""#), ParseError::NotAnObject),
-        ("empty object", json(200, "{}"), ParseError::MissingAccessToken),
+        ("json null", json_reply(200, "null"), ParseError::NotAnObject),
+        ("json string", json_reply(200, r#""at-new""#), ParseError::NotAnObject),
+        ("empty object", json_reply(200, "{}"), ParseError::MissingAccessToken),
         (
             "no access_token",
-            json(200, r#"{"token_type":"Bearer","expires_in":3600,"refresh_token":"rt-new"}"#),
+            json_reply(200, r#"{"token_type":"Bearer","expires_in":3600,"refresh_token":"rt-new"}"#),
             ParseError::MissingAccessToken,
         ),
         (
             "access_token as a number",
-            json(200, r#"{"access_token":12345,"expires_in":3600}"#),
+            json_reply(200, r#"{"access_token":12345,"expires_in":3600}"#),
             ParseError::InvalidField("access_token"),
         ),
         (
             "access_token empty",
-            json(200, r#"{"access_token":"","expires_in":3600}"#),
+            json_reply(200, r#"{"access_token":"","expires_in":3600}"#),
             ParseError::InvalidField("access_token"),
         ),
         (
             "access_token null",
-            json(200, r#"{"access_token":null}"#),
+            json_reply(200, r#"{"access_token":null}"#),
             ParseError::InvalidField("access_token"),
         ),
         (
             "negative expires_in",
-            json(200, r#"{"access_token":"at-new","expires_in":-3600}"#),
+            json_reply(200, r#"{"access_token":"at-new","expires_in":-3600}"#),
             ParseError::InvalidField("expires_in"),
         ),
         (
             "non-numeric expires_in",
-            json(200, r#"{"access_token":"at-new","expires_in":"one day"}"#),
+            json_reply(200, r#"{"access_token":"at-new","expires_in":"one day"}"#),
             ParseError::InvalidField("expires_in"),
         ),
         (
             "absurd expires_in",
-            json(200, r#"{"access_token":"at-new","expires_in":1e300}"#),
+            json_reply(200, r#"{"access_token":"at-new","expires_in":1e300}"#),
             ParseError::InvalidField("expires_in"),
         ),
         (
             "refresh_token as a number",
-            json(200, r#"{"access_token":"at-new","refresh_token":42}"#),
+            json_reply(200, r#"{"access_token":"at-new","refresh_token":42}"#),
             ParseError::InvalidField("refresh_token"),
         ),
         (
             "truncated json",
-            json(200, r#"{"access_token":"at-new","token_type":"Bearer","expires_in":36"#),
+            json_reply(200, r#"{"access_token":"at-new","token_type":"Bearer","expires_in":36"#),
             ParseError::NotJson,
         ),
         (
@@ -315,55 +204,49 @@ async fn malformed_200_replies_are_invalid_responses() {
 #[tokio::test]
 async fn malformed_error_replies_are_typed() {
     let html = b"<html><body><h1>Bad Request</h1></body></html>".to_vec();
-    check_failure(
-        "400 html",
-        400,
-        reply(400, html.clone(), "text/html"),
-        Want::Unavailable(UnavailableCause::UnexpectedStatus),
-    )
-    .await;
-    check_failure(
-        "403 empty",
-        403,
-        ResponseTemplate::new(403),
-        Want::Unavailable(UnavailableCause::UnexpectedStatus),
-    )
-    .await;
-    check_failure(
-        "400 error code not a string",
-        400,
-        json(400, r#"{"error":{"code":190}}"#),
-        Want::Unavailable(UnavailableCause::UnexpectedStatus),
-    )
-    .await;
-    check_failure(
-        "400 truncated json",
-        400,
-        json(400, r#"{"error":"invalid_gr"#),
-        Want::Unavailable(UnavailableCause::UnexpectedStatus),
-    )
-    .await;
-    check_failure(
-        "401 html",
-        401,
-        reply(401, html.clone(), "text/html"),
-        Want::Misconfigured(ConfigProblem::InvalidClient),
-    )
-    .await;
-    check_failure(
-        "404 html",
-        404,
-        reply(404, html.clone(), "text/html"),
-        Want::Misconfigured(ConfigProblem::Endpoint),
-    )
-    .await;
-    check_failure(
-        "502 html",
-        502,
-        reply(502, html, "text/html"),
-        Want::Unavailable(UnavailableCause::ServerError),
-    )
-    .await;
+    let unexpected = || Want::Unavailable(UnavailableCause::UnexpectedStatus);
+    let cases: Vec<(&str, u16, ResponseTemplate, Want)> = vec![
+        (
+            "400 html",
+            400,
+            reply(400, html.clone(), "text/html"),
+            unexpected(),
+        ),
+        ("403 empty", 403, ResponseTemplate::new(403), unexpected()),
+        (
+            "400 error code not a string",
+            400,
+            json_reply(400, r#"{"error":{"code":190}}"#),
+            unexpected(),
+        ),
+        (
+            "400 truncated json",
+            400,
+            json_reply(400, r#"{"error":"invalid_gr"#),
+            unexpected(),
+        ),
+        (
+            "401 html",
+            401,
+            reply(401, html.clone(), "text/html"),
+            Want::Misconfigured(ConfigProblem::InvalidClient),
+        ),
+        (
+            "404 html",
+            404,
+            reply(404, html.clone(), "text/html"),
+            Want::Misconfigured(ConfigProblem::Endpoint),
+        ),
+        (
+            "502 html",
+            502,
+            reply(502, html, "text/html"),
+            Want::Unavailable(UnavailableCause::ServerError),
+        ),
+    ];
+    for (case, status, template, want) in cases {
+        check_failure(case, status, template, want).await;
+    }
 }
 
 #[tokio::test]
@@ -375,9 +258,9 @@ async fn huge_body_is_an_invalid_response_and_the_grant_survives() {
         body.extend_from_slice(br#""}"#);
         body
     };
-    let h = Harness::new(vec![
+    let (_server, h) = harness(vec![
         reply(200, huge, "application/json"),
-        json(200, r#"{"access_token":"at-new","expires_in":3600}"#),
+        json_reply(200, r#"{"access_token":"at-new","expires_in":3600}"#),
     ])
     .await;
     let err = h.manager.access_token(&h.key).await.unwrap_err();
@@ -408,7 +291,7 @@ async fn huge_body_is_an_invalid_response_and_the_grant_survives() {
             limit: DEFAULT_BODY_LIMIT
         })
     );
-    h.assert_grant_intact("5 MB").await;
+    h.assert_intact("5 MB").await;
 
     // Alive: once the backoff is over, the next reply is used.
     h.clock.advance(Duration::from_secs(3600));
@@ -419,7 +302,7 @@ async fn huge_body_is_an_invalid_response_and_the_grant_survives() {
         record.tokens().refresh_token().map(RefreshToken::secret),
         Some(OLD_RT)
     );
-    assert_eq!(h.seen.lock().unwrap().len(), 2);
+    assert_eq!(h.calls(), 2);
 }
 
 #[tokio::test]
@@ -428,7 +311,7 @@ async fn lenient_parses_of_real_world_deviations() {
 
     let (set, now) = check_success(
         "expires_in as a numeric string",
-        json(200, r#"{"access_token":"at-new","expires_in":"3600"}"#),
+        json_reply(200, r#"{"access_token":"at-new","expires_in":"3600"}"#),
     )
     .await;
     assert_eq!(set.expires_at(), Some(now + Duration::from_secs(3600)));
@@ -436,7 +319,7 @@ async fn lenient_parses_of_real_world_deviations() {
 
     let (set, _) = check_success(
         "epoch-ms expiry as a string",
-        json(
+        json_reply(
             200,
             r#"{"access_token":"at-new","access_token_expiry":"1768521600000"}"#,
         ),
@@ -446,7 +329,7 @@ async fn lenient_parses_of_real_world_deviations() {
 
     let (set, _) = check_success(
         "epoch-ms expiry as a number",
-        json(
+        json_reply(
             200,
             r#"{"access_token":"at-new","access_token_expiry":1768521600000}"#,
         ),
@@ -456,7 +339,7 @@ async fn lenient_parses_of_real_world_deviations() {
 
     let (set, _) = check_success(
         "epoch-seconds expires_at",
-        json(200, r#"{"access_token":"at-new","expires_at":1768521600}"#),
+        json_reply(200, r#"{"access_token":"at-new","expires_at":1768521600}"#),
     )
     .await;
     assert_eq!(set.expires_at(), Some(epoch(1_768_521_600)));
@@ -492,7 +375,7 @@ async fn lenient_parses_of_real_world_deviations() {
 
     let (set, _) = check_success(
         "null and empty refresh_token keep the old one",
-        json(
+        json_reply(
             200,
             r#"{"access_token":"at-new","refresh_token":null,"expires_in":3600}"#,
         ),
@@ -501,7 +384,7 @@ async fn lenient_parses_of_real_world_deviations() {
     assert_eq!(set.refresh_token().map(RefreshToken::secret), Some(OLD_RT));
     let (set, _) = check_success(
         "empty refresh_token",
-        json(200, r#"{"access_token":"at-new","refresh_token":""}"#),
+        json_reply(200, r#"{"access_token":"at-new","refresh_token":""}"#),
     )
     .await;
     assert_eq!(set.refresh_token().map(RefreshToken::secret), Some(OLD_RT));
@@ -509,7 +392,7 @@ async fn lenient_parses_of_real_world_deviations() {
 
     let (set, _) = check_success(
         "scope as an array and unknown fields",
-        json(
+        json_reply(
             200,
             r#"{"access_token":"at-new","scope":["a","b"],"id_token":"x.y.z","expires_in":3600}"#,
         ),
@@ -525,8 +408,8 @@ async fn absurd_retry_after_is_not_a_panic() {
         (429, r#"{"error":"slow_down"}"#),
         (503, r#"{"error":"temporarily_unavailable"}"#),
     ] {
-        let h = Harness::new(vec![
-            json(status, body).insert_header("retry-after", "18446744073709551615")
+        let (_server, h) = harness(vec![
+            json_reply(status, body).insert_header("retry-after", "18446744073709551615")
         ])
         .await;
         let err = h.manager.access_token(&h.key).await.unwrap_err();
@@ -551,10 +434,10 @@ async fn absurd_retry_after_is_not_a_panic() {
             ),
             "{case}: {err:?}"
         );
-        h.assert_grant_intact(&case).await;
+        h.assert_intact(&case).await;
         // The hold is persisted: no second request is sent.
         let again = h.manager.access_token(&h.key).await.unwrap_err();
         assert!(again.is_retryable(), "{case}: {again:?}");
-        assert_eq!(h.seen.lock().unwrap().len(), 1, "{case}");
+        assert_eq!(h.calls(), 1, "{case}");
     }
 }

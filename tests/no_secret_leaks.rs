@@ -5,10 +5,14 @@
 //! This file holds a single test because it installs a global tracing subscriber (refreshes
 //! run on spawned tasks, possibly on other threads, so a thread-local default would miss them).
 
+mod support;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::drain;
+use support::encoding::base64;
 use tokenkeeper::testing::ManualClock;
 use tokenkeeper::{
     AccessToken, ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, InvalidationReason,
@@ -43,27 +47,6 @@ impl Write for Captured {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn assert_clean(what: &str, text: &str, secrets: &[String]) {
@@ -354,9 +337,7 @@ async fn run(secrets: &mut Vec<String>, texts: &mut Vec<(String, String)>) -> Ve
 
     let mut all_events = Vec::new();
     for rx in [&mut events, &mut body_events] {
-        while let Ok(event) = rx.try_recv() {
-            all_events.push(event);
-        }
+        all_events.extend(drain(rx));
     }
     assert!(all_events
         .iter()

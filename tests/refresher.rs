@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use support::drain;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
 use tokenkeeper::{
     provider_fn, AccessToken, Cas, Clock, Event, Expiry, GrantHealth, GrantRecord,
@@ -19,14 +20,9 @@ use tokenkeeper::{
     TokenKey, TokenManager, TokenResponse, TokenSet, TokenStore, UnavailableCause, Version,
     Versioned,
 };
-use tokio::sync::broadcast::Receiver;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
-
-fn drain(rx: &mut Receiver<Event>) -> Vec<Event> {
-    std::iter::from_fn(|| rx.try_recv().ok()).collect()
-}
 
 /// 1,000 grants on the Constant Contact-style preset (24 h access tokens, refresh tokens that
 /// die after 180 days unused), a third of them never called by anyone, for 400 days. The other
@@ -551,4 +547,46 @@ async fn dropping_the_handle_stops_the_scheduler() {
         tokio::task::yield_now().await;
     }
     assert_eq!(provider.ok.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn status_shows_the_refreshers_plan() {
+    let clock = Arc::new(ManualClock::fixed());
+    let provider = Flaky::new();
+    let manager = TokenManager::builder(provider.clone())
+        .clock(clock.clone())
+        .build();
+    let keys = insert_grants(&manager, &clock, 1).await;
+    let before = manager
+        .status(&keys[0])
+        .await
+        .unwrap()
+        .next_refresh
+        .unwrap();
+    assert_eq!(
+        before,
+        clock.now() + DAY - Duration::from_secs(60),
+        "call-driven: expiry less margin"
+    );
+    let refresher = manager.start_refresher(RefresherConfig::new().refresh_idle(true));
+    refresher.wait_idle().await;
+    let planned = manager
+        .status(&keys[0])
+        .await
+        .unwrap()
+        .next_refresh
+        .unwrap();
+    // Lead: 10 % of the 24 h lifetime, plus up to 25 % jitter.
+    assert!(
+        planned <= clock.now() + DAY - HOUR * 2 - Duration::from_secs(24 * 36),
+        "{planned:?}"
+    );
+    assert!(planned >= clock.now() + DAY - HOUR * 3 - Duration::from_secs(36 * 60));
+    clock.advance(planned.duration_since(clock.now()).unwrap());
+    refresher.wait_idle().await;
+    assert_eq!(provider.ok.load(Ordering::SeqCst), 1);
+    let status = manager.status(&keys[0]).await.unwrap();
+    assert_eq!(status.last_refresh, Some(clock.now()));
+    assert!(status.next_refresh.unwrap() > clock.now() + HOUR * 20);
+    refresher.shutdown().await;
 }

@@ -1,6 +1,6 @@
 //! The scenario table of issue 3, run against both presets of the fake authorization server:
 //! a Constant Contact-style RFC 6749 endpoint (through `OAuth2Provider`) and a Xoxoday-style
-//! JSON endpoint (through the custom `XoxodayProvider` below).
+//! JSON endpoint (through the custom `support::XoxodayProvider`).
 //!
 //! | scenario | test |
 //! |---|---|
@@ -18,20 +18,20 @@
 //! advancing it. These tests talk HTTP on loopback, so they run on real tokio time (a paused
 //! tokio clock would fire reqwest's timeouts while a socket waits) and never sleep.
 
+mod support;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
+use support::{drain, XoxodayProvider};
 use tokenkeeper::testing::{
     FakeAuthServer, FakeConfig, GrantId, GrantState as ServerGrantState, IssuedGrant, ManualClock,
     RateLimit, RefreshLifetime, RefreshOutcome, RetryAfter, RevocationReason, Rotation,
 };
 use tokenkeeper::{
-    AccessToken, ClientSecret, Clock, ConfigProblem, Error, Event, GrantHealth, GrantRecord,
-    HttpReply, InvalidationReason, MemoryStore, OAuth2Provider, Provider, ProviderError,
-    RefreshRequest, RefreshToken, TokenKey, TokenManager, TokenResponse, TokenSet, TokenStore,
-    UnavailableCause, XoxodayClassifier, DEFAULT_BODY_LIMIT,
+    AccessToken, Clock, Error, Event, GrantHealth, GrantRecord, InvalidationReason, MemoryStore,
+    Provider, RefreshToken, TokenKey, TokenManager, TokenSet, TokenStore, UnavailableCause,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -75,18 +75,10 @@ impl Preset {
 
     fn provider(self, server: &FakeAuthServer) -> Arc<dyn Provider> {
         match self {
-            Preset::ConstantContact => Arc::new(
-                OAuth2Provider::builder(server.client_id(), server.token_url())
-                    .client_secret(ClientSecret::new(server.client_secret()))
-                    .build()
-                    .expect("provider"),
-            ),
-            Preset::Xoxoday => Arc::new(XoxodayProvider {
-                http: reqwest::Client::new(),
-                url: server.token_url(),
-                client_id: server.client_id().to_owned(),
-                client_secret: ClientSecret::new(server.client_secret()),
-            }),
+            Preset::ConstantContact => Arc::new(support::oauth2_provider(server)),
+            Preset::Xoxoday => {
+                Arc::new(XoxodayProvider::new(server).with_timeout(Duration::from_secs(10)))
+            }
         }
     }
 
@@ -104,41 +96,6 @@ impl Preset {
             Preset::ConstantContact => InvalidationReason::InvalidGrant,
             Preset::Xoxoday => InvalidationReason::Superseded,
         }
-    }
-}
-
-/// The Xoxoday-style refresh endpoint is not RFC 6749: a JSON body holding the client secret.
-struct XoxodayProvider {
-    http: reqwest::Client,
-    url: String,
-    client_id: String,
-    client_secret: ClientSecret,
-}
-
-#[async_trait]
-impl Provider for XoxodayProvider {
-    async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        let Some(refresh_token) = req.tokens.refresh_token() else {
-            return Err(ProviderError::reauthorize(
-                InvalidationReason::NoRefreshToken,
-            ));
-        };
-        let body = serde_json::json!({
-            "grant_type": "refresh_token",
-            "refresh_token": refresh_token.secret(),
-            "client_id": self.client_id,
-            "client_secret": self.client_secret.secret(),
-        });
-        let request = self
-            .http
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .timeout(Duration::from_secs(10))
-            .body(body.to_string())
-            .build()
-            .map_err(|_| ProviderError::misconfigured(ConfigProblem::Endpoint))?;
-        let reply = HttpReply::send(&self.http, request, DEFAULT_BODY_LIMIT).await?;
-        reply.interpret(&XoxodayClassifier, req.now)
     }
 }
 
@@ -363,10 +320,6 @@ fn assert_reauth<T: std::fmt::Debug>(
         }
         other => panic!("expected ReauthorizationRequired({reason:?}), got {other:?}"),
     }
-}
-
-fn drain(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-    std::iter::from_fn(|| rx.try_recv().ok()).collect()
 }
 
 fn rotated() -> RefreshOutcome {
@@ -698,17 +651,24 @@ fn rate_limit_call_bound() -> usize {
     4 + max_failures_within(57) + max_failures_within(37)
 }
 
-async fn rate_limit_backs_off_without_a_storm(preset: Preset) {
+/// A fixture whose server issues 90 s access tokens and admits 2 refreshes per grant per
+/// sliding hour, answering the rest with `retry_after`; returns it with the issued access token
+/// expired, and the time the scenario starts.
+async fn rate_limited(preset: Preset, retry_after: RetryAfter) -> (Fixture, SystemTime) {
     let config = preset
         .config()
         .with_access_lifetime(Duration::from_secs(90));
     let f = Fixture::with_config(preset, config).await;
-    // Neither preset sends `Retry-After` by default; the bound rests on the backoff alone.
-    f.server.set_rate_limit(Some(
-        RateLimit::new(2, HOUR).retry_after(RetryAfter::Omitted),
-    ));
+    f.server
+        .set_rate_limit(Some(RateLimit::new(2, HOUR).retry_after(retry_after)));
     f.clock.advance(2 * MINUTE); // the issued access token has expired
     let start = f.now();
+    (f, start)
+}
+
+async fn rate_limit_backs_off_without_a_storm(preset: Preset) {
+    // Neither preset sends `Retry-After` by default; the bound rests on the backoff alone.
+    let (f, start) = rate_limited(preset, RetryAfter::Omitted).await;
 
     let (mut served, mut limited) = (0, 0);
     for minute in 0..100 {
@@ -801,15 +761,7 @@ async fn rate_limit_backs_off_without_a_storm(preset: Preset) {
 /// With a `Retry-After` header (not either preset's habit, so set explicitly), the manager
 /// waits exactly as long as the server says: six calls in 100 minutes.
 async fn rate_limit_retry_after_is_honoured(preset: Preset) {
-    let config = preset
-        .config()
-        .with_access_lifetime(Duration::from_secs(90));
-    let f = Fixture::with_config(preset, config).await;
-    f.server.set_rate_limit(Some(
-        RateLimit::new(2, HOUR).retry_after(RetryAfter::Seconds),
-    ));
-    f.clock.advance(2 * MINUTE);
-    let start = f.now();
+    let (f, start) = rate_limited(preset, RetryAfter::Seconds).await;
 
     for minute in 0..100u64 {
         if minute > 0 {

@@ -1,13 +1,21 @@
-//! Helpers shared by the integration tests that run against the fake authorization server.
+//! Helpers shared by the integration tests: tokens and providers for the fake authorization
+//! server, a Xoxoday-style JSON provider, event draining, and (in submodules) encoders and a
+//! recording harness for classification tests against wiremock.
 #![allow(dead_code)]
+
+pub mod encoding;
+pub mod harness;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokenkeeper::testing::{FakeAuthServer, IssuedGrant};
 use tokenkeeper::{
-    AccessToken, ClientSecret, ConfigProblem, HttpReply, InvalidationReason, OAuth2Provider,
+    AccessToken, ClientSecret, ConfigProblem, Event, HttpReply, InvalidationReason, OAuth2Provider,
     Provider, ProviderError, RefreshRequest, RefreshToken, TokenResponse, TokenSet,
     XoxodayClassifier, DEFAULT_BODY_LIMIT,
 };
+use tokio::sync::broadcast::Receiver;
 
 /// The tokens of a grant the fake server issued, as an app would store them.
 pub fn tokens(grant: &IssuedGrant) -> TokenSet {
@@ -28,22 +36,50 @@ pub fn oauth2_provider(server: &FakeAuthServer) -> OAuth2Provider {
         .expect("valid provider configuration")
 }
 
-/// A custom provider for the Xoxoday-style JSON refresh endpoint.
+/// Every event received so far, without waiting.
+pub fn drain(rx: &mut Receiver<Event>) -> Vec<Event> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+/// A custom provider for the Xoxoday-style refresh endpoint, which is not RFC 6749: a JSON
+/// body holding the client secret, replies read by the `XoxodayClassifier`.
 pub struct XoxodayProvider {
     client: reqwest::Client,
     url: String,
     client_id: String,
     client_secret: ClientSecret,
+    timeout: Option<Duration>,
 }
 
 impl XoxodayProvider {
+    /// The provider for a Xoxoday-style fake server.
     pub fn new(server: &FakeAuthServer) -> Self {
+        Self::with_endpoint(
+            server.token_url(),
+            server.client_id(),
+            server.client_secret(),
+        )
+    }
+
+    /// The provider for any endpoint (a wiremock server, say).
+    pub fn with_endpoint(
+        url: impl Into<String>,
+        client_id: impl Into<String>,
+        client_secret: &str,
+    ) -> Self {
         Self {
             client: reqwest::Client::new(),
-            url: server.token_url(),
-            client_id: server.client_id().to_owned(),
-            client_secret: ClientSecret::new(server.client_secret()),
+            url: url.into(),
+            client_id: client_id.into(),
+            client_secret: ClientSecret::new(client_secret),
+            timeout: None,
         }
+    }
+
+    /// Gives every refresh request this timeout (none by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 }
 
@@ -61,10 +97,14 @@ impl Provider for XoxodayProvider {
             "client_id": self.client_id,
             "client_secret": self.client_secret.secret(),
         });
-        let request = self
+        let mut request = self
             .client
             .post(&self.url)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(timeout) = self.timeout {
+            request = request.timeout(timeout);
+        }
+        let request = request
             .body(body.to_string())
             .build()
             .map_err(|_| ProviderError::misconfigured(ConfigProblem::Endpoint))?;

@@ -1,0 +1,394 @@
+//! Authorized HTTP: bearer tokens on requests, one refresh-and-retry on a rejected token, and
+//! failover across grants for one resource.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Request, Response};
+
+use crate::error::Error;
+use crate::event::Event;
+use crate::manager::TokenManager;
+use crate::token::{AccessToken, TokenKey};
+
+#[cfg(feature = "middleware")]
+mod middleware;
+#[cfg(feature = "middleware")]
+pub use middleware::TokenMiddleware;
+
+/// Which API replies mean "this access token is no longer good" (refresh and retry once).
+///
+/// Whatever the policy, `429` never counts, and `403` with
+/// `WWW-Authenticate: Bearer error="insufficient_scope"` never counts: that needs new
+/// consent, not a refresh (RFC 6750 §3.1).
+#[derive(Clone)]
+pub struct Rejection(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    Rfc6750,
+    Any401,
+    ConstantContact,
+    Any4xx,
+    Custom(Arc<RejectionFn>),
+}
+
+/// A custom rejection test: status, headers, body.
+type RejectionFn = dyn Fn(u16, &HeaderMap, &[u8]) -> bool + Send + Sync;
+
+impl Rejection {
+    /// RFC 6750 §3: `401` with `WWW-Authenticate: Bearer error="invalid_token"` (the default).
+    pub fn rfc6750() -> Self {
+        Self(Kind::Rfc6750)
+    }
+
+    /// Any `401`.
+    pub fn any_401() -> Self {
+        Self(Kind::Any401)
+    }
+
+    /// The Constant Contact style: `401` with the body `{"error_key":"unauthorized",…}`, or an
+    /// RFC 6750 `invalid_token` challenge.
+    pub fn constant_contact() -> Self {
+        Self(Kind::ConstantContact)
+    }
+
+    /// Any `4xx` (as the Xoxoday docs advise: "on every 4xx, refresh"). The once-per-token
+    /// guard keeps this from becoming a refresh storm.
+    pub fn any_4xx() -> Self {
+        Self(Kind::Any4xx)
+    }
+
+    /// A custom test on status, headers and body (the body is read only for `4xx` replies).
+    pub fn custom(f: impl Fn(u16, &HeaderMap, &[u8]) -> bool + Send + Sync + 'static) -> Self {
+        Self(Kind::Custom(Arc::new(f)))
+    }
+
+    fn needs_body(&self, status: u16) -> bool {
+        match self.0 {
+            Kind::ConstantContact => status == 401,
+            Kind::Custom(_) => (400..500).contains(&status),
+            _ => false,
+        }
+    }
+
+    fn rejects(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> bool {
+        if status == 429 || (status == 403 && bearer_error(headers) == Some("insufficient_scope")) {
+            return false;
+        }
+        match &self.0 {
+            Kind::Rfc6750 => status == 401 && bearer_error(headers) == Some("invalid_token"),
+            Kind::Any401 => status == 401,
+            Kind::ConstantContact => {
+                status == 401
+                    && (bearer_error(headers) == Some("invalid_token")
+                        || serde_json::from_slice::<serde_json::Value>(body)
+                            .is_ok_and(|v| v["error_key"] == "unauthorized"))
+            }
+            Kind::Any4xx => (400..500).contains(&status),
+            Kind::Custom(f) => f(status, headers, body),
+        }
+    }
+}
+
+impl Default for Rejection {
+    fn default() -> Self {
+        Self::rfc6750()
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Kind::Rfc6750 => "Rejection::rfc6750",
+            Kind::Any401 => "Rejection::any_401",
+            Kind::ConstantContact => "Rejection::constant_contact",
+            Kind::Any4xx => "Rejection::any_4xx",
+            Kind::Custom(_) => "Rejection::custom",
+        })
+    }
+}
+
+/// The `error` parameter of a `WWW-Authenticate: Bearer …` challenge.
+fn bearer_error(headers: &HeaderMap) -> Option<&str> {
+    headers.get_all(WWW_AUTHENTICATE).iter().find_map(|value| {
+        let value = value.to_str().ok()?.trim();
+        let params = value
+            .strip_prefix("Bearer")
+            .or_else(|| value.strip_prefix("bearer"))?;
+        params.split(',').find_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            (name.trim() == "error").then(|| value.trim().trim_matches('"'))
+        })
+    })
+}
+
+/// Why an authorized request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No usable access token: the grant is dead, rate limited, unavailable… (see [`Error`]).
+    #[error("no usable access token")]
+    Token(#[source] Error),
+    /// The HTTP request itself failed.
+    #[error("request failed")]
+    Http(#[source] reqwest::Error),
+    /// The API rejected the token again right after a refresh; not retried further.
+    #[error("access token for grant `{key}` rejected again after a refresh (http {status})")]
+    Rejected {
+        /// The grant.
+        key: TokenKey,
+        /// The status of the second rejection.
+        status: u16,
+    },
+    /// Every grant of a failover group was unusable.
+    #[error("no grant in the group is usable")]
+    NoUsableGrant {
+        /// Each grant tried, with why it was skipped.
+        skipped: Vec<(TokenKey, Error)>,
+    },
+}
+
+impl RequestError {
+    /// Whether only a human re-authorizing can fix this.
+    pub fn is_reauth_required(&self) -> bool {
+        matches!(self, RequestError::Token(e) if e.is_reauth_required())
+    }
+}
+
+impl From<Error> for RequestError {
+    fn from(e: Error) -> Self {
+        RequestError::Token(e)
+    }
+}
+
+/// The logic shared by [`AuthorizedClient`] and the middleware.
+#[derive(Clone)]
+struct Authorizer {
+    manager: TokenManager,
+    rejection: Rejection,
+    /// Tokens the API rejected even right after a refresh: rejections of these do not refresh
+    /// again (no refresh per request against an API that rejects everything).
+    stuck: Arc<Mutex<HashMap<TokenKey, AccessToken>>>,
+}
+
+enum Verdict {
+    Accepted(Response),
+    /// Rejected; the response (body intact) for a caller who cannot retry.
+    Rejected(Response),
+}
+
+impl Authorizer {
+    fn new(manager: TokenManager, rejection: Rejection) -> Self {
+        Self {
+            manager,
+            rejection,
+            stuck: Arc::default(),
+        }
+    }
+
+    async fn inspect(&self, response: Response) -> Result<Verdict, reqwest::Error> {
+        let status = response.status().as_u16();
+        if !self.rejection.needs_body(status) {
+            let rejected = self.rejection.rejects(status, response.headers(), &[]);
+            return Ok(verdict(response, rejected));
+        }
+        let (status_code, version) = (response.status(), response.version());
+        let headers = response.headers().clone();
+        let body = response.bytes().await?;
+        let rejected = self.rejection.rejects(status, &headers, &body);
+        // The body was read to decide; hand the caller an equivalent response.
+        let mut rebuilt = http::Response::new(body);
+        *rebuilt.status_mut() = status_code;
+        *rebuilt.version_mut() = version;
+        *rebuilt.headers_mut() = headers;
+        let rebuilt = Response::from(rebuilt);
+        Ok(verdict(rebuilt, rejected))
+    }
+
+    /// After a rejection of `token`: the token to retry with, or `None` not to retry.
+    async fn after_rejection(
+        &self,
+        key: &TokenKey,
+        token: &AccessToken,
+    ) -> Result<Option<AccessToken>, Error> {
+        let stuck = self
+            .stuck
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            == Some(token);
+        if stuck {
+            return Ok(None);
+        }
+        // One refresh per token generation, however many requests failed with it.
+        self.manager.invalidate(key, token).await.map(Some)
+    }
+
+    fn rejected_after_refresh(&self, key: &TokenKey, token: AccessToken) {
+        self.stuck
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), token);
+    }
+}
+
+fn verdict(response: Response, rejected: bool) -> Verdict {
+    if rejected {
+        Verdict::Rejected(response)
+    } else {
+        Verdict::Accepted(response)
+    }
+}
+
+fn authorize(request: &mut Request, token: &AccessToken) {
+    if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", token.secret())) {
+        value.set_sensitive(true);
+        request.headers_mut().insert(AUTHORIZATION, value);
+    }
+}
+
+/// Sends requests with a grant's bearer token, for apps that do not use `reqwest-middleware`.
+///
+/// On a reply the [`Rejection`] policy says means "token no longer good", it refreshes (once
+/// per token generation, coalesced with any refresh in flight) and retries the request once.
+/// A request whose body cannot be cloned (a stream) is not retried: the caller gets the
+/// rejected response, and the grant is still refreshed for the next call.
+///
+/// ```
+/// # async fn run(manager: tokenkeeper::TokenManager) -> Result<(), tokenkeeper::RequestError> {
+/// use tokenkeeper::{AuthorizedClient, Rejection, TokenKey};
+/// let client = AuthorizedClient::new(reqwest::Client::new(), manager)
+///     .rejection(Rejection::constant_contact());
+/// let request = reqwest::Client::new().get("https://api.example.com/v3/contacts").build()
+///     .map_err(tokenkeeper::RequestError::Http)?;
+/// let response = client.send(&TokenKey::from("customer-42"), request).await?;
+/// # let _ = response; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AuthorizedClient {
+    http: reqwest::Client,
+    auth: Authorizer,
+}
+
+impl fmt::Debug for AuthorizedClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthorizedClient")
+            .field("rejection", &self.auth.rejection)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthorizedClient {
+    /// A client sending through `http` with tokens from `manager`, using [`Rejection::rfc6750`].
+    pub fn new(http: reqwest::Client, manager: TokenManager) -> Self {
+        Self {
+            http,
+            auth: Authorizer::new(manager, Rejection::default()),
+        }
+    }
+
+    /// Sets what counts as a rejected token.
+    pub fn rejection(mut self, rejection: Rejection) -> Self {
+        self.auth = Authorizer::new(self.auth.manager, rejection);
+        self
+    }
+
+    /// Sends `request` with the bearer token of `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError::Token`] when no token can be had (the grant is dead, rate limited,
+    /// unavailable…), [`RequestError::Http`] when the request fails, and
+    /// [`RequestError::Rejected`] when the API rejects the token again right after a refresh.
+    pub async fn send(&self, key: &TokenKey, request: Request) -> Result<Response, RequestError> {
+        let token = self.auth.manager.access_token(key).await?;
+        let retry = request.try_clone();
+        let mut request = request;
+        authorize(&mut request, &token);
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(RequestError::Http)?;
+        let rejected = match self
+            .auth
+            .inspect(response)
+            .await
+            .map_err(RequestError::Http)?
+        {
+            Verdict::Accepted(response) => return Ok(response),
+            Verdict::Rejected(response) => response,
+        };
+        let status = rejected.status().as_u16();
+        let Some(fresh) = self.auth.after_rejection(key, &token).await? else {
+            return Err(RequestError::Rejected {
+                key: key.clone(),
+                status,
+            });
+        };
+        let Some(mut retry) = retry else {
+            return Ok(rejected);
+        };
+        authorize(&mut retry, &fresh);
+        let response = self.http.execute(retry).await.map_err(RequestError::Http)?;
+        match self
+            .auth
+            .inspect(response)
+            .await
+            .map_err(RequestError::Http)?
+        {
+            Verdict::Accepted(response) => Ok(response),
+            Verdict::Rejected(response) => {
+                self.auth.rejected_after_refresh(key, fresh);
+                Err(RequestError::Rejected {
+                    key: key.clone(),
+                    status: response.status().as_u16(),
+                })
+            }
+        }
+    }
+
+    /// Sends `request` with the first usable grant of `group`, in order of preference: for
+    /// apps that hold several grants for one resource (say, several admins connected the same
+    /// page) so that one dead grant does not break them.
+    ///
+    /// A grant that needs re-authorization, is missing, or whose token the API keeps rejecting
+    /// is skipped and reported with [`Event::GrantSkipped`]; the next one is used. Returns the
+    /// key that served the request. A request whose body cannot be cloned is tried with the
+    /// first grant that yields a token only.
+    pub async fn send_any(
+        &self,
+        group: &[TokenKey],
+        request: Request,
+    ) -> Result<(TokenKey, Response), RequestError> {
+        let mut skipped = Vec::new();
+        let mut request = Some(request);
+        for (i, key) in group.iter().enumerate() {
+            let Some(current) = request.take() else { break };
+            let last = i + 1 == group.len();
+            let spare = if last { None } else { current.try_clone() };
+            let outcome = self.send(key, current).await;
+            let error = match outcome {
+                Ok(response) => return Ok((key.clone(), response)),
+                Err(RequestError::Token(e)) if !matches!(e, Error::Misconfigured { .. }) => e,
+                Err(RequestError::Rejected { key, status }) => Error::ReauthorizationRequired {
+                    key,
+                    reason: crate::error::InvalidationReason::Provider {
+                        code: format!("api rejected a fresh token (http {status})"),
+                    },
+                },
+                Err(other) => return Err(other),
+            };
+            self.auth.manager.emit(Event::GrantSkipped {
+                key: key.clone(),
+                error: error.clone(),
+            });
+            skipped.push((key.clone(), error));
+            request = spare;
+        }
+        Err(RequestError::NoUsableGrant { skipped })
+    }
+}
