@@ -93,11 +93,18 @@ impl Error {
     }
 
     /// Whether trying again later can succeed without anyone changing anything.
+    ///
+    /// Store errors count only when transient (a backend or lock-wait failure); a corrupt
+    /// record, a missing store or a permission problem needs someone to fix it first.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Store(_)
-        )
+        match self {
+            Error::RateLimited { .. } | Error::Unavailable { .. } => true,
+            Error::Store(e) => matches!(
+                e.kind(),
+                StoreErrorKind::Backend | StoreErrorKind::LockTimeout
+            ),
+            _ => false,
+        }
     }
 
     /// How long to wait before trying again, when known.
@@ -495,6 +502,8 @@ mod tests {
             source: None,
         };
         assert!(!misconfigured.is_retryable() && !misconfigured.is_reauth_required());
+        assert!(Error::Store(StoreError::new("connection reset")).is_retryable());
+        assert!(!Error::Store(StoreError::corrupt("bad json")).is_retryable());
     }
 
     #[test]

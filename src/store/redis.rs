@@ -14,7 +14,8 @@ use crate::store::{Cas, GrantRecord, GrantState, RefreshLock, TokenStore, Versio
 use crate::token::TokenKey;
 
 const DEFAULT_PREFIX: &str = "tokenkeeper:";
-const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
+/// Longer than the manager's default lock ttl (60 s), so a peer outwaits a crashed holder.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(75);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Expiries beyond this are not worth a TTL (and would overflow Redis's clock).
@@ -80,7 +81,8 @@ return 0
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
-/// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (30 s by default), then
+/// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (75 s by default, longer than the manager's 60 s lock
+/// ttl), then
 /// [`StoreErrorKind::LockTimeout`]. Only its owner releases it (a compare-and-delete script);
 /// a holder that dies (even by `kill -9`) leaves it to expire after `ttl`
 /// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)).
