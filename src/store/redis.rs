@@ -81,8 +81,8 @@ return 0
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
-/// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (75 s by default, longer than the manager's 60 s lock
-/// ttl), then
+/// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (75 s by default, longer
+/// than the manager's default 60 s lock ttl, so a peer outwaits a crashed holder), then
 /// [`StoreErrorKind::LockTimeout`]. Only its owner releases it (a compare-and-delete script);
 /// a holder that dies (even by `kill -9`) leaves it to expire after `ttl`
 /// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)).
