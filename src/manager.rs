@@ -376,6 +376,8 @@ impl Inner {
         match self.store.load(key).await? {
             None => {
                 slot.cached.store(None);
+                // Lookups of keys that do not exist must not grow the map.
+                self.grants.remove_if(key, |_, s| s.cached.load().is_none());
                 Err(Error::NotFound { key: key.clone() })
             }
             Some(loaded) => Ok(self.cache(slot, &loaded.value, loaded.version, None)),
@@ -469,9 +471,9 @@ impl Inner {
                     tokio::spawn(async move {
                         // Clears the flight even if the provider panics, so the grant is not
                         // stuck; waiters then see the channel close.
-                        let _guard = FlightGuard(&slot);
+                        let guard = FlightGuard(&slot);
                         let outcome = inner.run_refresh(&key, &slot, need).await;
-                        drop(_guard);
+                        drop(guard);
                         let _ = tx.send(Some(outcome));
                     });
                     rx

@@ -683,6 +683,16 @@ async fn unknown_keys_are_not_found() {
         Err(Error::NotFound { .. })
     ));
     assert!(!manager.remove(&TokenKey::from("nobody")).await.unwrap());
+    // Looking up keys that do not exist leaves nothing behind.
+    for i in 0..1000 {
+        let _ = manager
+            .access_token(&TokenKey::from(format!("ghost-{i}")))
+            .await;
+    }
+    assert!(
+        format!("{manager:?}").contains("grants_cached: 0"),
+        "{manager:?}"
+    );
 }
 
 impl Rotating {
