@@ -13,7 +13,7 @@ use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use crate::Clock;
+use crate::{AccessToken, Clock, RefreshToken, TokenSet};
 
 pub use config::{FakeConfig, Preset, RateLimit, RefreshLifetime, RetryAfter, Rotation};
 pub use grant::{GrantId, GrantState, IssuedGrant, RevocationReason};
@@ -159,6 +159,20 @@ impl FakeAuthServer {
     pub fn issue_grant(&self) -> IssuedGrant {
         let now = self.clock.now();
         self.state().issue_grant(now)
+    }
+
+    /// The tokens of `grant` as an app would store them from this server's replies: access
+    /// token, refresh token and access expiry, plus the refresh token's expiry where the
+    /// preset's wire format states it (Xoxoday-style; a Constant Contact-style app never
+    /// learns it).
+    pub fn token_set(&self, grant: &IssuedGrant) -> TokenSet {
+        let mut tokens = TokenSet::new(AccessToken::new(grant.access_token.clone()))
+            .with_refresh_token(RefreshToken::new(grant.refresh_token.clone()))
+            .with_expires_at(grant.access_expires_at);
+        if let (Preset::Xoxoday, Some(at)) = (self.config().preset(), grant.refresh_expires_at) {
+            tokens = tokens.with_refresh_expires_at(at);
+        }
+        tokens
     }
 
     /// The user revokes the app: every token of the grant dies; refreshes get the preset's
