@@ -206,6 +206,48 @@ impl TokenManager {
         Ok(removed)
     }
 
+    /// Disconnects the grant: revokes it at the provider (RFC 7009, through
+    /// [`Provider::revoke`]), then deletes it. Returns whether there was a grant.
+    ///
+    /// Runs under the store's refresh lock, so no refresh of the grant races the revocation.
+    /// A dead grant is deleted without a provider call.
+    ///
+    /// # Errors
+    ///
+    /// If the provider refuses or cannot be reached, the grant is kept and the classified
+    /// error is returned, so the app can retry (or call [`remove`](Self::remove) to forget the
+    /// grant without revoking it).
+    pub async fn disconnect(&self, key: &TokenKey) -> Result<bool> {
+        let inner = &self.inner;
+        let lock = inner.store.lock(key, inner.config.lock_ttl).await?;
+        let result = async {
+            let Some(loaded) = inner.store.load(key).await? else {
+                return Ok(false);
+            };
+            if loaded.value.dead_reason().is_none() {
+                let request = crate::provider::RefreshRequest::new(
+                    key,
+                    &loaded.value.tokens,
+                    inner.clock.now(),
+                );
+                inner
+                    .provider
+                    .revoke(request)
+                    .await
+                    .map_err(|e| e.into_error(key))?;
+            }
+            let removed = inner.store.delete(key).await?;
+            inner.grants.remove(key);
+            inner.notify_scheduler(key);
+            Ok(removed)
+        }
+        .await;
+        if let Some(lock) = lock {
+            let _ = lock.release().await;
+        }
+        result
+    }
+
     /// The grant's state, expiries, last refresh, next refresh and last error.
     pub async fn status(&self, key: &TokenKey) -> Result<TokenStatus> {
         let Some(loaded) = self.inner.store.load(key).await? else {

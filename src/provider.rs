@@ -83,6 +83,16 @@ impl<'a> RefreshRequest<'a> {
 pub trait Provider: Send + Sync + 'static {
     /// Refreshes the grant once.
     async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError>;
+
+    /// Revokes the grant at the provider (RFC 7009), as an app should when a user disconnects
+    /// it; called by [`TokenManager::disconnect`](crate::TokenManager::disconnect) with the
+    /// grant's current tokens.
+    ///
+    /// The default does nothing, for providers without a revocation endpoint.
+    async fn revoke(&self, request: RefreshRequest<'_>) -> Result<(), ProviderError> {
+        let _ = request;
+        Ok(())
+    }
 }
 
 /// A [`Provider`] from an async closure; handy in tests and doctests.
@@ -127,5 +137,9 @@ where
 impl<T: Provider + ?Sized> Provider for std::sync::Arc<T> {
     async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
         (**self).refresh(request).await
+    }
+
+    async fn revoke(&self, request: RefreshRequest<'_>) -> Result<(), ProviderError> {
+        (**self).revoke(request).await
     }
 }

@@ -55,6 +55,15 @@ pub struct OAuth2Provider {
     classifier: Arc<dyn Classifier>,
     body_limit: usize,
     timeout: Option<Duration>,
+    revocation: Option<Revocation>,
+}
+
+/// Where and how to revoke tokens (RFC 7009).
+struct Revocation {
+    url: reqwest::Url,
+    client_id: String,
+    client_secret: Option<ClientSecret>,
+    auth: ClientAuth,
 }
 
 impl OAuth2Provider {
@@ -74,6 +83,7 @@ impl OAuth2Provider {
             http: None,
             body_limit: DEFAULT_BODY_LIMIT,
             timeout: Some(Duration::from_secs(30)),
+            revocation_url: None,
         }
     }
 }
@@ -101,6 +111,7 @@ pub struct OAuth2ProviderBuilder {
     http: Option<reqwest::Client>,
     body_limit: usize,
     timeout: Option<Duration>,
+    revocation_url: Option<String>,
 }
 
 impl fmt::Debug for OAuth2ProviderBuilder {
@@ -162,6 +173,14 @@ impl OAuth2ProviderBuilder {
         self
     }
 
+    /// The RFC 7009 revocation endpoint, used by
+    /// [`TokenManager::disconnect`](crate::TokenManager::disconnect) (default: none, and
+    /// disconnecting only forgets the grant).
+    pub fn revocation_url(mut self, url: impl Into<String>) -> Self {
+        self.revocation_url = Some(url.into());
+        self
+    }
+
     /// Largest reply body accepted (default [`DEFAULT_BODY_LIMIT`]).
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
@@ -184,6 +203,16 @@ impl OAuth2ProviderBuilder {
             };
         let token_url = TokenUrl::new(self.token_url)
             .map_err(|e| misconfigured(ConfigProblem::Endpoint, Some(Arc::new(e))))?;
+        let revocation = match self.revocation_url {
+            None => None,
+            Some(url) => Some(Revocation {
+                url: reqwest::Url::parse(&url)
+                    .map_err(|e| misconfigured(ConfigProblem::Endpoint, Some(Arc::new(e))))?,
+                client_id: self.client_id.clone(),
+                client_secret: self.client_secret.clone(),
+                auth: self.auth,
+            }),
+        };
         let mut client = BasicClient::new(oauth2::ClientId::new(self.client_id))
             .set_token_uri(token_url)
             .set_auth_type(match self.auth {
@@ -209,6 +238,7 @@ impl OAuth2ProviderBuilder {
             classifier: self.classifier,
             body_limit: self.body_limit,
             timeout: self.timeout,
+            revocation,
         })
     }
 }
@@ -283,6 +313,60 @@ impl Provider for OAuth2Provider {
             Some(Err(e)) => Err(e),
             // `oauth2` could not build the request.
             None => Err(ProviderError::misconfigured(ConfigProblem::HttpClient)),
+        }
+    }
+
+    /// RFC 7009: revokes the refresh token (or, without one, the access token), which ends
+    /// the grant at servers that follow §2.1. A `200` is success, whatever the token's state.
+    async fn revoke(&self, req: RefreshRequest<'_>) -> Result<(), ProviderError> {
+        let Some(revocation) = &self.revocation else {
+            return Ok(());
+        };
+        let (token, hint) = match req.tokens.refresh_token() {
+            Some(rt) => (rt.secret(), "refresh_token"),
+            None => (req.tokens.access_token().secret(), "access_token"),
+        };
+        let encode = |s: &str| -> String {
+            oauth2::url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+        };
+        let basic = match (&revocation.auth, &revocation.client_secret) {
+            (ClientAuth::Basic, Some(secret)) => Some(secret),
+            _ => None,
+        };
+        let body = {
+            let mut form = oauth2::url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("token", token);
+            form.append_pair("token_type_hint", hint);
+            if basic.is_none() {
+                form.append_pair("client_id", &revocation.client_id);
+                if let Some(secret) = &revocation.client_secret {
+                    form.append_pair("client_secret", secret.secret());
+                }
+            }
+            form.finish()
+        };
+        let mut builder = self
+            .http
+            .post(revocation.url.clone())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("accept", "application/json")
+            .body(body);
+        if let Some(secret) = basic {
+            // RFC 6749 §2.3.1: the id and secret are form-encoded before Basic encoding.
+            builder =
+                builder.basic_auth(encode(&revocation.client_id), Some(encode(secret.secret())));
+        }
+        if let Some(timeout) = self.timeout {
+            builder = builder.timeout(timeout);
+        }
+        let request = builder.build().map_err(transport_error)?;
+        let reply = HttpReply::send(&self.http, request, self.body_limit).await?;
+        if let Some(err) = self.classifier.classify(&reply, req.now) {
+            return Err(err.with_status(reply.status()));
+        }
+        match super::classify::standard(&reply, req.now) {
+            Some(err) => Err(err.with_status(reply.status())),
+            None => Ok(()),
         }
     }
 }

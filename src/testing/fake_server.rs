@@ -102,6 +102,15 @@ impl FakeAuthServer {
             })
             .mount(&server)
             .await;
+        if let Some(revocation) = config.preset.revocation_path() {
+            Mock::given(method("POST"))
+                .and(path(revocation))
+                .respond_with(RevocationEndpoint {
+                    state: Arc::clone(&state),
+                })
+                .mount(&server)
+                .await;
+        }
         Mock::given(path(api::PATH))
             .respond_with(api::ResourceEndpoint {
                 preset: config.preset,
@@ -137,6 +146,20 @@ impl FakeAuthServer {
     /// `{"error":"invalid_token","error_description":"invalid/expired token"}`.
     pub fn api_url(&self) -> String {
         format!("{}{}", self.server.uri(), api::PATH)
+    }
+
+    /// The RFC 7009 revocation endpoint's full URL, where the preset has one (Standard and
+    /// Constant Contact-style; not Xoxoday-style). Revoking any token of a grant revokes the
+    /// grant ([`GrantState::Revoked`] with [`RevocationReason::ClientRevoked`]); unknown tokens
+    /// get `200` too, as RFC 7009 §2.2 requires.
+    pub fn revocation_url(&self) -> Option<String> {
+        let path = self.config.preset.revocation_path()?;
+        Some(format!("{}{}", self.server.uri(), path))
+    }
+
+    /// Revocation requests accepted so far.
+    pub fn revocations(&self) -> usize {
+        self.state().revocations
     }
 
     /// The configuration the server runs with.
@@ -359,3 +382,22 @@ impl Respond for TokenEndpoint {
 
 #[cfg(test)]
 mod tests;
+
+/// The RFC 7009 revocation endpoint.
+struct RevocationEndpoint {
+    state: Arc<Mutex<State>>,
+}
+
+impl Respond for RevocationEndpoint {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let (token, client) = match wire::parse_revocation(request) {
+            Ok(parsed) => parsed,
+            Err(_) => return wire::json(400, r#"{"error":"invalid_request"}"#),
+        };
+        match lock(&self.state).revoke_token(token, &client) {
+            200 => ResponseTemplate::new(200),
+            401 => wire::json(401, r#"{"error":"invalid_client"}"#),
+            status => wire::json(status, r#"{"error":"invalid_request"}"#),
+        }
+    }
+}

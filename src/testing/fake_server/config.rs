@@ -49,6 +49,15 @@ pub enum Preset {
 }
 
 impl Preset {
+    /// The RFC 7009 revocation endpoint's path, where the provider has one (not Xoxoday).
+    pub fn revocation_path(self) -> Option<&'static str> {
+        match self {
+            Preset::Standard => Some("/oauth2/revoke"),
+            Preset::ConstantContact => Some("/oauth2/default/v1/revoke"),
+            Preset::Xoxoday => None,
+        }
+    }
+
     /// The token endpoint's path on the fake server.
     pub fn token_path(self) -> &'static str {
         match self {

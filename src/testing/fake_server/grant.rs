@@ -77,4 +77,6 @@ pub enum RevocationReason {
     ReuseDetected,
     /// Too many rate-limited refresh calls ([`RateLimit::invalidate_after`](super::RateLimit)).
     RateLimitAbuse,
+    /// The client revoked a token of the grant (RFC 7009), as an app does on disconnect.
+    ClientRevoked,
 }

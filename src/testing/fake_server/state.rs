@@ -22,6 +22,7 @@ pub(super) struct State {
     pub(super) log: Vec<RecordedRefresh>,
     pub(super) reuse_detections: usize,
     pub(super) api_calls: usize,
+    pub(super) revocations: usize,
 }
 
 struct Grant {
@@ -80,6 +81,7 @@ impl State {
             log: Vec::new(),
             reuse_detections: 0,
             api_calls: 0,
+            revocations: 0,
         }
     }
 
@@ -357,6 +359,27 @@ impl State {
             retry_in,
             retry_after: limit.retry_after,
         })
+    }
+
+    /// An RFC 7009 revocation: the HTTP status to answer. Revoking any token of a grant ends
+    /// the whole grant (§2.1 lets a server do so); unknown tokens are answered 200 too (§2.2).
+    pub(super) fn revoke_token(&mut self, token: Option<String>, client: &ClientAuth) -> u16 {
+        let authenticated = match client {
+            ClientAuth::Basic { id, secret } => self.client_matches(id, Some(secret)),
+            ClientAuth::Params { id, secret } => self.client_matches(id, secret.as_ref()),
+            ClientAuth::Missing | ClientAuth::BadHeader => false,
+        };
+        if !authenticated {
+            return 401;
+        }
+        let Some(token) = token else { return 400 };
+        self.revocations += 1;
+        if let Some(grant) = self.tokens.get(&token).map(|t| t.grant) {
+            self.grant_mut(grant)
+                .revoked
+                .get_or_insert(RevocationReason::ClientRevoked);
+        }
+        200
     }
 
     pub(super) fn revoke(&mut self, id: GrantId, reason: RevocationReason) {

@@ -46,6 +46,27 @@ pub(super) fn parse(preset: Preset, request: &Request) -> Result<RefreshRequest,
 }
 
 fn parse_form_request(preset: Preset, request: &Request) -> Result<RefreshRequest, &'static str> {
+    let (mut params, client) = form_params(preset, request)?;
+    Ok(RefreshRequest {
+        grant_type: params.remove("grant_type"),
+        refresh_token: params.remove("refresh_token"),
+        client,
+    })
+}
+
+/// Decodes an RFC 7009 revocation request: the `token` and the client's credentials.
+pub(super) fn parse_revocation(
+    request: &Request,
+) -> Result<(Option<String>, ClientAuth), &'static str> {
+    let (mut params, client) = form_params(Preset::Standard, request)?;
+    Ok((params.remove("token"), client))
+}
+
+/// The form parameters (body, or for Constant Contact a body-less query) and client credentials.
+fn form_params(
+    preset: Preset,
+    request: &Request,
+) -> Result<(HashMap<String, String>, ClientAuth), &'static str> {
     let mut params = if !request.body.is_empty() {
         if !content_type_is(request, "application/x-www-form-urlencoded") {
             return Err("The request body must be application/x-www-form-urlencoded.");
@@ -69,11 +90,7 @@ fn parse_form_request(preset: Preset, request: &Request) -> Result<RefreshReques
             None => ClientAuth::Missing,
         },
     };
-    Ok(RefreshRequest {
-        grant_type: params.remove("grant_type"),
-        refresh_token: params.remove("refresh_token"),
-        client,
-    })
+    Ok((params, client))
 }
 
 fn parse_json_request(request: &Request) -> Result<RefreshRequest, &'static str> {
@@ -403,6 +420,9 @@ fn standard_dead_token_description(why: DeadToken) -> &'static str {
         }
         DeadToken::Revoked(RevocationReason::RateLimitAbuse) => {
             "The grant was revoked after too many refresh requests."
+        }
+        DeadToken::Revoked(RevocationReason::ClientRevoked) => {
+            "The grant was revoked by the client."
         }
     }
 }
