@@ -270,10 +270,11 @@ async fn backoff_holds_a_failing_grant_and_serves_the_still_valid_token() {
         .backoff(Duration::from_secs(60), Duration::from_secs(600))
         .build();
     let mut events = manager.subscribe();
-    // Valid for 30 more seconds: inside the 60 s margin, so a refresh is due.
+    // Valid for 20 more seconds: inside the 60 s margin, so a refresh is due. (The first
+    // backoff is 60 s with equal jitter: between 30 and 60 s.)
     let grant = TokenSet::new(AccessToken::new("at-0"))
         .with_refresh_token(RefreshToken::new("rt-0"))
-        .with_expires_at(clock.now() + Duration::from_secs(30));
+        .with_expires_at(clock.now() + Duration::from_secs(20));
     manager.insert(key(), grant).await.unwrap();
 
     for _ in 0..50 {
@@ -294,7 +295,7 @@ async fn backoff_holds_a_failing_grant_and_serves_the_still_valid_token() {
     assert_eq!(status.failures, 1);
 
     // The token expires while the backoff still holds: a typed, retryable error, no call.
-    clock.advance(Duration::from_secs(31));
+    clock.advance(Duration::from_secs(21));
     let err = manager.access_token(&key()).await.unwrap_err();
     assert!(
         matches!(
