@@ -69,9 +69,11 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut scenarios: Vec<(&str, StoreKind)> = vec![("file store", StoreKind::File)];
-    #[cfg(feature = "redis")]
-    scenarios.push(("redis store", StoreKind::Redis));
+    let scenarios: Vec<(&str, StoreKind)> = vec![
+        ("file store", StoreKind::File),
+        #[cfg(feature = "redis")]
+        ("redis store", StoreKind::Redis),
+    ];
     let (mut passed, mut failed) = (0, 0);
     for (name, kind) in scenarios {
         match runtime.block_on(scenario(kind)) {

@@ -592,45 +592,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn compare_and_swap() {
+    async fn keeps_the_store_contract() {
         let (_tmp, store) = store();
-        let key = TokenKey::from("k");
-        assert!(store.load(&key).await.unwrap().is_none());
-        let Cas::Saved(v1) = store.save(&key, &record("a"), None).await.unwrap() else {
-            panic!("first save must succeed")
-        };
-        assert_eq!(
-            store.save(&key, &record("b"), None).await.unwrap(),
-            Cas::Conflict
-        );
-        assert_eq!(
-            store.save(&key, &record("b"), Some(v1 + 7)).await.unwrap(),
-            Cas::Conflict
-        );
-        let Cas::Saved(v2) = store.save(&key, &record("b"), Some(v1)).await.unwrap() else {
-            panic!("save at the current version must succeed")
-        };
-        assert!(v2 > v1);
-        let loaded = store.load(&key).await.unwrap().unwrap();
-        assert_eq!(loaded.version, v2);
-        assert_eq!(loaded.value, record("b"));
-        assert!(store.delete(&key).await.unwrap());
-        assert!(!store.delete(&key).await.unwrap());
-        assert!(store.load(&key).await.unwrap().is_none());
-        assert_eq!(
-            store.save(&key, &record("c"), Some(v2)).await.unwrap(),
-            Cas::Conflict,
-            "a deleted record has no version to match"
-        );
+        crate::testing::assert_store_contract(&store).await;
         assert!(
             store.keys().await.unwrap().is_empty(),
             "tombstones are not listed"
         );
-        let Cas::Saved(v3) = store.save(&key, &record("c"), None).await.unwrap() else {
-            panic!()
-        };
-        assert!(v3 > v2);
-        assert_eq!(store.keys().await.unwrap(), vec![key]);
     }
 
     #[tokio::test]

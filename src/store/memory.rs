@@ -105,42 +105,9 @@ impl TokenStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::{AccessToken, TokenSet};
-
-    fn record(at: &str) -> GrantRecord {
-        GrantRecord::new(TokenSet::new(AccessToken::new(at)))
-    }
 
     #[tokio::test]
-    async fn compare_and_swap() {
-        let store = MemoryStore::new();
-        let key = TokenKey::from("k");
-        assert!(store.load(&key).await.unwrap().is_none());
-        let Cas::Saved(v1) = store.save(&key, &record("a"), None).await.unwrap() else {
-            panic!("first save must succeed")
-        };
-        assert_eq!(
-            store.save(&key, &record("b"), None).await.unwrap(),
-            Cas::Conflict
-        );
-        assert_eq!(
-            store.save(&key, &record("b"), Some(v1 + 7)).await.unwrap(),
-            Cas::Conflict
-        );
-        let Cas::Saved(v2) = store.save(&key, &record("b"), Some(v1)).await.unwrap() else {
-            panic!("save at the current version must succeed")
-        };
-        assert!(v2 > v1);
-        let loaded = store.load(&key).await.unwrap().unwrap();
-        assert_eq!(loaded.version, v2);
-        assert_eq!(loaded.value.tokens().access_token().secret(), "b");
-        assert!(store.delete(&key).await.unwrap());
-        assert!(!store.delete(&key).await.unwrap());
-        // Versions are never reused after delete and re-insert.
-        let Cas::Saved(v3) = store.save(&key, &record("c"), None).await.unwrap() else {
-            panic!()
-        };
-        assert!(v3 > v2);
-        assert_eq!(store.keys().await.unwrap(), vec![key]);
+    async fn keeps_the_store_contract() {
+        crate::testing::assert_store_contract(&MemoryStore::new()).await;
     }
 }

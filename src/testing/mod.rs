@@ -29,9 +29,11 @@
 //! ```
 mod clock;
 mod fake_server;
+mod store_contract;
 
 pub use clock::ManualClock;
 pub use fake_server::{
     FakeAuthServer, FakeConfig, GrantId, GrantState, IssuedGrant, Preset, RateLimit,
     RecordedRefresh, RefreshLifetime, RefreshOutcome, RetryAfter, RevocationReason, Rotation,
 };
+pub use store_contract::assert_store_contract;
