@@ -395,7 +395,13 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "refresher could not load a grant");
-                self.plan(key, now + self.config.retry_floor);
+                let retry_at = now + self.config.retry_floor;
+                self.inner.emit(Event::RefreshFailed {
+                    key: key.clone(),
+                    error: e.into(),
+                    retry_at: Some(retry_at),
+                });
+                self.plan(key, retry_at);
                 return;
             }
         };

@@ -590,3 +590,69 @@ async fn status_shows_the_refreshers_plan() {
     assert!(status.next_refresh.unwrap() > clock.now() + HOUR * 20);
     refresher.shutdown().await;
 }
+
+/// Loads fail while `failing` is set.
+#[derive(Default)]
+struct FailingLoads {
+    inner: MemoryStore,
+    failing: AtomicBool,
+}
+
+#[async_trait]
+impl TokenStore for FailingLoads {
+    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::new("connection refused"));
+        }
+        self.inner.load(key).await
+    }
+    async fn save(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expected: Option<Version>,
+    ) -> Result<Cas, StoreError> {
+        self.inner.save(key, record, expected).await
+    }
+    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        self.inner.keys().await
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_becomes_events_and_the_scheduler_carries_on() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FailingLoads::default());
+    let provider = Flaky::new();
+    let manager = TokenManager::builder(provider.clone())
+        .store(store.clone())
+        .clock(clock.clone())
+        .build();
+    let mut events = manager.subscribe();
+    insert_grants(&manager, &clock, 2).await;
+    let refresher = manager.start_refresher(RefresherConfig::new().refresh_idle(true));
+    refresher.wait_idle().await;
+    store.failing.store(true, Ordering::SeqCst);
+    clock.advance(HOUR * 23);
+    refresher.wait_idle().await;
+    let failures = support::drain(&mut events)
+        .into_iter()
+        .filter(|e| {
+            matches!(e, Event::RefreshFailed { error, retry_at: Some(_), .. }
+                if matches!(error, tokenkeeper::Error::Store(_)))
+        })
+        .count();
+    assert_eq!(
+        failures, 2,
+        "one event per grant the scheduler could not load"
+    );
+    assert!(refresher.is_running());
+    store.failing.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(60));
+    refresher.wait_idle().await;
+    assert_eq!(provider.ok.load(Ordering::SeqCst), 2);
+    refresher.shutdown().await;
+}
