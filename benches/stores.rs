@@ -20,10 +20,8 @@
 //! as a fraction of that store's save.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,111 +39,10 @@ const SUMMARY_ROUNDS: usize = 7;
 /// How long one summary round of one operation lasts, about.
 const SUMMARY_ROUND: Duration = Duration::from_millis(150);
 
-// ---- a throwaway redis-server (as in tests/support/redis.rs) ------------------------------
-
-/// How long a starting server may take to answer `PING`.
-const STARTUP: Duration = Duration::from_secs(15);
-
-/// A `redis-server` without persistence on a free port of 127.0.0.1; killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().expect("temporary directory");
-            let port = free_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match child {
-                Ok(child) => child,
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    panic!(
-                        "redis-server not found: install it with: apt-get install -y redis-server"
-                    )
-                }
-                Err(e) => panic!("cannot start redis-server: {e}"),
-            };
-            let mut server = RedisServer {
-                child,
-                port,
-                _dir: dir,
-            };
-            match server.wait_ready() {
-                Ok(()) => return server,
-                Err(e) => last = e, // Most likely the port was taken meanwhile: try another.
-            }
-        }
-        panic!("redis-server did not start: {last}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("redis-server exited: {status}"));
-            }
-            if self.ping() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("no answer to PING within {STARTUP:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        if stream.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 64];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            reply.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&reply).contains("+PONG") {
-                return true;
-            }
-        }
-        false
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+// The throwaway redis-server the tests use (fails with the install hint when missing).
+#[path = "../tests/support/redis.rs"]
+mod redis_server;
+use redis_server::RedisServer;
 
 // ---- fixture ------------------------------------------------------------------------------
 

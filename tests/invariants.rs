@@ -15,6 +15,9 @@ use tokenkeeper::{
 };
 use tokio::sync::Notify;
 
+mod support;
+use support::store::ScriptedStore;
+
 fn key() -> TokenKey {
     TokenKey::from("acct-1")
 }
@@ -83,7 +86,7 @@ async fn one_refresh_for_a_thousand_concurrent_callers() {
     let rotating = Arc::new(Rotating::default());
     // A store without a refresh lock: the manager's own single-flight must do it alone.
     let manager = TokenManager::builder(rotating.provider())
-        .store(FlakyStore::default())
+        .store(ScriptedStore::default())
         .clock(clock.clone())
         .build();
     manager
@@ -572,41 +575,10 @@ async fn expiry_counts_from_the_response_not_the_request() {
     assert_eq!(tokens.refresh_token().unwrap().secret(), "rt-0");
 }
 
-/// A store whose saves fail while `failing` is set.
-#[derive(Default)]
-struct FlakyStore {
-    inner: MemoryStore,
-    failing: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl TokenStore for FlakyStore {
-    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        key: &TokenKey,
-        record: &GrantRecord,
-        expected: Option<Version>,
-    ) -> Result<Cas, StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::new("disk full"));
-        }
-        self.inner.save(key, record, expected).await
-    }
-    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        self.inner.keys().await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_failed_save_keeps_the_rotated_token_and_saves_it_before_refreshing_again() {
     let clock = Arc::new(ManualClock::fixed());
-    let store = Arc::new(FlakyStore::default());
+    let store = Arc::new(ScriptedStore::default());
     let rotating = Arc::new(Rotating::default());
     let manager = TokenManager::builder(rotating.provider())
         .store(store.clone())
@@ -618,7 +590,7 @@ async fn a_failed_save_keeps_the_rotated_token_and_saves_it_before_refreshing_ag
         .await
         .unwrap();
 
-    store.failing.store(true, Ordering::SeqCst);
+    store.fail_saves.store(true, Ordering::SeqCst);
     let err = manager.access_token(&key()).await.unwrap_err();
     assert!(matches!(err, Error::Store(_)), "{err:?}");
     assert!(drain(&mut events)
@@ -628,7 +600,7 @@ async fn a_failed_save_keeps_the_rotated_token_and_saves_it_before_refreshing_ag
 
     // The store heals: the kept rt-1 is saved and served without another refresh (which
     // would have sent the spent rt-0).
-    store.failing.store(false, Ordering::SeqCst);
+    store.fail_saves.store(false, Ordering::SeqCst);
     assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-1");
     assert_eq!(rotating.calls.load(Ordering::SeqCst), 1);
     assert_eq!(rotating.reuse.load(Ordering::SeqCst), 0);

@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::store::ScriptedStore;
+
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,10 +17,9 @@ use async_trait::async_trait;
 use support::drain;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
 use tokenkeeper::{
-    provider_fn, AccessToken, Cas, Clock, Event, Expiry, GrantHealth, GrantRecord,
-    InvalidationReason, MemoryStore, ProviderError, RefreshToken, RefresherConfig, StoreError,
-    TokenKey, TokenManager, TokenResponse, TokenSet, TokenStore, UnavailableCause, Version,
-    Versioned,
+    provider_fn, AccessToken, Clock, Event, Expiry, GrantHealth, InvalidationReason, MemoryStore,
+    ProviderError, RefreshToken, RefresherConfig, TokenKey, TokenManager, TokenResponse, TokenSet,
+    TokenStore, UnavailableCause,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -438,39 +439,10 @@ async fn grants_added_by_another_process_are_picked_up_by_the_rescan() {
     refresher.shutdown().await;
 }
 
-/// Counts loads, to show an idle scheduler does no per-grant work.
-#[derive(Default)]
-struct CountingStore {
-    inner: MemoryStore,
-    loads: AtomicUsize,
-}
-
-#[async_trait]
-impl TokenStore for CountingStore {
-    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
-        self.loads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        key: &TokenKey,
-        record: &GrantRecord,
-        expected: Option<Version>,
-    ) -> Result<Cas, StoreError> {
-        self.inner.save(key, record, expected).await
-    }
-    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        self.inner.keys().await
-    }
-}
-
 #[tokio::test]
 async fn an_idle_scheduler_sleeps_instead_of_polling_grants() {
     let clock = Arc::new(ManualClock::fixed());
-    let store = Arc::new(CountingStore::default());
+    let store = Arc::new(ScriptedStore::default());
     let manager = TokenManager::builder(Flaky::new())
         .store(store.clone())
         .clock(clock.clone())
@@ -591,41 +563,10 @@ async fn status_shows_the_refreshers_plan() {
     refresher.shutdown().await;
 }
 
-/// Loads fail while `failing` is set.
-#[derive(Default)]
-struct FailingLoads {
-    inner: MemoryStore,
-    failing: AtomicBool,
-}
-
-#[async_trait]
-impl TokenStore for FailingLoads {
-    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::new("connection refused"));
-        }
-        self.inner.load(key).await
-    }
-    async fn save(
-        &self,
-        key: &TokenKey,
-        record: &GrantRecord,
-        expected: Option<Version>,
-    ) -> Result<Cas, StoreError> {
-        self.inner.save(key, record, expected).await
-    }
-    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        self.inner.keys().await
-    }
-}
-
 #[tokio::test]
 async fn a_failing_store_becomes_events_and_the_scheduler_carries_on() {
     let clock = Arc::new(ManualClock::fixed());
-    let store = Arc::new(FailingLoads::default());
+    let store = Arc::new(ScriptedStore::default());
     let provider = Flaky::new();
     let manager = TokenManager::builder(provider.clone())
         .store(store.clone())
@@ -635,7 +576,7 @@ async fn a_failing_store_becomes_events_and_the_scheduler_carries_on() {
     insert_grants(&manager, &clock, 2).await;
     let refresher = manager.start_refresher(RefresherConfig::new().refresh_idle(true));
     refresher.wait_idle().await;
-    store.failing.store(true, Ordering::SeqCst);
+    store.fail_loads.store(true, Ordering::SeqCst);
     clock.advance(HOUR * 23);
     refresher.wait_idle().await;
     let failures = support::drain(&mut events)
@@ -650,7 +591,7 @@ async fn a_failing_store_becomes_events_and_the_scheduler_carries_on() {
         "one event per grant the scheduler could not load"
     );
     assert!(refresher.is_running());
-    store.failing.store(false, Ordering::SeqCst);
+    store.fail_loads.store(false, Ordering::SeqCst);
     clock.advance(Duration::from_secs(60));
     refresher.wait_idle().await;
     assert_eq!(provider.ok.load(Ordering::SeqCst), 2);

@@ -778,38 +778,8 @@ mod tests {
     async fn concurrent_compare_and_swap_has_one_winner_per_version() {
         let (_tmp, store) = store();
         // Two instances on one directory behave like two processes.
-        let stores = [
-            Arc::new(store.clone()),
-            Arc::new(FileStore::open(store.dir()).unwrap()),
-        ];
-        let key = TokenKey::from("shared");
-        let mut expected = None;
-        for round in 0..10 {
-            let tasks: Vec<_> = (0..16)
-                .map(|i| {
-                    let store = stores[i % 2].clone();
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        store
-                            .save(&key, &record(&format!("{round}-{i}")), expected)
-                            .await
-                            .unwrap()
-                    })
-                })
-                .collect();
-            let mut winners = Vec::new();
-            for (i, task) in tasks.into_iter().enumerate() {
-                if let Cas::Saved(v) = task.await.unwrap() {
-                    winners.push((i, v));
-                }
-            }
-            assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
-            let (i, v) = winners[0];
-            let loaded = store.load(&key).await.unwrap().unwrap();
-            assert_eq!(loaded.version, v);
-            assert_eq!(loaded.value, record(&format!("{round}-{i}")));
-            expected = Some(v);
-        }
+        let other = FileStore::open(store.dir()).unwrap();
+        crate::testing::assert_one_winner_per_version(Arc::new(store), Arc::new(other)).await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -569,38 +569,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_compare_and_swap_has_one_winner_per_version() {
         let server = RedisServer::start();
-        let stores = [
+        crate::testing::assert_one_winner_per_version(
             Arc::new(store(&server).await),
             Arc::new(store(&server).await),
-        ];
-        let key = TokenKey::from("shared");
-        let mut expected = None;
-        for round in 0..10 {
-            let tasks: Vec<_> = (0..16)
-                .map(|i| {
-                    let store = stores[i % 2].clone();
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        store
-                            .save(&key, &record(&format!("{round}-{i}")), expected)
-                            .await
-                            .unwrap()
-                    })
-                })
-                .collect();
-            let mut winners = Vec::new();
-            for (i, task) in tasks.into_iter().enumerate() {
-                if let Cas::Saved(v) = task.await.unwrap() {
-                    winners.push((i, v));
-                }
-            }
-            assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
-            let (i, v) = winners[0];
-            let loaded = stores[0].load(&key).await.unwrap().unwrap();
-            assert_eq!(loaded.version, v);
-            assert_eq!(loaded.value, record(&format!("{round}-{i}")));
-            expected = Some(v);
-        }
+        )
+        .await;
     }
 
     #[tokio::test]

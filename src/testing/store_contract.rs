@@ -1,5 +1,7 @@
 //! A conformance check for [`TokenStore`] implementations.
 
+use std::sync::Arc;
+
 use crate::store::{Cas, GrantRecord, TokenStore};
 use crate::token::{AccessToken, RefreshToken, TokenKey, TokenSet};
 
@@ -140,6 +142,70 @@ pub async fn assert_store_contract<S: TokenStore + ?Sized>(store: &S) {
         "a version must never be reused after delete ({v2} then {v3})"
     );
     store
+        .delete(&key)
+        .await
+        .expect("the store failed to delete");
+}
+
+/// Checks that concurrent compare-and-swap saves through two handles on one backing store (as
+/// two processes would hold) have exactly one winner per version, and that the winner's record
+/// is the one stored. Ten rounds of sixteen racing saves; uses the key
+/// `tokenkeeper-contract-race` and deletes it at the end. Needs a multi-threaded runtime to race
+/// for real.
+///
+/// # Panics
+///
+/// When two saves win the same version, none wins, the stored record is not the winner's, or
+/// the store returns an error.
+pub async fn assert_one_winner_per_version(
+    first: Arc<dyn TokenStore>,
+    second: Arc<dyn TokenStore>,
+) {
+    let key = TokenKey::from("tokenkeeper-contract-race");
+    let record = |label: &str| GrantRecord::new(TokenSet::new(AccessToken::new(label)));
+    let _ = first
+        .delete(&key)
+        .await
+        .expect("the store failed to delete");
+    let stores = [first, second];
+    let mut expected = None;
+    for round in 0..10 {
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (store, key) = (Arc::clone(&stores[i % 2]), key.clone());
+                let record = record(&format!("{round}-{i}"));
+                tokio::spawn(async move { store.save(&key, &record, expected).await })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            let saved = task.await.expect("a save panicked");
+            if let Cas::Saved(v) = saved.expect("the store failed to save") {
+                winners.push((i, v));
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: one save must win, got {winners:?}"
+        );
+        let (i, v) = winners[0];
+        let loaded = stores[1]
+            .load(&key)
+            .await
+            .expect("the store failed to load");
+        let loaded = loaded.expect("the winner's record must load");
+        assert_eq!(
+            loaded.version, v,
+            "round {round}: the winner's version must be stored"
+        );
+        assert!(
+            loaded.value == record(&format!("{round}-{i}")),
+            "round {round}: the winner's record must be stored"
+        );
+        expected = Some(v);
+    }
+    stores[0]
         .delete(&key)
         .await
         .expect("the store failed to delete");

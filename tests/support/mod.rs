@@ -5,6 +5,7 @@
 
 pub mod encoding;
 pub mod harness;
+pub mod store;
 
 use std::time::Duration;
 
