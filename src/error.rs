@@ -168,8 +168,13 @@ pub enum InvalidationReason {
     Superseded,
     /// The user or an administrator revoked the app's access.
     Revoked,
-    /// The grant has no refresh token and its access token expired.
+    /// The grant has no refresh token and its access token expired (or the API rejected it).
     NoRefreshToken,
+    /// A refresh reply was lost after the provider had rotated the refresh token (a timeout or
+    /// a connection dropped mid-reply), and the provider refused the old refresh token on the
+    /// prompt retry: the new one never arrived. Not the user's doing; a human must still
+    /// reconnect.
+    RotationLost,
     /// A provider-specific code.
     Provider {
         /// The provider's code.
@@ -187,6 +192,9 @@ impl fmt::Display for InvalidationReason {
             Self::Revoked => f.write_str("access was revoked"),
             Self::NoRefreshToken => {
                 f.write_str("the access token expired and there is no refresh token")
+            }
+            Self::RotationLost => {
+                f.write_str("the reply carrying the rotated refresh token was lost")
             }
             Self::Provider { code } => write!(f, "provider code `{code}`"),
         }
@@ -255,6 +263,14 @@ pub enum ConfigProblem {
         /// The code.
         code: String,
     },
+    /// A setting of this crate is out of range or contradicts another
+    /// (from [`TokenManagerBuilder::try_build`](crate::TokenManagerBuilder::try_build)).
+    Setting {
+        /// The setting.
+        setting: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ConfigProblem {
@@ -268,6 +284,7 @@ impl fmt::Display for ConfigProblem {
             Self::Endpoint => f.write_str("bad token endpoint"),
             Self::HttpClient => f.write_str("http client error"),
             Self::OAuth { code } => write!(f, "oauth error `{code}`"),
+            Self::Setting { setting, reason } => write!(f, "setting `{setting}` {reason}"),
         }
     }
 }
@@ -351,6 +368,7 @@ pub struct ProviderError {
     pub(crate) kind: ProviderErrorKind,
     pub(crate) status: Option<u16>,
     pub(crate) source: Option<SharedError>,
+    pub(crate) rotated: Option<crate::token::RefreshToken>,
 }
 
 /// What a [`ProviderError`] means.
@@ -382,7 +400,19 @@ impl ProviderError {
             kind,
             status: None,
             source: None,
+            rotated: None,
         }
+    }
+
+    /// Keeps a rotated refresh token found in an otherwise unusable reply.
+    pub fn with_rotated_refresh_token(mut self, token: crate::token::RefreshToken) -> Self {
+        self.rotated = Some(token);
+        self
+    }
+
+    /// A rotated refresh token the reply carried, if any.
+    pub fn rotated_refresh_token(&self) -> Option<&crate::token::RefreshToken> {
+        self.rotated.as_ref()
     }
 
     /// The grant is dead for `reason`.

@@ -50,6 +50,15 @@ pub enum Event {
         /// When the refresh token expires.
         expires_at: SystemTime,
     },
+    /// A grant that nothing can renew (no refresh token) has an access token that expires
+    /// soon; a human must reconnect it before then. Sent once per access token, `expiry_warning`
+    /// ahead (see [`RefresherConfig`](crate::RefresherConfig)).
+    AccessTokenExpiring {
+        /// The grant.
+        key: TokenKey,
+        /// When the access token expires.
+        expires_at: SystemTime,
+    },
     /// A grant of a failover group was skipped (see
     /// [`AuthorizedClient::send_any`](crate::AuthorizedClient::send_any)).
     GrantSkipped {
@@ -77,6 +86,7 @@ impl Event {
             | Event::ReauthorizationRequired { key, .. }
             | Event::Recovered { key }
             | Event::RefreshTokenExpiring { key, .. }
+            | Event::AccessTokenExpiring { key, .. }
             | Event::PersistFailed { key, .. }
             | Event::GrantSkipped { key, .. } => key,
         }

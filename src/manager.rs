@@ -1,7 +1,7 @@
 //! [`TokenManager`]: the cache, single-flight refresh and save-before-return.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
-use crate::error::{Error, InvalidationReason, Result, UnavailableCause};
+use crate::error::{ConfigProblem, Error, InvalidationReason, Result, UnavailableCause};
 use crate::event::Event;
 use crate::provider::Provider;
 use crate::refresher::{self, Control, RefresherConfig, RefresherHandle};
@@ -19,6 +19,8 @@ use crate::store::{GrantRecord, GrantState, MemoryStore, TokenStore, Version};
 use crate::token::{AccessToken, TokenKey, TokenSet};
 
 mod refresh;
+
+pub(crate) use refresh::later;
 
 /// Keeps the grants of one provider alive.
 ///
@@ -51,6 +53,12 @@ pub(crate) struct Inner {
     scheduler: Mutex<Option<mpsc::UnboundedSender<Control>>>,
     /// The background refresher's next check per grant, when one runs.
     planned: Mutex<Option<Arc<DashMap<TokenKey, SystemTime>>>>,
+    /// Refreshes in flight plus records held unsaved; [`TokenManager::drain`] waits for zero.
+    busy: watch::Sender<usize>,
+    /// Whether the missing cross-process lock was already reported.
+    warned_no_lock: AtomicBool,
+    /// Identifies pending records, so a stale reconcile never clears a newer one.
+    pending_ids: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +68,8 @@ pub(crate) struct Config {
     pub(crate) backoff_max: Duration,
     pub(crate) lock_ttl: Duration,
     pub(crate) save_attempts: u32,
+    pub(crate) refresh_timeout: Duration,
+    pub(crate) fallback_lifetime: Duration,
 }
 
 /// Per-grant state in this process.
@@ -69,8 +79,34 @@ pub(crate) struct Slot {
     /// Read by a caller since its last refresh (the refresher refreshes such grants ahead).
     used: AtomicBool,
     flight: Mutex<Option<watch::Receiver<Option<Outcome>>>>,
-    /// A refreshed record whose save failed: (record, version it replaces).
-    unsaved: Mutex<Option<(GrantRecord, Version)>>,
+    /// A record this process must still save: rotated tokens or a death the store refused.
+    pending: Mutex<Option<Pending>>,
+    /// A background task is retrying the save of `pending`.
+    persisting: AtomicBool,
+    /// Backoff caused by this process alone (its configuration, its network): never shared
+    /// through the store, so it cannot hold back correctly configured peers.
+    local: Mutex<Option<LocalHold>>,
+}
+
+/// A record that must reach the store before anything else happens to the grant.
+#[derive(Clone)]
+pub(crate) struct Pending {
+    pub(crate) id: u64,
+    pub(crate) record: GrantRecord,
+    /// The version it was computed from.
+    pub(crate) base: Version,
+    /// The refresh token it replaces: while the store still holds this one, the pending record
+    /// is newer than the store's.
+    pub(crate) spent: Option<crate::token::RefreshToken>,
+}
+
+/// A backoff kept in this process only.
+#[derive(Clone)]
+pub(crate) struct LocalHold {
+    pub(crate) until: SystemTime,
+    pub(crate) since: SystemTime,
+    pub(crate) failures: u32,
+    pub(crate) error: Error,
 }
 
 /// What this process knows of a grant.
@@ -79,6 +115,8 @@ pub(crate) struct Cached {
     pub(crate) version: Version,
     pub(crate) dead: Option<InvalidationReason>,
     pub(crate) retry_not_before: Option<SystemTime>,
+    /// When the backoff started (to keep a clock set back from stretching it).
+    pub(crate) failed_at: Option<SystemTime>,
     pub(crate) last_error: Option<Error>,
     pub(crate) last_failure: Option<crate::store::StoredFailure>,
 }
@@ -96,6 +134,8 @@ pub(crate) enum Need {
     Forced,
     /// The background refresher planned one after seeing tokens issued at this time.
     Scheduled { seen_issued_at: Option<SystemTime> },
+    /// Only save a pending record (no provider call).
+    Persist,
 }
 
 impl TokenManager {
@@ -111,7 +151,10 @@ impl TokenManager {
                 backoff_max: Duration::from_secs(15 * 60),
                 lock_ttl: Duration::from_secs(60),
                 save_attempts: 3,
+                refresh_timeout: Duration::from_secs(20),
+                fallback_lifetime: Duration::from_secs(3600),
             },
+            problems: Vec::new(),
             event_capacity: 1024,
         }
     }
@@ -187,8 +230,9 @@ impl TokenManager {
                 self.inner.store.save(&key, &record, expected).await?
             {
                 let slot = self.inner.slot(&key);
-                *slot.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                self.inner.cache(&slot, &record, version, None);
+                self.inner.clear_pending(&slot, None);
+                *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.inner.cache(&slot, &record, version, None, true);
                 self.inner.notify_scheduler(&key);
                 if was_dead {
                     self.inner.emit(Event::Recovered { key });
@@ -201,7 +245,7 @@ impl TokenManager {
     /// Deletes the grant for `key`. Returns whether there was one.
     pub async fn remove(&self, key: &TokenKey) -> Result<bool> {
         let removed = self.inner.store.delete(key).await?;
-        self.inner.grants.remove(key);
+        self.inner.forget(key);
         self.inner.notify_scheduler(key);
         Ok(removed)
     }
@@ -237,7 +281,7 @@ impl TokenManager {
                     .map_err(|e| e.into_error(key))?;
             }
             let removed = inner.store.delete(key).await?;
-            inner.grants.remove(key);
+            inner.forget(key);
             inner.notify_scheduler(key);
             Ok(removed)
         }
@@ -304,6 +348,17 @@ impl TokenManager {
         self.inner.emit(event);
     }
 
+    /// Waits until no refresh of this manager is in flight and every refreshed grant is saved,
+    /// for at most `timeout`. Returns whether everything finished.
+    ///
+    /// Call it before the process exits: a refresh the provider already executed is then
+    /// saved, instead of being cancelled with the runtime (which would leave the store holding
+    /// a spent refresh token). Records whose save failed earlier are tried once more first.
+    /// [`RefresherHandle::shutdown`] calls it after stopping the scheduler.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        drain(&self.inner, timeout).await
+    }
+
     /// The clock this manager computes expiries with.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.clock
@@ -319,7 +374,15 @@ impl TokenManager {
             Some(c) if c.dead.is_none() => c,
             // Unknown here, or dead: read the store (a new grant may have been inserted by
             // another process).
-            _ => inner.load(key, &slot).await?,
+            _ => match inner.load(key, &slot).await {
+                Ok(c) => c,
+                // The store is unreachable: a death known here still stands (it may be the
+                // very record the store failed to take), and a dead grant is never retried.
+                Err(e) => match slot.cached.load_full() {
+                    Some(c) if c.dead.is_some() => c,
+                    _ => return Err(e),
+                },
+            },
         };
         if let Some(reason) = &cached.dead {
             return Err(Error::ReauthorizationRequired {
@@ -331,7 +394,24 @@ impl TokenManager {
         if need.satisfied_by(&cached.tokens, now, inner.config.refresh_margin) {
             return Ok(cached.tokens.clone());
         }
+        // A grant its provider cannot refresh is served until it really expires.
+        if !inner.provider.can_refresh(&cached.tokens)
+            && !cached.tokens.is_expired(now)
+            && !matches!(need, Need::Rejected(_))
+        {
+            return Ok(cached.tokens.clone());
+        }
         if let Some(held) = cached.held_by_backoff(key, &need, now) {
+            if held.is_err() {
+                // Before failing, look whether a peer (one not in backoff) refreshed meanwhile.
+                if let Ok(stored) = inner.load(key, &slot).await {
+                    if stored.dead.is_none()
+                        && need.satisfied_by(&stored.tokens, now, inner.config.refresh_margin)
+                    {
+                        return Ok(stored.tokens.clone());
+                    }
+                }
+            }
             return held;
         }
         inner.refresh_shared(key, slot, need).await
@@ -341,7 +421,7 @@ impl TokenManager {
 impl Need {
     fn satisfied_by(&self, tokens: &TokenSet, now: SystemTime, margin: Duration) -> bool {
         match self {
-            Need::Expiring => tokens.is_fresh(now, margin),
+            Need::Expiring => tokens.is_fresh(now, tokens.scaled_margin(margin)),
             Need::Rejected(failed) => tokens.access_token() != failed && !tokens.is_expired(now),
             Need::Forced => false,
             // A peer refreshed since the refresher looked.
@@ -350,6 +430,7 @@ impl Need {
                 (Some(_), None) => true,
                 (None, _) => false,
             },
+            Need::Persist => true,
         }
     }
 }
@@ -363,9 +444,14 @@ impl Cached {
         now: SystemTime,
     ) -> Option<Result<Arc<TokenSet>>> {
         let until = self.retry_not_before.filter(|t| *t > now)?;
+        // A clock set back before the failure must not stretch the backoff by the jump: the
+        // backoff counts as over (one attempt, which starts a new backoff on failure).
+        if self.failed_at.is_some_and(|since| since > now) {
+            return None;
+        }
         let usable = match need {
             Need::Expiring => !self.tokens.is_expired(now),
-            Need::Rejected(_) | Need::Forced | Need::Scheduled { .. } => false,
+            Need::Rejected(_) | Need::Forced | Need::Scheduled { .. } | Need::Persist => false,
         };
         if usable {
             return Some(Ok(self.tokens.clone()));
@@ -396,9 +482,10 @@ impl Inner {
         let cached = slot.cached.load();
         let cached = cached.as_ref()?;
         (cached.dead.is_none()
-            && cached
-                .tokens
-                .is_fresh(self.clock.now(), self.config.refresh_margin))
+            && cached.tokens.is_fresh(
+                self.clock.now(),
+                cached.tokens.scaled_margin(self.config.refresh_margin),
+            ))
         .then(|| f(&cached.tokens))
     }
 
@@ -413,43 +500,152 @@ impl Inner {
         self.grants.entry(key.clone()).or_default().clone()
     }
 
-    /// Loads the grant from the store into the cache.
-    async fn load(&self, key: &TokenKey, slot: &Slot) -> Result<Arc<Cached>> {
-        match self.store.load(key).await? {
+    /// Loads the grant from the store into the cache (saving a pending record first).
+    async fn load(self: &Arc<Self>, key: &TokenKey, slot: &Arc<Slot>) -> Result<Arc<Cached>> {
+        match self.reconcile(key, slot).await? {
             None => {
                 slot.cached.store(None);
                 // Lookups of keys that do not exist must not grow the map.
                 self.grants.remove_if(key, |_, s| s.cached.load().is_none());
                 Err(Error::NotFound { key: key.clone() })
             }
-            Some(loaded) => Ok(self.cache(slot, &loaded.value, loaded.version, None)),
+            Some(loaded) => Ok(self.cache(slot, &loaded.value, loaded.version, None, false)),
         }
+    }
+
+    /// Forgets everything this process knows of `key` (the grant was deleted).
+    fn forget(&self, key: &TokenKey) {
+        if let Some((_, slot)) = self.grants.remove(key) {
+            self.clear_pending(&slot, None);
+        }
+    }
+
+    /// Holds `record` until it is saved; counted by [`TokenManager::drain`].
+    pub(crate) fn set_pending(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        slot: &Arc<Slot>,
+        record: GrantRecord,
+        base: Version,
+        spent: Option<crate::token::RefreshToken>,
+    ) {
+        let id = self.pending_ids.fetch_add(1, Ordering::Relaxed);
+        let previous = slot
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Pending {
+                id,
+                record,
+                base,
+                spent,
+            });
+        if previous.is_none() {
+            self.busy.send_modify(|n| *n += 1);
+        }
+        self.spawn_persist_retry(key, slot);
+    }
+
+    /// Drops the pending record (`id`: only if it is still that one).
+    pub(crate) fn clear_pending(&self, slot: &Slot, id: Option<u64>) {
+        let mut pending = slot.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending
+            .as_ref()
+            .is_some_and(|p| id.is_none_or(|id| p.id == id))
+        {
+            *pending = None;
+            self.busy.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+
+    /// Retries saving the pending record in the background until it is saved or superseded.
+    fn spawn_persist_retry(self: &Arc<Self>, key: &TokenKey, slot: &Arc<Slot>) {
+        if slot.persisting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let key = key.clone();
+        let slot = slot.clone();
+        let has_pending = |slot: &Slot| {
+            slot.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        };
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(delay).await;
+                let Some(inner) = weak.upgrade() else { break };
+                if has_pending(&slot) {
+                    let _ = inner
+                        .refresh_shared(&key, slot.clone(), Need::Persist)
+                        .await;
+                }
+                if !has_pending(&slot) {
+                    slot.persisting.store(false, Ordering::SeqCst);
+                    // A record made pending between the check and the store above.
+                    if !has_pending(&slot) || slot.persisting.swap(true, Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        });
     }
 
     /// Replaces the cached view of a grant with `record` at `version`, unless the cache
     /// already holds a newer version.
+    ///
+    /// `authoritative`: `record` was just read under the refresh lock or just written, so it is
+    /// the store's current state even if its version is lower than the cached one (the store
+    /// went back in time: restored from a backup, or re-imported). The cached tokens may then
+    /// be spent, so they are replaced.
     pub(crate) fn cache(
         &self,
         slot: &Slot,
         record: &GrantRecord,
         version: Version,
         last_error: Option<Error>,
+        authoritative: bool,
     ) -> Arc<Cached> {
-        let last_error = last_error.or_else(|| {
+        let mut last_error = last_error.or_else(|| {
             slot.cached
                 .load()
                 .as_ref()
                 .filter(|c| c.version == version)
                 .and_then(|c| c.last_error.clone())
         });
+        let mut retry_not_before = record.retry_not_before;
+        let mut failed_at = record.failed_at;
+        let now = self.clock.now();
+        if let Some(local) = &*slot.local.lock().unwrap_or_else(|e| e.into_inner()) {
+            if local.until > now && retry_not_before.is_none_or(|t| t < local.until) {
+                retry_not_before = Some(local.until);
+                failed_at = Some(local.since);
+                last_error = Some(local.error.clone());
+            }
+        }
         let fresh = Arc::new(Cached {
             tokens: Arc::new(record.tokens.clone()),
             version,
             dead: record.dead_reason().cloned(),
-            retry_not_before: record.retry_not_before,
+            retry_not_before,
+            failed_at,
             last_error,
             last_failure: record.last_failure.clone(),
         });
+        if authoritative {
+            if let Some(c) = slot.cached.load().as_ref().filter(|c| c.version > version) {
+                tracing::warn!(
+                    cached = c.version,
+                    stored = version,
+                    "the store went back in time (restored or re-imported); adopting its record"
+                );
+            }
+            slot.cached.store(Some(fresh.clone()));
+            return fresh;
+        }
         let previous = slot.cached.rcu(|current| match current {
             Some(c) if c.version > version => Some(c.clone()),
             _ => Some(fresh.clone()),
@@ -457,6 +653,31 @@ impl Inner {
         match previous {
             Some(c) if c.version > version => c,
             _ => fresh,
+        }
+    }
+
+    /// The refresher read `version` of `key` from the store: if this process caches a newer
+    /// version, the store went back in time (restored from a backup, re-imported), and the
+    /// cached tokens may be spent. Drop them; the next call reloads and adopts the store's.
+    pub(crate) fn note_stored_version(&self, key: &TokenKey, version: Version) {
+        if let Some(slot) = self.grants.get(key) {
+            let regressed = slot
+                .cached
+                .load()
+                .as_ref()
+                .is_some_and(|c| c.version > version);
+            let in_flight = slot
+                .flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+            if regressed && !in_flight {
+                tracing::warn!(
+                    key = %key,
+                    "the store went back in time (restored or re-imported); reloading the grant"
+                );
+                slot.cached.store(None);
+            }
         }
     }
 
@@ -510,13 +731,17 @@ impl Inner {
                     let inner = self.clone();
                     let key = key.clone();
                     let slot = slot.clone();
+                    self.busy.send_modify(|n| *n += 1);
                     tokio::spawn(async move {
-                        // Clears the flight even if the provider panics, so the grant is not
+                        // Clears the flight even if the refresh panics, so the grant is not
                         // stuck; waiters then see the channel close.
-                        let guard = FlightGuard(&slot);
+                        let guard = FlightGuard(&inner, &slot);
                         let outcome = inner.run_refresh(&key, &slot, need).await;
-                        drop(guard);
+                        // The flight ends before its outcome is published: a caller arriving
+                        // later must not be handed this (by then possibly stale) outcome.
+                        guard.land();
                         let _ = tx.send(Some(outcome));
+                        drop(guard);
                     });
                     rx
                 }
@@ -538,11 +763,49 @@ impl Inner {
     }
 }
 
-struct FlightGuard<'a>(&'a Slot);
+/// Ends a flight: clears it (so the next caller starts a new one) and, once its outcome is
+/// published, stops counting it as busy. Runs on panic too.
+struct FlightGuard<'a>(&'a Inner, &'a Slot);
+
+impl FlightGuard<'_> {
+    fn land(&self) {
+        *self.1.flight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
-        *self.0.flight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.land();
+        self.0.busy.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+pub(crate) async fn drain(inner: &Arc<Inner>, timeout: Duration) -> bool {
+    let work = async {
+        // Records whose save failed get one more prompt try.
+        let pending: Vec<(TokenKey, Arc<Slot>)> = inner
+            .grants
+            .iter()
+            .filter(|e| {
+                e.value()
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some()
+            })
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (key, slot) in pending {
+            let _ = inner.refresh_shared(&key, slot, Need::Persist).await;
+        }
+        let mut busy = inner.busy.subscribe();
+        let _ = busy.wait_for(|n| *n == 0).await;
+    };
+    let deadline = later(inner.clock.now(), timeout);
+    tokio::select! {
+        biased;
+        () = work => true,
+        () = inner.clock.sleep_until(deadline) => false,
     }
 }
 
@@ -562,7 +825,17 @@ pub struct TokenManagerBuilder {
     clock: Option<Arc<dyn Clock>>,
     config: Config,
     event_capacity: usize,
+    /// Settings that were nonsense and were clamped; [`TokenManagerBuilder::try_build`]
+    /// reports the first.
+    problems: Vec<ConfigProblem>,
 }
+
+/// The most any backoff, margin or lifetime setting is taken to mean: 30 days. Longer values
+/// are clamped (and rejected by [`TokenManagerBuilder::try_build`]).
+const MAX_SETTING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The largest event channel (events are small; a bigger buffer only hides a stuck consumer).
+const MAX_EVENT_CAPACITY: usize = 1 << 16;
 
 impl fmt::Debug for TokenManagerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -586,33 +859,85 @@ impl TokenManagerBuilder {
     }
 
     /// Refresh when the access token has less than this left (default 60 s).
+    ///
+    /// For short-lived tokens the margin shrinks to half the token's lifetime, so a token that
+    /// lives 60 s or less is refreshed about once per half lifetime, never on every call.
+    /// Values over 30 days are clamped.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
-        self.config.refresh_margin = margin;
+        self.config.refresh_margin = self.clamp("refresh_margin", margin, Duration::ZERO);
         self
     }
 
     /// Backoff after a failed refresh: `base` doubling per consecutive failure up to `max`,
     /// with jitter; a provider's `Retry-After` wins when longer (defaults 5 s and 15 min).
+    /// Values over 30 days are clamped; `max` is at least `base`.
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        let base = self.clamp("backoff base", base, Duration::ZERO);
+        let max = self.clamp("backoff max", max, Duration::ZERO);
+        if max < base {
+            self.problems
+                .push(problem("backoff max", "is shorter than the base"));
+        }
         self.config.backoff_base = base;
         self.config.backoff_max = max.max(base);
         self
     }
 
     /// How long a crashed process can hold a store's cross-process refresh lock (default 60 s).
+    ///
+    /// A refresh can take two provider calls (a prompt retry after a lost reply), so keep it
+    /// above twice the [`refresh_timeout`](Self::refresh_timeout); a refresh that outlives the
+    /// lease still never overwrites a peer's newer record (saves are compare-and-swap on the
+    /// version read under the lock).
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
-        self.config.lock_ttl = ttl;
+        self.config.lock_ttl = self.clamp("lock_ttl", ttl, Duration::from_secs(1));
+        self
+    }
+
+    /// The longest one provider call may take before it counts as
+    /// [`Unavailable`](crate::Error::Unavailable) with cause
+    /// [`Timeout`](crate::UnavailableCause::Timeout) and the grant backs off (default 20 s).
+    /// A provider that never answers then holds neither its callers nor, through the store's
+    /// lock, other processes. Clamped to at least 1 ms.
+    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.config.refresh_timeout =
+            self.clamp("refresh_timeout", timeout, Duration::from_millis(1));
+        self
+    }
+
+    /// The lifetime assumed for an access token whose reply stated its expiry in a form that
+    /// could not be read (a null, negative, huge or non-numeric `expires_in`): default 1 hour,
+    /// so the grant is refreshed early rather than kept past its real expiry. A reply that
+    /// states no expiry at all keeps an unknown expiry (valid until the API rejects it, then
+    /// [`invalidate`](TokenManager::invalidate) refreshes).
+    pub fn fallback_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config.fallback_lifetime =
+            self.clamp("fallback_lifetime", lifetime, Duration::from_secs(1));
         self
     }
 
     /// How many events a slow subscriber may fall behind before losing the oldest
-    /// (default 1024).
+    /// (default 1024, at most 65 536).
     pub fn event_capacity(mut self, capacity: usize) -> Self {
-        self.event_capacity = capacity.max(1);
+        if capacity == 0 || capacity > MAX_EVENT_CAPACITY {
+            self.problems
+                .push(problem("event_capacity", "must be between 1 and 65536"));
+        }
+        self.event_capacity = capacity.clamp(1, MAX_EVENT_CAPACITY);
         self
     }
 
-    /// Builds the manager.
+    fn clamp(&mut self, name: &'static str, value: Duration, least: Duration) -> Duration {
+        if value > MAX_SETTING {
+            self.problems.push(problem(name, "is longer than 30 days"));
+        } else if value < least {
+            self.problems.push(problem(name, "is too short"));
+        }
+        value.clamp(least, MAX_SETTING)
+    }
+
+    /// Builds the manager. Settings out of range were clamped as each setter documents; use
+    /// [`try_build`](Self::try_build) to have them rejected instead.
     pub fn build(self) -> TokenManager {
         let (events, _) = broadcast::channel(self.event_capacity);
         TokenManager {
@@ -625,8 +950,43 @@ impl TokenManagerBuilder {
                 events,
                 scheduler: Mutex::new(None),
                 planned: Mutex::new(None),
+                busy: watch::Sender::new(0),
+                warned_no_lock: AtomicBool::new(false),
+                pending_ids: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Builds the manager, or says which setting is nonsense.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misconfigured`] with [`ConfigProblem::Setting`] for a value a setter had to
+    /// clamp (a duration over 30 days, a zero event capacity…), or a lock ttl not above twice
+    /// the refresh timeout.
+    pub fn try_build(mut self) -> Result<TokenManager> {
+        if self.config.lock_ttl <= self.config.refresh_timeout * 2 {
+            self.problems.push(problem(
+                "lock_ttl",
+                "must be longer than twice the refresh timeout",
+            ));
+        }
+        if let Some(problem) = self.problems.first().cloned() {
+            return Err(Error::Misconfigured {
+                key: None,
+                problem,
+                status: None,
+                source: None,
+            });
+        }
+        Ok(self.build())
+    }
+}
+
+fn problem(setting: &str, reason: &str) -> ConfigProblem {
+    ConfigProblem::Setting {
+        setting: setting.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 

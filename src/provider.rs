@@ -84,6 +84,20 @@ pub trait Provider: Send + Sync + 'static {
     /// Refreshes the grant once.
     async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError>;
 
+    /// Whether this provider can renew `tokens` at all. The default: only with a refresh token.
+    ///
+    /// A grant it cannot renew (an access token minted in a provider's dashboard, say) is
+    /// served until its access token expires, is never touched by keep-alive, gets an
+    /// [`Event::AccessTokenExpiring`](crate::Event::AccessTokenExpiring) warning ahead of that,
+    /// and only then becomes
+    /// [`ReauthorizationRequired`](crate::Error::ReauthorizationRequired) with
+    /// [`NoRefreshToken`](crate::InvalidationReason::NoRefreshToken) (or earlier, if the API
+    /// rejects the token). Providers that renew another way (by presenting the access token,
+    /// say) return `true`.
+    fn can_refresh(&self, tokens: &TokenSet) -> bool {
+        tokens.refresh_token().is_some()
+    }
+
     /// Revokes the grant at the provider (RFC 7009), as an app should when a user disconnects
     /// it; called by [`TokenManager::disconnect`](crate::TokenManager::disconnect) with the
     /// grant's current tokens.
@@ -137,6 +151,10 @@ where
 impl<T: Provider + ?Sized> Provider for std::sync::Arc<T> {
     async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
         (**self).refresh(request).await
+    }
+
+    fn can_refresh(&self, tokens: &TokenSet) -> bool {
+        (**self).can_refresh(tokens)
     }
 
     async fn revoke(&self, request: RefreshRequest<'_>) -> Result<(), ProviderError> {

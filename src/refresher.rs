@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::event::Event;
-use crate::manager::{Inner, Need};
+use crate::manager::{later, Inner, Need};
 use crate::store::GrantRecord;
 use crate::token::TokenKey;
 
@@ -38,6 +38,7 @@ pub struct RefresherConfig {
     expiry_warning: Duration,
     min_sleep: Duration,
     retry_floor: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl Default for RefresherConfig {
@@ -54,6 +55,7 @@ impl Default for RefresherConfig {
             expiry_warning: Duration::from_secs(7 * 24 * 3600),
             min_sleep: Duration::from_secs(1),
             retry_floor: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -64,22 +66,29 @@ impl RefresherConfig {
         Self::default()
     }
 
-    /// Refresh grants in use at least this long before expiry (default 5 min).
+    /// Refresh grants in use at least this long before expiry (default 5 min). The lead never
+    /// exceeds half the token's lifetime, so short-lived tokens are refreshed about once per
+    /// half lifetime, not continuously.
     pub fn lead_time(mut self, lead: Duration) -> Self {
-        self.lead_time = lead;
+        self.lead_time = lead.min(MAX_SETTING);
         self
     }
 
-    /// Or this fraction of the token's lifetime before expiry, when longer (default 0.1).
+    /// Or this fraction of the token's lifetime before expiry, when longer (default 0.1;
+    /// clamped to 0–0.9; NaN keeps the default).
     pub fn lead_fraction(mut self, fraction: f64) -> Self {
-        self.lead_fraction = fraction.clamp(0.0, 0.9);
+        if fraction.is_finite() {
+            self.lead_fraction = fraction.clamp(0.0, 0.9);
+        }
         self
     }
 
-    /// Random extra lead, as a fraction of the lead (default 0.25), so grants issued together
-    /// are not refreshed together.
+    /// Random extra lead, as a fraction of the lead (default 0.25; clamped to 0–1; NaN keeps
+    /// the default), so grants issued together are not refreshed together.
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = fraction.clamp(0.0, 1.0);
+        if fraction.is_finite() {
+            self.jitter = fraction.clamp(0.0, 1.0);
+        }
         self
     }
 
@@ -90,48 +99,66 @@ impl RefresherConfig {
         self
     }
 
-    /// Refresh every grant at least this often, used or not; `None` turns keep-alive off
-    /// (default 7 days).
+    /// Refresh every grant that can be refreshed at least this often, used or not; `None`
+    /// turns keep-alive off (default 7 days; at least 1 minute). Grants their provider cannot
+    /// renew (no refresh token) are never touched by keep-alive.
     pub fn keep_alive(mut self, every: Option<Duration>) -> Self {
-        self.keep_alive = every;
+        self.keep_alive = every.map(|d| d.max(MINUTE));
         self
     }
 
-    /// Refreshes running at once (default 8).
+    /// Refreshes running at once (default 8; 1 to 4096).
     pub fn max_concurrency(mut self, n: usize) -> Self {
-        self.max_concurrency = n.max(1);
+        self.max_concurrency = n.clamp(1, 4096);
         self
     }
 
-    /// Refreshes started in any one minute of clock time, all grants together (default 120).
+    /// Refreshes started in any one minute of clock time, all grants together (default 120;
+    /// at least 1). Every refresh the refresher starts counts: planned ones, the start-up
+    /// scan and newly inserted grants alike.
     pub fn max_per_minute(mut self, n: usize) -> Self {
         self.max_per_minute = n.max(1);
         self
     }
 
-    /// How often to look for grants added by other processes (default 10 min).
+    /// How often to look for grants added by other processes (default 10 min; 1 s to 30
+    /// days).
     pub fn rescan_interval(mut self, every: Duration) -> Self {
-        self.rescan_interval = every.max(Duration::from_secs(1));
+        self.rescan_interval = every.clamp(Duration::from_secs(1), MAX_SETTING);
         self
     }
 
-    /// How far ahead of a known refresh-token expiry to warn (default 7 days).
+    /// How far ahead of a known refresh-token expiry (or of the expiry of a grant that cannot
+    /// be renewed) to warn (default 7 days).
     pub fn expiry_warning(mut self, ahead: Duration) -> Self {
-        self.expiry_warning = ahead;
+        self.expiry_warning = ahead.min(MAX_SETTING);
+        self
+    }
+
+    /// How long [`RefresherHandle::shutdown`] waits for refreshes in flight (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
         self
     }
 
     /// Least time between two attempts for one grant when the last one left no backoff
     /// (default 30 s).
     pub fn retry_floor(mut self, floor: Duration) -> Self {
-        self.retry_floor = floor.max(Duration::from_millis(1));
+        self.retry_floor = floor.clamp(Duration::from_millis(1), MAX_SETTING);
         self
     }
 }
 
-/// A running background refresher. Stop it with [`shutdown`](Self::shutdown), or by dropping
-/// the handle. Refreshes already sent finish and are saved either way.
+/// The longest any duration setting is taken to mean (30 days).
+const MAX_SETTING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A running background refresher. Stop it with [`shutdown`](Self::shutdown), which also waits
+/// for the manager's refreshes in flight to be saved, or by dropping the handle (refreshes in
+/// flight then go on, on their own tasks, as long as the runtime runs).
+#[must_use = "dropping the handle stops the refresher"]
 pub struct RefresherHandle {
+    inner: Arc<Inner>,
+    shutdown_timeout: Duration,
     shutdown: watch::Sender<bool>,
     control: mpsc::UnboundedSender<Control>,
     progress: watch::Receiver<Progress>,
@@ -148,13 +175,22 @@ impl fmt::Debug for RefresherHandle {
 }
 
 impl RefresherHandle {
-    /// Stops the scheduler and waits for it to exit. Refreshes in flight run to completion on
-    /// their own tasks.
-    pub async fn shutdown(mut self) {
+    /// Stops the scheduler, then waits (at most the configured
+    /// [`shutdown_timeout`](RefresherConfig::shutdown_timeout), default 30 s) until no refresh
+    /// of the manager is in flight and every refreshed grant is saved, as
+    /// [`TokenManager::drain`](crate::TokenManager::drain) does. Returns whether everything
+    /// finished in time; if not, the refreshes left go on on their own tasks while the runtime
+    /// runs.
+    ///
+    /// Guaranteed once this returns `true`: every refresh the provider answered before the
+    /// call is saved (or the store refused it and the grant is reported through
+    /// [`Event::PersistFailed`]). Exiting the process is then safe.
+    pub async fn shutdown(mut self) -> bool {
         let _ = self.shutdown.send(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        crate::manager::drain(&self.inner, self.shutdown_timeout).await
     }
 
     /// Whether the scheduler task is still running.
@@ -221,6 +257,8 @@ pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHand
     let planned = Arc::new(DashMap::new());
     inner.set_scheduler(control.clone(), planned.clone());
     let clock = inner.clock.clone();
+    let shutdown_timeout = config.shutdown_timeout;
+    let handle_inner = inner.clone();
     let scheduler = Scheduler {
         semaphore: Arc::new(Semaphore::new(config.max_concurrency)),
         config,
@@ -236,6 +274,8 @@ pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHand
     };
     let task = tokio::spawn(scheduler.run(shutdown_rx, control_rx, progress_tx));
     RefresherHandle {
+        inner: handle_inner,
+        shutdown_timeout,
         shutdown,
         control,
         progress,
@@ -284,7 +324,7 @@ impl Scheduler {
             let now = clock.now();
             if now >= next_rescan {
                 self.rescan(now).await;
-                next_rescan = now + self.config.rescan_interval;
+                next_rescan = later(now, self.config.rescan_interval);
             }
             let blocked_until = self.start_due(now).await;
             let _ = progress.send(Progress {
@@ -310,7 +350,7 @@ impl Scheduler {
                     wake = wake.min(*t);
                 }
             }
-            let wake = wake.max(now + self.config.min_sleep);
+            let wake = wake.max(later(now, self.config.min_sleep));
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -367,11 +407,8 @@ impl Scheduler {
             if *at > now {
                 break;
             }
-            while self.starts.front().is_some_and(|t| *t + MINUTE <= now) {
-                self.starts.pop_front();
-            }
-            if self.starts.len() >= self.config.max_per_minute {
-                return Blocked::Until(self.starts[0] + MINUTE);
+            if let Some(until) = self.rate_blocked(now) {
+                return Blocked::Until(until);
             }
             if self.semaphore.available_permits() == 0 {
                 return Blocked::Concurrency;
@@ -388,14 +425,18 @@ impl Scheduler {
     /// Decides what a grant needs now and does it: refresh, or plan the next check.
     async fn check(&mut self, key: TokenKey, now: SystemTime) {
         let record = match self.inner.store.load(&key).await {
-            Ok(Some(loaded)) => loaded.value,
+            Ok(Some(loaded)) => {
+                // A store gone back in time must not leave this process on its newer cache.
+                self.inner.note_stored_version(&key, loaded.version);
+                loaded.value
+            }
             Ok(None) => {
                 self.forget(&key);
                 return;
             }
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "refresher could not load a grant");
-                let retry_at = now + self.config.retry_floor;
+                let retry_at = later(now, self.config.retry_floor);
                 self.inner.emit(Event::RefreshFailed {
                     key: key.clone(),
                     error: e.into(),
@@ -410,7 +451,7 @@ impl Scheduler {
             Plan::CheckAt(at) => self.plan(key, at),
             Plan::Refresh => {
                 if let Some(last) = self.last_attempt.get(&key) {
-                    let floor = *last + self.config.retry_floor;
+                    let floor = later(*last, self.config.retry_floor);
                     if floor > now {
                         self.plan(key, floor);
                         return;
@@ -445,8 +486,35 @@ impl Scheduler {
             }
         }
 
-        // Past a known refresh-token expiry no refresh can succeed: look again when the access
-        // token runs out, which is when the grant dies.
+        // Nothing can renew this grant: warn ahead of its expiry, look again then (when it
+        // dies), and leave it alone meanwhile (no keep-alive).
+        if !self.inner.provider.can_refresh(tokens) {
+            let Some(expires) = tokens.expires_at() else {
+                return Plan::Forget;
+            };
+            if expires <= now {
+                return Plan::Refresh;
+            }
+            let warn_at = expires
+                .checked_sub(self.config.expiry_warning)
+                .unwrap_or(expires);
+            if self.warned.get(key) != Some(&expires) {
+                if warn_at <= now {
+                    self.warned.insert(key.clone(), expires);
+                    self.inner.emit(Event::AccessTokenExpiring {
+                        key: key.clone(),
+                        expires_at: expires,
+                    });
+                } else {
+                    earliest(warn_at);
+                }
+            }
+            earliest(expires);
+            return Plan::CheckAt(next.unwrap_or(expires));
+        }
+
+        // Past a known refresh-token expiry no refresh is expected to succeed: look again when
+        // the access token runs out, which is when the grant dies.
         if tokens.is_refresh_token_expired(now) {
             return match tokens.expires_at() {
                 Some(expires) if expires > now => Plan::CheckAt(expires),
@@ -466,6 +534,13 @@ impl Scheduler {
                 .lead_time
                 .max(lifetime.mul_f64(self.config.lead_fraction));
             let lead = lead + lead.mul_f64(self.config.jitter * jitter_fraction(key, expires));
+            // Short-lived tokens: never lead by more than half the lifetime, or every refresh
+            // would be due again at once.
+            let lead = if lifetime.is_zero() {
+                lead
+            } else {
+                lead.min(lifetime / 2)
+            };
             let ahead = expires.checked_sub(lead).unwrap_or(expires);
             if used || self.config.refresh_idle {
                 refresh_at = Some(ahead);
@@ -476,7 +551,7 @@ impl Scheduler {
         }
         if let Some(every) = self.config.keep_alive {
             let since = record.last_refresh().or(tokens.issued_at()).unwrap_or(now);
-            let due = since + every;
+            let due = later(since, every);
             refresh_at = Some(refresh_at.map_or(due, |r| r.min(due)));
         }
         if let Some(mut at) = refresh_at {
@@ -495,7 +570,26 @@ impl Scheduler {
         }
     }
 
+    /// When the per-minute cap is reached: the instant a start is allowed again.
+    fn rate_blocked(&mut self, now: SystemTime) -> Option<SystemTime> {
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| later(*t, MINUTE) <= now || *t > now)
+        {
+            // Starts older than a minute leave the window; starts "in the future" mean the
+            // clock was set back, and must not block the refresher for that long.
+            self.starts.pop_front();
+        }
+        (self.starts.len() >= self.config.max_per_minute).then(|| later(self.starts[0], MINUTE))
+    }
+
     fn spawn_refresh(&mut self, key: TokenKey, record: GrantRecord, now: SystemTime) {
+        // Every start respects the per-minute cap, whichever path asked for it.
+        if let Some(until) = self.rate_blocked(now) {
+            self.plan(key, until);
+            return;
+        }
         let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
             self.plan(key, now);
             return;

@@ -68,6 +68,13 @@ pub struct GrantRecord {
     pub(crate) last_refresh: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) last_failure: Option<StoredFailure>,
+    /// When the current backoff started.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
+    pub(crate) failed_at: Option<SystemTime>,
 }
 
 /// The class of the last refresh failure, kept so that every manager sharing the store (and
@@ -159,6 +166,7 @@ impl GrantRecord {
             last_error: None,
             last_refresh: None,
             last_failure: None,
+            failed_at: None,
         }
     }
 

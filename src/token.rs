@@ -244,6 +244,18 @@ impl TokenSet {
         }
     }
 
+    /// The refresh margin for these tokens: `margin`, or half the token's lifetime when that
+    /// is shorter, so short-lived tokens are not refreshed on every call.
+    pub(crate) fn scaled_margin(&self, margin: Duration) -> Duration {
+        match (self.issued_at, self.expires_at) {
+            (Some(issued), Some(expires)) => match expires.duration_since(issued) {
+                Ok(lifetime) => margin.min(lifetime / 2),
+                Err(_) => margin,
+            },
+            _ => margin,
+        }
+    }
+
     /// Whether the refresh token is known to have expired at `now`.
     pub fn is_refresh_token_expired(&self, now: SystemTime) -> bool {
         matches!(self.refresh_expires_at, Some(at) if at <= now)
@@ -322,6 +334,7 @@ pub struct TokenResponse {
     pub(crate) refresh_expires: Option<Expiry>,
     pub(crate) scopes: Option<Vec<String>>,
     pub(crate) extra: Map<String, Value>,
+    pub(crate) malformed: Vec<String>,
 }
 
 impl TokenResponse {
@@ -335,7 +348,19 @@ impl TokenResponse {
             refresh_expires: None,
             scopes: None,
             extra: Map::new(),
+            malformed: Vec::new(),
         }
+    }
+
+    /// Names of fields that were present but unusable, and were treated as absent.
+    pub fn malformed_fields(&self) -> &[String] {
+        &self.malformed
+    }
+
+    /// Records a field that was present but unusable (for custom providers' parsers).
+    pub fn with_malformed_field(mut self, name: impl Into<String>) -> Self {
+        self.malformed.push(name.into());
+        self
     }
 
     /// Sets the (possibly rotated) refresh token.
@@ -457,6 +482,7 @@ impl TokenResponse {
             refresh_expires,
             scopes,
             extra: obj,
+            malformed: Vec::new(),
         })
     }
 }

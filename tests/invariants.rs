@@ -273,10 +273,11 @@ async fn backoff_holds_a_failing_grant_and_serves_the_still_valid_token() {
         .backoff(Duration::from_secs(60), Duration::from_secs(600))
         .build();
     let mut events = manager.subscribe();
-    // Valid for 20 more seconds: inside the 60 s margin, so a refresh is due. (The first
-    // backoff is 60 s with equal jitter: between 30 and 60 s.)
+    // An hour-long token valid for 20 more seconds: inside the 60 s margin, so a refresh is
+    // due. (The first backoff is 60 s with equal jitter: between 30 and 60 s.)
     let grant = TokenSet::new(AccessToken::new("at-0"))
         .with_refresh_token(RefreshToken::new("rt-0"))
+        .with_issued_at(clock.now() - Duration::from_secs(3580))
         .with_expires_at(clock.now() + Duration::from_secs(20));
     manager.insert(key(), grant).await.unwrap();
 
@@ -532,20 +533,32 @@ async fn invalidate_refreshes_once_per_token_generation() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn known_refresh_token_expiry_is_dead_without_a_provider_call() {
+async fn known_refresh_token_expiry_is_confirmed_by_the_provider_before_the_grant_dies() {
     use tokenkeeper::Clock;
     let clock = Arc::new(ManualClock::fixed());
     let rotating = Arc::new(Rotating::default());
     let manager = manager(rotating.provider(), Arc::default(), clock.clone());
-    let grant =
-        expired_grant(&clock, "rt-0").with_refresh_expires_at(clock.now() - Duration::from_secs(1));
+    // The provider refuses this refresh token, which our clock says expired a second ago:
+    // one call confirms it, and the grant dies with the reason the expiry gives.
+    let grant = expired_grant(&clock, "rt-expired")
+        .with_refresh_expires_at(clock.now() - Duration::from_secs(1));
     manager.insert(key(), grant).await.unwrap();
     let err = manager.access_token(&key()).await.unwrap_err();
     assert_eq!(
         err.invalidation_reason(),
         Some(&InvalidationReason::RefreshTokenExpired)
     );
-    assert_eq!(rotating.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(rotating.calls.load(Ordering::SeqCst), 1);
+    assert!(manager.access_token(&key()).await.is_err());
+    assert_eq!(rotating.calls.load(Ordering::SeqCst), 1, "dead is dead");
+
+    // A clock that runs ahead makes a live refresh token look expired: the provider still
+    // takes it, and the grant lives on instead of being killed on our clock's word.
+    let other = TokenKey::from("acct-2");
+    let grant =
+        expired_grant(&clock, "rt-0").with_refresh_expires_at(clock.now() - Duration::from_secs(1));
+    manager.insert(other.clone(), grant).await.unwrap();
+    assert_eq!(manager.access_token(&other).await.unwrap().secret(), "at-1");
 }
 
 #[tokio::test(start_paused = true)]
@@ -640,6 +653,12 @@ async fn a_panicking_provider_fails_the_waiters_and_does_not_wedge_the_grant() {
         ),
         "{err:?}"
     );
+    // The panic is a failure like any other: the grant backs off (no second call at once)…
+    let again = manager.access_token(&key()).await.unwrap_err();
+    assert!(again.retry_after().is_some(), "{again:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // …and is not wedged: after the backoff it refreshes.
+    clock.advance(Duration::from_secs(6));
     assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-1");
 }
 
@@ -724,11 +743,5 @@ async fn an_expired_refresh_token_leaves_a_valid_access_token_usable_until_it_ex
         .await
         .unwrap()
         .needs_reauthorization());
-    clock.advance(Duration::from_secs(31));
-    let err = manager.access_token(&key()).await.unwrap_err();
-    assert_eq!(
-        err.invalidation_reason(),
-        Some(&InvalidationReason::RefreshTokenExpired)
-    );
     assert_eq!(rotating.calls.load(Ordering::SeqCst), 0);
 }

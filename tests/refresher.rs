@@ -488,15 +488,16 @@ async fn shutdown_stops_the_scheduler_but_a_refresh_already_sent_is_saved() {
     let refresher = manager.start_refresher(RefresherConfig::new().refresh_idle(true));
     clock.advance(HOUR * 23);
     entered.notified().await;
-    refresher.shutdown().await;
-    release.notify_one();
-    let stored = loop {
-        let record = store.load(&keys[0]).await.unwrap().unwrap().value;
-        if record.tokens().refresh_token().unwrap().secret() == "rt-new" {
-            break record;
-        }
+    // Shutdown stops the scheduler, then waits for the refresh in flight to be saved.
+    let shutdown = tokio::spawn(refresher.shutdown());
+    for _ in 0..100 {
         tokio::task::yield_now().await;
-    };
+    }
+    assert!(!shutdown.is_finished(), "returned with a refresh in flight");
+    release.notify_one();
+    assert!(shutdown.await.unwrap(), "drained");
+    let stored = store.load(&keys[0]).await.unwrap().unwrap().value;
+    assert_eq!(stored.tokens().refresh_token().unwrap().secret(), "rt-new");
     assert_eq!(stored.tokens().access_token().secret(), "at-new");
 }
 

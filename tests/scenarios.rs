@@ -31,7 +31,7 @@ use tokenkeeper::testing::{
 };
 use tokenkeeper::{
     AccessToken, Clock, Error, Event, GrantHealth, GrantRecord, InvalidationReason, MemoryStore,
-    Provider, RefreshToken, TokenKey, TokenManager, TokenSet, TokenStore, UnavailableCause,
+    Provider, RefreshToken, TokenKey, TokenManager, TokenSet, TokenStore,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -547,13 +547,14 @@ async fn invalidation(preset: Preset, what: Invalidation) {
                     ServerGrantState::RefreshTokenExpired,
                 )
             }
-            // 30 days after the grant was issued. The dashboard stated the refresh expiry, so
-            // the manager knows without asking.
+            // 30 days after the grant was issued. The dashboard stated the refresh expiry;
+            // the manager still lets the server confirm it (one call), so a clock running
+            // ahead never kills a live grant, and reports the stated expiry as the reason.
             Preset::Xoxoday => {
                 f.clock.advance(31 * DAY);
                 (
                     InvalidationReason::RefreshTokenExpired,
-                    0,
+                    1,
                     ServerGrantState::RefreshTokenExpired,
                 )
             }
@@ -819,88 +820,41 @@ async fn rate_limit_retry_after_is_honoured(preset: Preset) {
 //
 // What happens: the server receives the refresh, rotates (spends the presented refresh token,
 // mints a new one) and answers, but the answer never reaches the client (a load balancer
-// answers `504 Gateway Time-out` instead). The manager sees a transient failure: a typed,
-// retryable `Unavailable { status: Some(504) }`, a short backoff, the old tokens kept. It is
-// right to keep them: from the client's side a 504 is indistinguishable from a request that
-// never reached the server, and the refresh token it holds is the only one it has.
+// answers `504 Gateway Time-out` instead). From the client's side a 504 (or a timeout, or a
+// connection dropped mid-reply) may mean the server already rotated, so the manager asks again
+// at once with the same refresh token, the only one it has:
 //
-// The next attempt presents that refresh token again. Whether the grant survives is the
-// server's choice, not the client's:
-//
+// - Rotation with a grace window (`Rotation::OnWithGrace(6h)`, Okta's and Auth0's "reuse
+//   interval"): the spent token still works inside the window, the server answers with a new
+//   access token and the grant's current refresh token, the manager saves it, and the caller
+//   never sees the lost reply.
 // - Rotation without grace (`Rotation::On`): the token was spent, so the server sees a replay
-//   and, per RFC 9700 §4.14.2 reuse detection, revokes the whole grant. The manager gets the
-//   preset's dead-token reply and reports `ReauthorizationRequired`. No client can avoid this:
-//   it cannot know the server rotated, and not retrying would leave the grant just as dead
-//   (its only refresh token is spent either way).
-// - Rotation with a grace window (`Rotation::OnWithGrace(6h)`): the spent token still works
-//   inside the window, and the server answers with a new access token and the grant's current
-//   refresh token; the manager saves it and the grant lives on.
-//
-// This is inherent to rotating refresh tokens; only a grace window (or an idempotent server
-// that replays its last answer) saves the grant, which is why the library recommends grace
-// windows where providers offer them.
+//   and, per RFC 9700 §4.14.2 reuse detection, revokes the whole grant. The manager reports
+//   `ReauthorizationRequired` with `RotationLost`, so the application knows a lost reply (not
+//   the user) killed it. No client can avoid this: not retrying leaves the grant just as dead.
 
-/// Loses the reply to the first refresh and checks what the manager makes of it; returns with
-/// the clock at the end of the manager's backoff.
-async fn lose_the_first_refresh_reply(f: &Fixture) {
+/// Loses the reply to the first refresh; returns what the first caller got.
+async fn lose_the_first_refresh_reply(f: &Fixture) -> Result<AccessToken, Error> {
     f.server.lose_next_replies(1);
     f.pass_access_lifetime();
-
-    let err = f.manager.access_token(&f.key).await.unwrap_err();
-    match &err {
-        Error::Unavailable {
-            key,
-            cause: UnavailableCause::ServerError,
-            status: Some(504),
-            retry_after: Some(_),
-            ..
-        } => assert_eq!(*key, f.key),
-        other => panic!("expected Unavailable(504), got {other:?}"),
-    }
-    assert!(err.is_retryable());
-    assert!(!err.is_reauth_required());
-    // The server rotated; the client could not know.
+    let result = f.manager.access_token(&f.key).await;
     let requests = f.server.requests();
-    assert_eq!(requests.len(), 1);
+    assert_eq!(requests.len(), 2, "one call and one prompt retry");
     assert_eq!(requests[0].outcome, rotated());
     assert!(requests[0].reply_lost);
     assert_eq!(requests[0].status, 504);
-    assert_eq!(f.stored_refresh_token().await, f.first.refresh_token);
-    assert_ne!(f.server_refresh_token(), f.first.refresh_token);
-
-    // Backing off: the 5 s first step (with jitter), no `Retry-After` on a 504.
-    let status = f.manager.status(&f.key).await.unwrap();
-    let GrantHealth::BackingOff { until } = status.health else {
-        panic!("expected BackingOff, got {status:?}");
-    };
-    assert!(until > f.now() && until <= f.now() + Duration::from_secs(5));
-    assert_eq!(status.failures, 1);
-    // Callers during the backoff get the same typed error, and nothing is sent.
-    for result in f.access_tokens(&f.manager, 10).await {
-        assert!(
-            matches!(
-                result,
-                Err(Error::Unavailable {
-                    status: Some(504),
-                    retry_after: Some(_),
-                    ..
-                })
-            ),
-            "{result:?}"
-        );
-    }
-    assert_eq!(f.calls(), 1);
-
-    f.clock.advance(until.duration_since(f.now()).unwrap());
+    assert!(!requests[1].reply_lost);
+    result
 }
 
 async fn lost_reply_without_grace_ends_in_reuse_detection(preset: Preset) {
     let f = Fixture::with_config(preset, preset.config().with_rotation(Rotation::On)).await;
-    lose_the_first_refresh_reply(&f).await;
+    let result = lose_the_first_refresh_reply(&f).await;
 
-    // The next attempt presents the spent refresh token: reuse detected, grant revoked.
-    let reason = preset.dead_token_reason();
-    assert_reauth(f.manager.access_token(&f.key).await, &f.key, &reason);
+    // The retry presents the spent refresh token: reuse detected, grant revoked, and the
+    // reason says a reply was lost.
+    let reason = InvalidationReason::RotationLost;
+    assert_reauth(result, &f.key, &reason);
     assert_eq!(f.calls(), 2);
     assert_eq!(f.outcomes(), vec![rotated(), RefreshOutcome::ReuseDetected]);
     assert_eq!(f.server.reuse_detections(), 1);
@@ -916,11 +870,10 @@ async fn lost_reply_with_grace_window_recovers(preset: Preset) {
         .config()
         .with_rotation(Rotation::OnWithGrace(6 * HOUR));
     let f = Fixture::with_config(preset, config).await;
-    lose_the_first_refresh_reply(&f).await;
 
     // Inside the grace window the spent token gets a new access token and the current
-    // refresh token.
-    let token = f.manager.access_token(&f.key).await.unwrap();
+    // refresh token: the caller is served at once.
+    let token = lose_the_first_refresh_reply(&f).await.unwrap();
     assert!(f.server.is_access_token_valid(token.secret()));
     assert_eq!(f.calls(), 2);
     assert_eq!(f.outcomes(), vec![rotated(), RefreshOutcome::GraceReplay]);

@@ -1,15 +1,21 @@
 //! One refresh of one grant: lock, re-read, call, classify, save.
+//!
+//! Between "the provider answered with a new refresh token" and "it is saved", every path keeps
+//! the new record: saved, or held as the slot's pending record (retried in the background and
+//! before anything else happens to the grant), never dropped because the store failed.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{field, Instrument};
 
-use super::{Inner, Need, Outcome, Slot};
-use crate::error::{Error, InvalidationReason, ProviderError};
+use super::{Cached, Inner, LocalHold, Need, Outcome, Slot};
+use crate::error::{Error, InvalidationReason, ProviderError, ProviderErrorKind, UnavailableCause};
 use crate::event::Event;
 use crate::provider::RefreshRequest;
 use crate::store::{Cas, GrantRecord, GrantState, StoredFailure, Version, Versioned};
-use crate::token::TokenKey;
+use crate::token::{TokenKey, TokenResponse, TokenSet};
 
 /// The least wait after a rate limit that came without `Retry-After`.
 const RATE_LIMIT_FLOOR: Duration = Duration::from_secs(60);
@@ -20,9 +26,20 @@ const MAX_PROVIDER_HINT: Duration = Duration::from_secs(24 * 3600);
 /// How many times a lost compare-and-swap is retried before giving up.
 const CAS_ATTEMPTS: usize = 8;
 
+/// `t + d`, saturating far in the future instead of overflowing.
+pub(crate) fn later(t: SystemTime, d: Duration) -> SystemTime {
+    const FAR: Duration = Duration::from_secs(200 * 365 * 24 * 3600);
+    t.checked_add(d.min(FAR)).unwrap_or(t)
+}
+
 impl Inner {
     /// Runs on a spawned task; the single refresh of `key` in this process.
-    pub(super) async fn run_refresh(&self, key: &TokenKey, slot: &Slot, need: Need) -> Outcome {
+    pub(super) async fn run_refresh(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        slot: &Arc<Slot>,
+        need: Need,
+    ) -> Outcome {
         let span = tracing::info_span!(
             "tokenkeeper.refresh",
             key = %key,
@@ -33,7 +50,18 @@ impl Inner {
         );
         async {
             let started = Instant::now();
-            let lock = self.store.lock(key, self.config.lock_ttl).await?;
+            let lock = match self.store.lock(key, self.config.lock_ttl).await {
+                Ok(lock) => lock,
+                // Without the lock no provider call is made; a pending death still stands.
+                Err(e) => return self.unreachable(key, slot, e.into()),
+            };
+            if lock.is_none() && !self.warned_no_lock.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the token store has no cross-process refresh lock: processes sharing it \
+                     are kept apart by compare-and-swap only, which cannot stop two of them \
+                     from presenting the same refresh token at once"
+                );
+            }
             let outcome = self.refresh_locked(key, slot, need).await;
             if let Some(lock) = lock {
                 if let Err(e) = lock.release().await {
@@ -52,17 +80,36 @@ impl Inner {
         .await
     }
 
-    async fn refresh_locked(&self, key: &TokenKey, slot: &Slot, need: Need) -> Outcome {
+    /// The store could not be reached: a death this process knows of stands, anything else is
+    /// the store's error.
+    fn unreachable(&self, key: &TokenKey, slot: &Slot, error: Error) -> Outcome {
+        match slot.cached.load().as_ref().and_then(|c| c.dead.clone()) {
+            Some(reason) => Err(dead(key, &reason)),
+            None => Err(error),
+        }
+    }
+
+    async fn refresh_locked(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        slot: &Arc<Slot>,
+        need: Need,
+    ) -> Outcome {
         let span = tracing::Span::current();
+        let loaded = match self.reconcile(key, slot).await {
+            Ok(loaded) => loaded,
+            Err(e) => return self.unreachable(key, slot, e),
+        };
         let Some(Versioned {
             version,
             value: record,
-        }) = self.load_persisting_unsaved(key, slot).await?
+        }) = loaded
         else {
             slot.cached.store(None);
             return Err(Error::NotFound { key: key.clone() });
         };
-        let cached = self.cache(slot, &record, version, None);
+        // Read under the lock: this is the store's current state, even if it went back in time.
+        let cached = self.cache(slot, &record, version, None, true);
         if let Some(reason) = record.dead_reason() {
             span.record("outcome", "dead");
             return Err(dead(key, reason));
@@ -73,15 +120,11 @@ impl Inner {
             span.record("outcome", "adopted");
             return Ok(cached.tokens.clone());
         }
-        if let Some(held) = cached.held_by_backoff(key, &need, now) {
-            span.record("outcome", "backoff");
-            return held;
-        }
-        if record.tokens.is_refresh_token_expired(now) {
-            // No refresh can succeed, but the access token works until it expires (unless the
-            // API already rejected it): the grant dies then, not before.
+        if !self.provider.can_refresh(&record.tokens) {
+            // Nothing can renew this grant: serve it until it really expires (or the API
+            // rejects it), then it is dead.
             if !record.tokens.is_expired(now) && !matches!(need, Need::Rejected(_)) {
-                span.record("outcome", "refresh_token_expired");
+                span.record("outcome", "not_refreshable");
                 return Ok(cached.tokens.clone());
             }
             span.record("outcome", "dead");
@@ -91,24 +134,49 @@ impl Inner {
                     slot,
                     record,
                     version,
-                    InvalidationReason::RefreshTokenExpired,
+                    InvalidationReason::NoRefreshToken,
                 )
                 .await;
         }
+        if let Some(held) = cached.held_by_backoff(key, &need, now) {
+            span.record("outcome", "backoff");
+            return held;
+        }
+        let refresh_expired = record.tokens.is_refresh_token_expired(now);
+        if refresh_expired && !record.tokens.is_expired(now) && !matches!(need, Need::Rejected(_)) {
+            // No refresh is expected to succeed, but the access token works until it expires.
+            span.record("outcome", "refresh_token_expired");
+            return Ok(cached.tokens.clone());
+        }
 
-        let result = self
-            .provider
-            .refresh(RefreshRequest {
-                key,
-                tokens: &record.tokens,
-                now,
-            })
-            .await;
+        let mut result = self.call_provider(key, &record.tokens, now).await;
+        if let Err(failure) = &result {
+            if reply_may_be_lost(failure) {
+                // The provider may have rotated and the reply been lost. Providers with a reuse
+                // window accept the same refresh token again: ask once more, promptly.
+                tracing::info!("reply lost; retrying once with the same refresh token");
+                let again = self
+                    .call_provider(key, &record.tokens, self.clock.now())
+                    .await;
+                result = match again {
+                    // "This refresh token is not current" right after a possibly lost
+                    // rotation: the rotation was lost.
+                    Err(e) if is_stale_token(&e) => {
+                        let lost = ProviderError::reauthorize(InvalidationReason::RotationLost);
+                        Err(match e.status() {
+                            Some(status) => lost.with_status(status),
+                            None => lost,
+                        })
+                    }
+                    other => other,
+                };
+            }
+        }
         match result {
             Ok(response) => {
                 // Invariant 7: relative lifetimes count from the response.
                 let now = self.clock.now();
-                let tokens = record.tokens.apply(response, now);
+                let tokens = self.apply_response(&record.tokens, response, now);
                 let rotated = tokens.refresh_token() != record.tokens.refresh_token();
                 let expires_at = tokens.expires_at();
                 let mut fresh = GrantRecord::new(tokens);
@@ -119,6 +187,7 @@ impl Inner {
                     .await;
                 if outcome.is_ok() {
                     span.record("outcome", "refreshed");
+                    *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.emit(Event::Refreshed {
                         key: key.clone(),
                         rotated,
@@ -131,82 +200,195 @@ impl Inner {
                 if let Some(status) = failure.status() {
                     span.record("status", status);
                 }
+                // Past the refresh token's stated expiry, the provider's refusal (whatever code
+                // it uses for it) is that expiry.
+                let failure = if refresh_expired
+                    && matches!(failure.kind(), ProviderErrorKind::Reauthorize(_))
+                {
+                    ProviderError::reauthorize(InvalidationReason::RefreshTokenExpired)
+                } else {
+                    failure
+                };
                 self.handle_failure(key, slot, record, version, failure, need)
                     .await
             }
         }
     }
 
-    /// Loads the record; first saves a refreshed record whose earlier save failed, so a
-    /// rotated refresh token is never replaced by the spent one still in the store.
-    async fn load_persisting_unsaved(
+    /// One provider call, on its own task: bounded by the refresh timeout, and a panic
+    /// becomes a typed error instead of a hang.
+    async fn call_provider(
         &self,
         key: &TokenKey,
-        slot: &Slot,
-    ) -> Result<Option<Versioned<GrantRecord>>, Error> {
-        let loaded = self.store.load(key).await?;
-        let unsaved = slot
-            .unsaved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (Some((record, base)), Some(current)) = (unsaved, &loaded) else {
-            return Ok(loaded);
+        tokens: &TokenSet,
+        now: SystemTime,
+    ) -> Result<TokenResponse, ProviderError> {
+        let provider = self.provider.clone();
+        let (key, tokens) = (key.clone(), tokens.clone());
+        let mut call = tokio::spawn(async move {
+            provider
+                .refresh(RefreshRequest::new(&key, &tokens, now))
+                .await
+        });
+        // The deadline is on the injected clock, like every other time the engine keeps.
+        let deadline = later(self.clock.now(), self.config.refresh_timeout);
+        let joined = tokio::select! {
+            biased;
+            joined = &mut call => Ok(joined),
+            () = self.clock.sleep_until(deadline) => Err(()),
         };
-        if current.version != base {
-            // The store moved on without us (a new grant was inserted); its state wins.
-            *slot.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            return Ok(loaded);
+        match joined {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => {
+                // The panic's message is not kept: it could quote a token.
+                tracing::error!(
+                    panicked = join.is_panic(),
+                    "the provider's refresh did not finish"
+                );
+                Err(ProviderError::unavailable(UnavailableCause::Internal)
+                    .with_source("the provider panicked"))
+            }
+            Err(_) => {
+                call.abort();
+                Err(ProviderError::unavailable(UnavailableCause::Timeout)
+                    .with_source("no reply within the refresh timeout"))
+            }
         }
-        match self.store.save(key, &record, Some(base)).await {
-            Ok(Cas::Saved(version)) => {
-                *slot.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                Ok(Some(Versioned {
-                    version,
-                    value: record,
-                }))
+    }
+
+    /// Folds a reply into the current tokens; an expiry the reply stated unreadably gets the
+    /// configured fallback lifetime.
+    fn apply_response(
+        &self,
+        current: &TokenSet,
+        response: TokenResponse,
+        now: SystemTime,
+    ) -> TokenSet {
+        let unreadable_expiry = response.expires().is_none()
+            && response
+                .malformed_fields()
+                .iter()
+                .any(|f| is_access_expiry_field(f));
+        let tokens = current.apply(response, now);
+        if unreadable_expiry {
+            tokens.with_expires_at(later(now, self.config.fallback_lifetime))
+        } else {
+            tokens
+        }
+    }
+
+    /// Loads the record; first saves this process's pending record (rotated tokens or a death
+    /// the store refused earlier), so the store never keeps a spent refresh token that this
+    /// process already replaced.
+    ///
+    /// The pending record is saved over whatever the store holds as long as the store still
+    /// holds the refresh token it replaces (a peer may have changed metadata meanwhile). If the
+    /// store holds another refresh token (a new grant was inserted, or a peer refreshed), the
+    /// store wins and the pending record is dropped.
+    pub(super) async fn reconcile(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        slot: &Arc<Slot>,
+    ) -> Result<Option<Versioned<GrantRecord>>, Error> {
+        for _ in 0..CAS_ATTEMPTS {
+            let pending = slot
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let loaded = match self.store.load(key).await {
+                Ok(loaded) => loaded,
+                Err(e) => return self.pending_death_or(pending, e),
+            };
+            let Some(p) = pending else {
+                return Ok(loaded);
+            };
+            let Some(current) = loaded else {
+                self.clear_pending(slot, Some(p.id));
+                return Ok(None);
+            };
+            if current.value.tokens.refresh_token() != p.spent.as_ref()
+                || current.value.dead_reason().is_some()
+            {
+                self.clear_pending(slot, Some(p.id));
+                return Ok(Some(current));
             }
-            Ok(Cas::Conflict) => Ok(self.store.load(key).await?),
-            Err(e) => {
-                self.emit(Event::PersistFailed {
-                    key: key.clone(),
-                    error: e.clone(),
-                });
-                Err(e.into())
+            match self.store.save(key, &p.record, Some(current.version)).await {
+                Ok(Cas::Saved(version)) => {
+                    self.clear_pending(slot, Some(p.id));
+                    tracing::info!("a record held since a failed save is now saved");
+                    return Ok(Some(Versioned {
+                        version,
+                        value: p.record,
+                    }));
+                }
+                Ok(Cas::Conflict) => continue,
+                Err(e) => {
+                    self.emit(Event::PersistFailed {
+                        key: key.clone(),
+                        error: e.clone(),
+                    });
+                    return self.pending_death_or(Some(p), e);
+                }
             }
+        }
+        Err(Error::Store(crate::error::StoreError::new(
+            "the record kept changing while a pending save was retried",
+        )))
+    }
+
+    /// A pending death is the truth while the store is unreachable; otherwise the error.
+    fn pending_death_or(
+        &self,
+        pending: Option<super::Pending>,
+        error: crate::error::StoreError,
+    ) -> Result<Option<Versioned<GrantRecord>>, Error> {
+        match pending {
+            Some(p) if p.record.dead_reason().is_some() => Ok(Some(Versioned {
+                version: p.base,
+                value: p.record,
+            })),
+            _ => Err(error.into()),
         }
     }
 
     /// Invariant 3: saves the refreshed record (compare-and-swap) before anyone sees it.
     async fn save_refreshed(
-        &self,
+        self: &Arc<Self>,
         key: &TokenKey,
-        slot: &Slot,
+        slot: &Arc<Slot>,
         fresh: GrantRecord,
         base: &GrantRecord,
         mut expected: Version,
     ) -> Outcome {
+        let spent = base.tokens.refresh_token().cloned();
         let mut last_error = None;
         let mut store_failures = 0;
         for _ in 0..CAS_ATTEMPTS {
             match self.store.save(key, &fresh, Some(expected)).await {
                 Ok(Cas::Saved(version)) => {
-                    slot.used.store(false, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(self.cache(slot, &fresh, version, None).tokens.clone());
+                    slot.used.store(false, Ordering::Relaxed);
+                    return Ok(self.cache(slot, &fresh, version, None, true).tokens.clone());
                 }
                 Ok(Cas::Conflict) => {
-                    let current = self.store.load(key).await?;
+                    let current = match self.store.load(key).await {
+                        Ok(current) => current,
+                        Err(e) => {
+                            last_error = Some(e);
+                            break;
+                        }
+                    };
                     match current {
                         // Only metadata changed (a peer recorded a failure): keep our tokens.
                         Some(c)
-                            if c.value.tokens.refresh_token() == base.tokens.refresh_token()
+                            if c.value.tokens.refresh_token() == spent.as_ref()
                                 && c.value.dead_reason().is_none() =>
                         {
                             expected = c.version;
                         }
                         // A new grant was inserted, or a peer refreshed too: the store wins.
                         Some(c) => {
-                            let cached = self.cache(slot, &c.value, c.version, None);
+                            let cached = self.cache(slot, &c.value, c.version, None, true);
                             return match &cached.dead {
                                 Some(reason) => Err(dead(key, reason)),
                                 None => Ok(cached.tokens.clone()),
@@ -231,29 +413,43 @@ impl Inner {
         }
         // Keep the new tokens (the old refresh token may be spent) and save them before the
         // next refresh attempt; no caller sees them until they are saved.
-        *slot.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some((fresh, expected));
+        self.set_pending(key, slot, fresh, expected, spent);
         Err(match last_error {
             Some(e) => e.into(),
-            None => Error::Unavailable {
-                key: key.clone(),
-                cause: crate::error::UnavailableCause::Internal,
-                status: None,
-                retry_after: None,
-                source: None,
-            },
+            None => Error::Store(crate::error::StoreError::new(
+                "the record kept changing while the refreshed grant was saved",
+            )),
         })
     }
 
     async fn handle_failure(
-        &self,
+        self: &Arc<Self>,
         key: &TokenKey,
-        slot: &Slot,
-        record: GrantRecord,
-        version: Version,
+        slot: &Arc<Slot>,
+        mut record: GrantRecord,
+        mut version: Version,
         failure: ProviderError,
         need: Need,
     ) -> Outcome {
         let span = tracing::Span::current();
+        // A garbled reply that still carried a rotated refresh token: the old one is spent,
+        // so the new one is kept (saved, or held pending) before anything else.
+        if let Some(rotated) = failure.rotated_refresh_token().cloned() {
+            let mut salvaged = record.clone();
+            salvaged.tokens = salvaged.tokens.with_refresh_token(rotated);
+            match self
+                .save_refreshed(key, slot, salvaged.clone(), &record, version)
+                .await
+            {
+                Ok(_) => {
+                    if let Some(c) = slot.cached.load_full() {
+                        version = c.version;
+                        record = salvaged;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let error = failure.into_error(key);
         if let Error::ReauthorizationRequired { reason, .. } = &error {
             span.record("outcome", "dead");
@@ -261,38 +457,63 @@ impl Inner {
                 .mark_dead(key, slot, record, version, reason.clone())
                 .await;
         }
+        let rate_limited = matches!(error, Error::RateLimited { .. });
         span.record(
             "outcome",
-            if matches!(error, Error::RateLimited { .. }) {
+            if rate_limited {
                 "rate_limited"
             } else {
                 "failed"
             },
         );
         let now = self.clock.now();
-        let failures = record.failures.saturating_add(1);
-        let rate_limited = matches!(error, Error::RateLimited { .. });
+        let shared = is_fact_about_the_grant(&error);
+        let local_failures = slot
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |l| l.failures);
+        let failures = if shared {
+            record.failures
+        } else {
+            local_failures
+        }
+        .saturating_add(1);
         let delay = self.backoff(failures, error.retry_after(), rate_limited);
-        let retry_at = now.checked_add(delay).unwrap_or(now);
+        let retry_at = later(now, delay);
         let error = error.with_retry_after(delay);
-        let mut held = record.clone();
-        held.failures = failures;
-        held.retry_not_before = Some(retry_at);
-        held.last_error = Some(error.to_string());
-        held.last_failure = StoredFailure::of(&error);
-        let version = match self.store.save(key, &held, Some(version)).await {
-            Ok(Cas::Saved(v)) => v,
-            // A peer changed the record; our backoff still holds in this process.
-            Ok(Cas::Conflict) => version,
-            Err(e) => {
-                self.emit(Event::PersistFailed {
-                    key: key.clone(),
-                    error: e,
-                });
-                version
-            }
+        let cached: Arc<Cached> = if shared {
+            let mut held = record.clone();
+            held.failures = failures;
+            held.retry_not_before = Some(retry_at);
+            held.failed_at = Some(now);
+            held.last_error = Some(error.to_string());
+            held.last_failure = StoredFailure::of(&error);
+            let version = match self.store.save(key, &held, Some(version)).await {
+                Ok(Cas::Saved(v)) => v,
+                // A peer changed the record; our backoff still holds in this process.
+                Ok(Cas::Conflict) => version,
+                Err(e) => {
+                    self.emit(Event::PersistFailed {
+                        key: key.clone(),
+                        error: e,
+                    });
+                    version
+                }
+            };
+            self.cache(slot, &held, version, Some(error.clone()), true)
+        } else {
+            // This process's own problem (its configuration, its network, its provider code):
+            // the backoff stays here and peers keep refreshing normally.
+            *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
+                until: retry_at,
+                since: now,
+                failures,
+                error: error.clone(),
+            });
+            self.cache(slot, &record, version, Some(error.clone()), true)
         };
-        let cached = self.cache(slot, &held, version, Some(error.clone()));
         self.emit(Event::RefreshFailed {
             key: key.clone(),
             error: error.clone(),
@@ -306,28 +527,41 @@ impl Inner {
     }
 
     /// Invariant 6, then 5: before declaring the grant dead, check whether a peer rotated it;
-    /// if not, persist it as dead (once) so nobody sends it to the provider again.
+    /// if not, persist it as dead (once) so nobody sends it to the provider again. If the
+    /// store cannot take the death, it is held in this process (no further provider call,
+    /// callers get `ReauthorizationRequired`) and saved in the background.
     async fn mark_dead(
-        &self,
+        self: &Arc<Self>,
         key: &TokenKey,
-        slot: &Slot,
+        slot: &Arc<Slot>,
         record: GrantRecord,
         mut version: Version,
         reason: InvalidationReason,
     ) -> Outcome {
         let failed_refresh = record.tokens.refresh_token().cloned();
         let mut current = record;
+        let mut dead_record = current.clone();
         for _ in 0..CAS_ATTEMPTS {
-            let mut dead_record = current.clone();
+            dead_record = current.clone();
             dead_record.state = GrantState::ReauthorizationRequired {
                 reason: reason.clone(),
                 since: Some(self.clock.now()),
             };
             dead_record.retry_not_before = None;
             dead_record.last_error = Some(dead(key, &reason).to_string());
-            match self.store.save(key, &dead_record, Some(version)).await? {
+            let saved = match self.store.save(key, &dead_record, Some(version)).await {
+                Ok(saved) => saved,
+                Err(e) => {
+                    self.emit(Event::PersistFailed {
+                        key: key.clone(),
+                        error: e,
+                    });
+                    break;
+                }
+            };
+            match saved {
                 Cas::Saved(v) => {
-                    self.cache(slot, &dead_record, v, None);
+                    self.cache(slot, &dead_record, v, None, true);
                     self.emit(Event::ReauthorizationRequired {
                         key: key.clone(),
                         reason: reason.clone(),
@@ -335,10 +569,12 @@ impl Inner {
                     return Err(dead(key, &reason));
                 }
                 Cas::Conflict => {
-                    let Some(loaded) = self.store.load(key).await? else {
-                        return Err(Error::NotFound { key: key.clone() });
+                    let loaded = match self.store.load(key).await {
+                        Ok(Some(loaded)) => loaded,
+                        Ok(None) => return Err(Error::NotFound { key: key.clone() }),
+                        Err(_) => break,
                     };
-                    let cached = self.cache(slot, &loaded.value, loaded.version, None);
+                    let cached = self.cache(slot, &loaded.value, loaded.version, None, true);
                     if let Some(reason) = &cached.dead {
                         // A peer already recorded the death (and sent the event).
                         return Err(dead(key, reason));
@@ -352,6 +588,13 @@ impl Inner {
                 }
             }
         }
+        // The store would not take it: the grant is dead here all the same.
+        self.cache(slot, &dead_record, version, None, true);
+        self.set_pending(key, slot, dead_record, version, failed_refresh);
+        self.emit(Event::ReauthorizationRequired {
+            key: key.clone(),
+            reason: reason.clone(),
+        });
         Err(dead(key, &reason))
     }
 
@@ -379,6 +622,52 @@ impl Inner {
             None => jittered.max(Duration::from_millis(100)),
         }
     }
+}
+
+/// A timeout, a connection dropped mid-reply, or a gateway saying the upstream's answer was
+/// lost (502, 504): the provider may have executed the refresh and rotated.
+fn reply_may_be_lost(failure: &ProviderError) -> bool {
+    matches!(
+        (failure.kind(), failure.status()),
+        (
+            ProviderErrorKind::Unavailable {
+                cause: UnavailableCause::Timeout | UnavailableCause::Network,
+                ..
+            },
+            None,
+        ) | (ProviderErrorKind::Unavailable { .. }, Some(502 | 504))
+    )
+}
+
+fn is_stale_token(failure: &ProviderError) -> bool {
+    matches!(
+        failure.kind(),
+        ProviderErrorKind::Reauthorize(
+            InvalidationReason::InvalidGrant | InvalidationReason::Superseded
+        )
+    )
+}
+
+/// Whether a failure says something about the grant (shared with every process through the
+/// store) rather than about this process (kept local): a provider's rate limit, or a reply
+/// from the provider saying it is in trouble. A misconfiguration, a network failure, a timeout
+/// or a panicking provider are this process's own.
+fn is_fact_about_the_grant(error: &Error) -> bool {
+    match error {
+        Error::RateLimited { .. } => true,
+        Error::Unavailable { cause, status, .. } => {
+            status.is_some()
+                && matches!(
+                    cause,
+                    UnavailableCause::ServerError | UnavailableCause::UnexpectedStatus
+                )
+        }
+        _ => false,
+    }
+}
+
+fn is_access_expiry_field(name: &str) -> bool {
+    matches!(name, "expires_in" | "expires_at" | "access_token_expiry")
 }
 
 fn dead(key: &TokenKey, reason: &InvalidationReason) -> Error {
