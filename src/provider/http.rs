@@ -111,6 +111,13 @@ impl HttpReply {
     /// Classifies this reply: `classifier` first, then the RFC 6749 rules of
     /// [`StandardClassifier`](crate::StandardClassifier), then the lenient success parse of
     /// [`TokenResponse::from_json`].
+    ///
+    /// A reply whose access token is missing or unusable is an
+    /// `Unavailable(InvalidResponse)` failure with the [`ParseError`] as its source; if it
+    /// carried a usable `refresh_token`, the failure keeps it
+    /// ([`ProviderError::rotated_refresh_token`]), because the server has probably already
+    /// spent the old one. Malformed optional fields do not fail the reply: see
+    /// [`TokenResponse::malformed_fields`].
     pub fn interpret(
         &self,
         classifier: &dyn Classifier,
@@ -122,10 +129,14 @@ impl HttpReply {
         if let Some(err) = super::classify::standard(self, now) {
             return Err(err.with_status(self.status));
         }
-        TokenResponse::from_json(&self.body).map_err(|e| {
-            ProviderError::unavailable(UnavailableCause::InvalidResponse)
+        TokenResponse::parse(&self.body).map_err(|(e, rotated)| {
+            let err = ProviderError::unavailable(UnavailableCause::InvalidResponse)
                 .with_status(self.status)
-                .with_source(e)
+                .with_source(e);
+            match rotated {
+                Some(refresh_token) => err.with_rotated_refresh_token(refresh_token),
+                None => err,
+            }
         })
     }
 }
