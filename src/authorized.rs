@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -169,9 +170,65 @@ impl From<Error> for RequestError {
 struct Authorizer {
     manager: TokenManager,
     rejection: Rejection,
-    /// Tokens the API rejected even right after a refresh: rejections of these do not refresh
-    /// again (no refresh per request against an API that rejects everything).
-    stuck: Arc<Mutex<HashMap<TokenKey, AccessToken>>>,
+    /// Per grant, the one token generation the API rejected even right after a refresh:
+    /// rejections of that token do not refresh again (no refresh per request against an API
+    /// that rejects everything). See [`Stuck`].
+    stuck: Arc<Stuck>,
+}
+
+/// The "stuck" markers of an [`Authorizer`]: at most one access token per grant.
+///
+/// A marker belongs to one token generation and is cleared as soon as it no longer describes
+/// the grant: when a request with the marked token is accepted (the rejection was transient),
+/// or when the grant's token changes (a new generation, whoever refreshed it). A later
+/// rejection, such as a real revocation, then refreshes again.
+#[derive(Default)]
+struct Stuck {
+    tokens: Mutex<HashMap<TokenKey, AccessToken>>,
+    /// Whether `tokens` may be non-empty, so that accepted requests skip the lock when no
+    /// grant is stuck (the usual case).
+    any: AtomicBool,
+}
+
+impl Stuck {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<TokenKey, AccessToken>> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `token` is the stuck generation of `key`. A marker for another token is an
+    /// older generation's and is cleared.
+    fn is_stuck(&self, key: &TokenKey, token: &AccessToken) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut tokens = self.tokens();
+        match tokens.get(key) {
+            Some(stuck) if stuck == token => true,
+            Some(_) => {
+                tokens.remove(key);
+                self.any.store(!tokens.is_empty(), Ordering::Release);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark(&self, key: &TokenKey, token: AccessToken) {
+        let mut tokens = self.tokens();
+        tokens.insert(key.clone(), token);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// The API accepted a token of `key`: whatever marker the grant had is out of date.
+    fn clear(&self, key: &TokenKey) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut tokens = self.tokens();
+        if tokens.remove(key).is_some() {
+            self.any.store(!tokens.is_empty(), Ordering::Release);
+        }
+    }
 }
 
 enum Verdict {
@@ -214,13 +271,7 @@ impl Authorizer {
         key: &TokenKey,
         token: &AccessToken,
     ) -> Result<Option<AccessToken>, Error> {
-        let stuck = self
-            .stuck
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            == Some(token);
-        if stuck {
+        if self.stuck.is_stuck(key, token) {
             return Ok(None);
         }
         // One refresh per token generation, however many requests failed with it.
@@ -228,10 +279,12 @@ impl Authorizer {
     }
 
     fn rejected_after_refresh(&self, key: &TokenKey, token: AccessToken) {
-        self.stuck
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), token);
+        self.stuck.mark(key, token);
+    }
+
+    /// The API accepted a token of `key`: a rejection of it was transient.
+    fn accepted(&self, key: &TokenKey) {
+        self.stuck.clear(key);
     }
 }
 
@@ -256,6 +309,13 @@ fn authorize(request: &mut Request, token: &AccessToken) {
 /// per token generation, coalesced with any refresh in flight) and retries the request once.
 /// A request whose body cannot be cloned (a stream) is not retried: the caller gets the
 /// rejected response, and the grant is still refreshed for the next call.
+///
+/// If the API rejects even the freshly refreshed token, that token is marked "stuck": further
+/// rejections of it fail with [`RequestError::Rejected`] without refreshing again, so an API
+/// that rejects everything cannot cause a refresh per request. The mark belongs to that one
+/// token: it is cleared as soon as the API accepts a request of the grant (the rejection was
+/// transient) or the grant's token changes (a new generation), after which a rejection
+/// refreshes again, so a later real revocation is still detected.
 ///
 /// ```
 /// # async fn run(manager: tokenkeeper::TokenManager) -> Result<(), tokenkeeper::RequestError> {
@@ -319,7 +379,10 @@ impl AuthorizedClient {
             .await
             .map_err(RequestError::Http)?
         {
-            Verdict::Accepted(response) => return Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(key);
+                return Ok(response);
+            }
             Verdict::Rejected(response) => response,
         };
         let status = rejected.status().as_u16();
@@ -340,7 +403,10 @@ impl AuthorizedClient {
             .await
             .map_err(RequestError::Http)?
         {
-            Verdict::Accepted(response) => Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(key);
+                Ok(response)
+            }
             Verdict::Rejected(response) => {
                 self.auth.rejected_after_refresh(key, fresh);
                 Err(RequestError::Rejected {

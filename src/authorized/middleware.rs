@@ -92,7 +92,10 @@ impl Middleware for TokenMiddleware {
         authorize(&mut request, &token);
         let response = next.clone().run(request, extensions).await?;
         let rejected = match self.auth.inspect(response).await? {
-            Verdict::Accepted(response) => return Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(&key);
+                return Ok(response);
+            }
             Verdict::Rejected(response) => response,
         };
         let status = rejected.status().as_u16();
@@ -107,7 +110,10 @@ impl Middleware for TokenMiddleware {
         authorize(&mut retry, &fresh);
         let response = next.run(retry, extensions).await?;
         match self.auth.inspect(response).await? {
-            Verdict::Accepted(response) => Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(&key);
+                Ok(response)
+            }
             Verdict::Rejected(response) => {
                 self.auth.rejected_after_refresh(&key, fresh);
                 Err(fail(RequestError::Rejected {
