@@ -48,6 +48,7 @@ where
 /// | 2xx with an `access_token` | success (lenient parse, see [`TokenResponse::from_json`](crate::TokenResponse::from_json)) |
 /// | 2xx without one, or not JSON | `Unavailable(InvalidResponse)` |
 /// | `429` | `RateLimited`, with `Retry-After` (seconds or HTTP-date) when sent |
+/// | `3xx`, or any reply reached by following a redirect | `Misconfigured(Endpoint)`: the token URL is wrong (a redirect is never followed by the default client: it would re-send the refresh token and client secret) |
 /// | `invalid_grant` | `Reauthorize(InvalidGrant)` |
 /// | `invalid_client`, `unauthorized_client`, `unsupported_grant_type`, `invalid_scope`, `invalid_request` | `Misconfigured` |
 /// | `temporarily_unavailable`, `server_error`, any `5xx` | `Unavailable`, with `Retry-After` when sent |
@@ -66,6 +67,9 @@ impl Classifier for StandardClassifier {
 
 pub(crate) fn standard(reply: &HttpReply, now: SystemTime) -> Option<ProviderError> {
     let status = reply.status();
+    if reply.redirected() || (300..400).contains(&status) {
+        return Some(ProviderError::misconfigured(ConfigProblem::Endpoint));
+    }
     let retry_after = reply.retry_after(now);
     if status == 429 {
         return Some(ProviderError::rate_limited(retry_after));
