@@ -261,6 +261,48 @@ async fn a_followed_redirect_is_misconfigured_and_keeps_the_rotated_refresh_toke
 }
 
 // ---------------------------------------------------------------------------------------------
+// Only a human can help: interaction, login, consent, access denied
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn codes_that_need_the_user_mark_the_grant_dead() {
+    for code in [
+        "interaction_required",
+        "login_required",
+        "consent_required",
+        "access_denied",
+    ] {
+        let body = format!(r#"{{"error":"{code}","error_description":"ask the user"}}"#);
+        let (server, h) = standard(json_reply(400, &body)).await;
+        let err = h.manager.access_token(&h.key).await.unwrap_err();
+        let want = InvalidationReason::Provider {
+            code: code.to_owned(),
+        };
+        assert!(
+            matches!(&err, Error::ReauthorizationRequired { reason, .. } if *reason == want),
+            "{code}: {err:?}"
+        );
+        assert_eq!(
+            h.provider_failure().kind(),
+            &ProviderErrorKind::Reauthorize(want.clone())
+        );
+        // Persisted as dead: never sent again.
+        h.clock.advance(Duration::from_secs(3600));
+        assert!(h
+            .manager
+            .access_token(&h.key)
+            .await
+            .unwrap_err()
+            .is_reauth_required());
+        assert_eq!(requests(&server).await.len(), 1, "{code}");
+        assert_eq!(
+            h.manager.reauthorization_required().await.expect("list"),
+            vec![(h.key.clone(), want)]
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Rate limits
 // ---------------------------------------------------------------------------------------------
 
