@@ -144,6 +144,20 @@ pub enum RequestError {
         /// The status of the second rejection.
         status: u16,
     },
+    /// The grant's access token cannot be sent: it is not a valid HTTP header value (it holds
+    /// a line break or another control character). Nothing was sent, rather than sending the
+    /// request without authorization.
+    ///
+    /// The token came from the provider (or from [`TokenManager::insert`]) as it is; it is
+    /// not refreshed on this account (that would refresh on every request), and it stays
+    /// unusable until the grant gets a new token (its expiry,
+    /// [`TokenManager::refresh_now`], or a new grant). [`AuthorizedClient::send_any`] skips
+    /// such a grant.
+    #[error("access token for grant `{key}` cannot be sent in an http header")]
+    InvalidTokenValue {
+        /// The grant.
+        key: TokenKey,
+    },
     /// Every grant of a failover group was unusable.
     #[error("no grant in the group is usable")]
     NoUsableGrant {
@@ -296,11 +310,18 @@ fn verdict(response: Response, rejected: bool) -> Verdict {
     }
 }
 
-fn authorize(request: &mut Request, token: &AccessToken) {
-    if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", token.secret())) {
-        value.set_sensitive(true);
-        request.headers_mut().insert(AUTHORIZATION, value);
-    }
+/// Puts `token` in `request`'s `Authorization` header (marked sensitive), or fails with
+/// [`RequestError::InvalidTokenValue`] if it cannot be a header value.
+fn authorize(
+    request: &mut Request,
+    key: &TokenKey,
+    token: &AccessToken,
+) -> Result<(), RequestError> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
+        .map_err(|_| RequestError::InvalidTokenValue { key: key.clone() })?;
+    value.set_sensitive(true);
+    request.headers_mut().insert(AUTHORIZATION, value);
+    Ok(())
 }
 
 /// Sends requests with a grant's bearer token, for apps that do not use `reqwest-middleware`.
@@ -361,13 +382,14 @@ impl AuthorizedClient {
     /// # Errors
     ///
     /// [`RequestError::Token`] when no token can be had (the grant is dead, rate limited,
-    /// unavailable…), [`RequestError::Http`] when the request fails, and
+    /// unavailable…), [`RequestError::InvalidTokenValue`] when the token cannot be put in a
+    /// header (nothing is sent), [`RequestError::Http`] when the request fails, and
     /// [`RequestError::Rejected`] when the API rejects the token again right after a refresh.
     pub async fn send(&self, key: &TokenKey, request: Request) -> Result<Response, RequestError> {
         let token = self.auth.manager.access_token(key).await?;
         let retry = request.try_clone();
         let mut request = request;
-        authorize(&mut request, &token);
+        authorize(&mut request, key, &token)?;
         let response = self
             .http
             .execute(request)
@@ -395,7 +417,7 @@ impl AuthorizedClient {
         let Some(mut retry) = retry else {
             return Ok(rejected);
         };
-        authorize(&mut retry, &fresh);
+        authorize(&mut retry, key, &fresh)?;
         let response = self.http.execute(retry).await.map_err(RequestError::Http)?;
         match self
             .auth
@@ -421,7 +443,9 @@ impl AuthorizedClient {
     /// apps that hold several grants for one resource (say, several admins connected the same
     /// page) so that one dead grant does not break them.
     ///
-    /// A grant that needs re-authorization, is missing, or whose token the API keeps rejecting
+    /// A grant that needs re-authorization, is missing, whose token the API keeps rejecting, or
+    /// whose token cannot be sent ([`RequestError::InvalidTokenValue`], reported as
+    /// [`Error::Unavailable`] with [`UnavailableCause::InvalidResponse`](crate::UnavailableCause::InvalidResponse))
     /// is skipped and reported with [`Event::GrantSkipped`]; the next one is used. Returns the
     /// key that served the request. A request whose body cannot be cloned is tried with the
     /// first grant that yields a token only.
@@ -445,6 +469,14 @@ impl AuthorizedClient {
                     reason: crate::error::InvalidationReason::Provider {
                         code: format!("api rejected a fresh token (http {status})"),
                     },
+                },
+                // The provider issued a token this grant cannot use; another grant may serve.
+                Err(RequestError::InvalidTokenValue { key }) => Error::Unavailable {
+                    key,
+                    cause: crate::error::UnavailableCause::InvalidResponse,
+                    status: None,
+                    retry_after: None,
+                    source: None,
                 },
                 Err(other) => return Err(other),
             };

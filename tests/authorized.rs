@@ -455,6 +455,58 @@ async fn bearer_header_is_sent_and_never_leaks_into_errors() {
     assert!(!shown.contains(&issued.refresh_token));
 }
 
+/// A wiremock API that accepts every request, with or without a token.
+async fn api_accepting_everything() -> MockServer {
+    let api = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&api)
+        .await;
+    api
+}
+
+/// A grant whose access token cannot be an HTTP header value.
+async fn grant_with_unsendable_token(w: &World) -> TokenKey {
+    let key = TokenKey::from("acct");
+    let tokens = tokenkeeper::TokenSet::new(tokenkeeper::AccessToken::new("at-1\r\nX-Evil: 1"))
+        .with_expires_at(w.clock.now() + DAY);
+    w.manager.insert(key.clone(), tokens).await.unwrap();
+    key
+}
+
+#[tokio::test]
+async fn a_token_that_is_no_header_value_is_a_typed_error_not_an_anonymous_request() {
+    let w = world(FakeConfig::standard()).await;
+    let key = grant_with_unsendable_token(&w).await;
+    let api = api_accepting_everything().await;
+    let client = AuthorizedClient::new(plain(), w.manager.clone());
+    let outcome = client.send(&key, w.get(&api.uri())).await;
+    assert_eq!(
+        api.received_requests().await.unwrap().len(),
+        0,
+        "no request without its token"
+    );
+    let err = outcome.unwrap_err();
+    assert!(
+        matches!(&err, RequestError::InvalidTokenValue { key: k } if *k == key),
+        "{err:?}"
+    );
+    assert!(!format!("{err} {err:?}").contains("at-1"), "{err:?}");
+    assert_eq!(w.server.refresh_calls(), 0);
+
+    // In a failover group, the grant is skipped for the next one.
+    let good = TokenKey::from("acct-2");
+    w.insert_issued_grant(&good).await;
+    let (used, response) = client
+        .send_any(&[key.clone(), good.clone()], w.get(&api.uri()))
+        .await
+        .unwrap();
+    assert_eq!((used, response.status().as_u16()), (good, 200));
+    let received = api.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].headers.contains_key("authorization"));
+}
+
 #[cfg(feature = "middleware")]
 mod middleware {
     use super::*;
@@ -481,6 +533,30 @@ mod middleware {
             assert_eq!(task.await.unwrap().unwrap().status(), 200);
         }
         assert_eq!(server.refresh_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_middleware_never_sends_a_request_without_its_token() {
+        let w = world(FakeConfig::standard()).await;
+        let key = grant_with_unsendable_token(&w).await;
+        let api = api_accepting_everything().await;
+        let client = ClientBuilder::new(plain())
+            .with(TokenMiddleware::new(w.manager.clone()))
+            .build();
+        let err = client
+            .get(api.uri())
+            .with_extension(key.clone())
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(api.received_requests().await.unwrap().len(), 0);
+        let reqwest_middleware::Error::Middleware(inner) = err else {
+            panic!("expected a middleware error")
+        };
+        assert!(matches!(
+            inner.downcast_ref::<RequestError>(),
+            Some(RequestError::InvalidTokenValue { key: k }) if *k == key
+        ));
     }
 
     #[tokio::test]

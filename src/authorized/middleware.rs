@@ -89,7 +89,7 @@ impl Middleware for TokenMiddleware {
             .map_err(|e| fail(RequestError::Token(e)))?;
         let retry = request.try_clone();
         let mut request = request;
-        authorize(&mut request, &token);
+        authorize(&mut request, &key, &token).map_err(fail)?;
         let response = next.clone().run(request, extensions).await?;
         let rejected = match self.auth.inspect(response).await? {
             Verdict::Accepted(response) => {
@@ -107,7 +107,7 @@ impl Middleware for TokenMiddleware {
         let Some(mut retry) = retry else {
             return Ok(rejected);
         };
-        authorize(&mut retry, &fresh);
+        authorize(&mut retry, &key, &fresh).map_err(fail)?;
         let response = next.run(retry, extensions).await?;
         match self.auth.inspect(response).await? {
             Verdict::Accepted(response) => {
