@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -143,6 +144,20 @@ pub enum RequestError {
         /// The status of the second rejection.
         status: u16,
     },
+    /// The grant's access token cannot be sent: it is not a valid HTTP header value (it holds
+    /// a line break or another control character). Nothing was sent, rather than sending the
+    /// request without authorization.
+    ///
+    /// The token came from the provider (or from [`TokenManager::insert`]) as it is; it is
+    /// not refreshed on this account (that would refresh on every request), and it stays
+    /// unusable until the grant gets a new token (its expiry,
+    /// [`TokenManager::refresh_now`], or a new grant). [`AuthorizedClient::send_any`] skips
+    /// such a grant.
+    #[error("access token for grant `{key}` cannot be sent in an http header")]
+    InvalidTokenValue {
+        /// The grant.
+        key: TokenKey,
+    },
     /// Every grant of a failover group was unusable.
     #[error("no grant in the group is usable")]
     NoUsableGrant {
@@ -169,9 +184,65 @@ impl From<Error> for RequestError {
 struct Authorizer {
     manager: TokenManager,
     rejection: Rejection,
-    /// Tokens the API rejected even right after a refresh: rejections of these do not refresh
-    /// again (no refresh per request against an API that rejects everything).
-    stuck: Arc<Mutex<HashMap<TokenKey, AccessToken>>>,
+    /// Per grant, the one token generation the API rejected even right after a refresh:
+    /// rejections of that token do not refresh again (no refresh per request against an API
+    /// that rejects everything). See [`Stuck`].
+    stuck: Arc<Stuck>,
+}
+
+/// The "stuck" markers of an [`Authorizer`]: at most one access token per grant.
+///
+/// A marker belongs to one token generation and is cleared as soon as it no longer describes
+/// the grant: when a request with the marked token is accepted (the rejection was transient),
+/// or when the grant's token changes (a new generation, whoever refreshed it). A later
+/// rejection, such as a real revocation, then refreshes again.
+#[derive(Default)]
+struct Stuck {
+    tokens: Mutex<HashMap<TokenKey, AccessToken>>,
+    /// Whether `tokens` may be non-empty, so that accepted requests skip the lock when no
+    /// grant is stuck (the usual case).
+    any: AtomicBool,
+}
+
+impl Stuck {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<TokenKey, AccessToken>> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `token` is the stuck generation of `key`. A marker for another token is an
+    /// older generation's and is cleared.
+    fn is_stuck(&self, key: &TokenKey, token: &AccessToken) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut tokens = self.tokens();
+        match tokens.get(key) {
+            Some(stuck) if stuck == token => true,
+            Some(_) => {
+                tokens.remove(key);
+                self.any.store(!tokens.is_empty(), Ordering::Release);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark(&self, key: &TokenKey, token: AccessToken) {
+        let mut tokens = self.tokens();
+        tokens.insert(key.clone(), token);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// The API accepted a token of `key`: whatever marker the grant had is out of date.
+    fn clear(&self, key: &TokenKey) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut tokens = self.tokens();
+        if tokens.remove(key).is_some() {
+            self.any.store(!tokens.is_empty(), Ordering::Release);
+        }
+    }
 }
 
 enum Verdict {
@@ -214,13 +285,7 @@ impl Authorizer {
         key: &TokenKey,
         token: &AccessToken,
     ) -> Result<Option<AccessToken>, Error> {
-        let stuck = self
-            .stuck
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            == Some(token);
-        if stuck {
+        if self.stuck.is_stuck(key, token) {
             return Ok(None);
         }
         // One refresh per token generation, however many requests failed with it.
@@ -228,10 +293,12 @@ impl Authorizer {
     }
 
     fn rejected_after_refresh(&self, key: &TokenKey, token: AccessToken) {
-        self.stuck
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), token);
+        self.stuck.mark(key, token);
+    }
+
+    /// The API accepted a token of `key`: a rejection of it was transient.
+    fn accepted(&self, key: &TokenKey) {
+        self.stuck.clear(key);
     }
 }
 
@@ -243,11 +310,18 @@ fn verdict(response: Response, rejected: bool) -> Verdict {
     }
 }
 
-fn authorize(request: &mut Request, token: &AccessToken) {
-    if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", token.secret())) {
-        value.set_sensitive(true);
-        request.headers_mut().insert(AUTHORIZATION, value);
-    }
+/// Puts `token` in `request`'s `Authorization` header (marked sensitive), or fails with
+/// [`RequestError::InvalidTokenValue`] if it cannot be a header value.
+fn authorize(
+    request: &mut Request,
+    key: &TokenKey,
+    token: &AccessToken,
+) -> Result<(), RequestError> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
+        .map_err(|_| RequestError::InvalidTokenValue { key: key.clone() })?;
+    value.set_sensitive(true);
+    request.headers_mut().insert(AUTHORIZATION, value);
+    Ok(())
 }
 
 /// Sends requests with a grant's bearer token, for apps that do not use `reqwest-middleware`.
@@ -256,6 +330,13 @@ fn authorize(request: &mut Request, token: &AccessToken) {
 /// per token generation, coalesced with any refresh in flight) and retries the request once.
 /// A request whose body cannot be cloned (a stream) is not retried: the caller gets the
 /// rejected response, and the grant is still refreshed for the next call.
+///
+/// If the API rejects even the freshly refreshed token, that token is marked "stuck": further
+/// rejections of it fail with [`RequestError::Rejected`] without refreshing again, so an API
+/// that rejects everything cannot cause a refresh per request. The mark belongs to that one
+/// token: it is cleared as soon as the API accepts a request of the grant (the rejection was
+/// transient) or the grant's token changes (a new generation), after which a rejection
+/// refreshes again, so a later real revocation is still detected.
 ///
 /// ```
 /// # async fn run(manager: tokenkeeper::TokenManager) -> Result<(), tokenkeeper::RequestError> {
@@ -301,13 +382,14 @@ impl AuthorizedClient {
     /// # Errors
     ///
     /// [`RequestError::Token`] when no token can be had (the grant is dead, rate limited,
-    /// unavailable…), [`RequestError::Http`] when the request fails, and
+    /// unavailable…), [`RequestError::InvalidTokenValue`] when the token cannot be put in a
+    /// header (nothing is sent), [`RequestError::Http`] when the request fails, and
     /// [`RequestError::Rejected`] when the API rejects the token again right after a refresh.
     pub async fn send(&self, key: &TokenKey, request: Request) -> Result<Response, RequestError> {
         let token = self.auth.manager.access_token(key).await?;
         let retry = request.try_clone();
         let mut request = request;
-        authorize(&mut request, &token);
+        authorize(&mut request, key, &token)?;
         let response = self
             .http
             .execute(request)
@@ -319,7 +401,10 @@ impl AuthorizedClient {
             .await
             .map_err(RequestError::Http)?
         {
-            Verdict::Accepted(response) => return Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(key);
+                return Ok(response);
+            }
             Verdict::Rejected(response) => response,
         };
         let status = rejected.status().as_u16();
@@ -332,7 +417,7 @@ impl AuthorizedClient {
         let Some(mut retry) = retry else {
             return Ok(rejected);
         };
-        authorize(&mut retry, &fresh);
+        authorize(&mut retry, key, &fresh)?;
         let response = self.http.execute(retry).await.map_err(RequestError::Http)?;
         match self
             .auth
@@ -340,7 +425,10 @@ impl AuthorizedClient {
             .await
             .map_err(RequestError::Http)?
         {
-            Verdict::Accepted(response) => Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(key);
+                Ok(response)
+            }
             Verdict::Rejected(response) => {
                 self.auth.rejected_after_refresh(key, fresh);
                 Err(RequestError::Rejected {
@@ -355,7 +443,9 @@ impl AuthorizedClient {
     /// apps that hold several grants for one resource (say, several admins connected the same
     /// page) so that one dead grant does not break them.
     ///
-    /// A grant that needs re-authorization, is missing, or whose token the API keeps rejecting
+    /// A grant that needs re-authorization, is missing, whose token the API keeps rejecting, or
+    /// whose token cannot be sent ([`RequestError::InvalidTokenValue`], reported as
+    /// [`Error::Unavailable`] with [`UnavailableCause::InvalidResponse`](crate::UnavailableCause::InvalidResponse))
     /// is skipped and reported with [`Event::GrantSkipped`]; the next one is used. Returns the
     /// key that served the request. A request whose body cannot be cloned is tried with the
     /// first grant that yields a token only.
@@ -379,6 +469,14 @@ impl AuthorizedClient {
                     reason: crate::error::InvalidationReason::Provider {
                         code: format!("api rejected a fresh token (http {status})"),
                     },
+                },
+                // The provider issued a token this grant cannot use; another grant may serve.
+                Err(RequestError::InvalidTokenValue { key }) => Error::Unavailable {
+                    key,
+                    cause: crate::error::UnavailableCause::InvalidResponse,
+                    status: None,
+                    retry_after: None,
+                    source: None,
                 },
                 Err(other) => return Err(other),
             };

@@ -363,12 +363,16 @@ impl StoreError {
 ///
 /// The [`TokenManager`](crate::TokenManager) turns it into an [`Error`] for the grant and acts
 /// on it: a dead grant is persisted as such, a rate limit or outage starts a backoff.
+///
+/// A failure can still carry a refresh token the server rotated (see
+/// [`rotated_refresh_token`](Self::rotated_refresh_token)); `Debug` shows it redacted and
+/// `Display` never mentions it.
 #[derive(Debug, Clone)]
 pub struct ProviderError {
     pub(crate) kind: ProviderErrorKind,
     pub(crate) status: Option<u16>,
     pub(crate) source: Option<SharedError>,
-    pub(crate) rotated: Option<crate::token::RefreshToken>,
+    pub(crate) rotated_refresh_token: Option<crate::token::RefreshToken>,
 }
 
 /// What a [`ProviderError`] means.
@@ -400,19 +404,8 @@ impl ProviderError {
             kind,
             status: None,
             source: None,
-            rotated: None,
+            rotated_refresh_token: None,
         }
-    }
-
-    /// Keeps a rotated refresh token found in an otherwise unusable reply.
-    pub fn with_rotated_refresh_token(mut self, token: crate::token::RefreshToken) -> Self {
-        self.rotated = Some(token);
-        self
-    }
-
-    /// A rotated refresh token the reply carried, if any.
-    pub fn rotated_refresh_token(&self) -> Option<&crate::token::RefreshToken> {
-        self.rotated.as_ref()
     }
 
     /// The grant is dead for `reason`.
@@ -448,6 +441,25 @@ impl ProviderError {
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(Arc::from(source.into()));
         self
+    }
+
+    /// Records a refresh token the server issued in a reply that is otherwise a failure
+    /// (say, a 2xx carrying a new `refresh_token` but no usable `access_token`).
+    ///
+    /// A server that rotates refresh tokens has already spent the old one when it answers, so
+    /// this token is the only way the grant can be refreshed again: whoever handles the failure
+    /// should persist it in place of the old one. It does not change what the failure means.
+    /// [`HttpReply::interpret`](crate::HttpReply::interpret) sets it; custom providers should
+    /// too.
+    pub fn with_rotated_refresh_token(mut self, refresh_token: crate::token::RefreshToken) -> Self {
+        self.rotated_refresh_token = Some(refresh_token);
+        self
+    }
+
+    /// The refresh token the server rotated to in the failed reply, if it sent a usable one
+    /// (see [`with_rotated_refresh_token`](Self::with_rotated_refresh_token)).
+    pub fn rotated_refresh_token(&self) -> Option<&crate::token::RefreshToken> {
+        self.rotated_refresh_token.as_ref()
     }
 
     /// What the failure means.

@@ -352,17 +352,6 @@ impl TokenResponse {
         }
     }
 
-    /// Names of fields that were present but unusable, and were treated as absent.
-    pub fn malformed_fields(&self) -> &[String] {
-        &self.malformed
-    }
-
-    /// Records a field that was present but unusable (for custom providers' parsers).
-    pub fn with_malformed_field(mut self, name: impl Into<String>) -> Self {
-        self.malformed.push(name.into());
-        self
-    }
-
     /// Sets the (possibly rotated) refresh token.
     pub fn with_refresh_token(mut self, token: RefreshToken) -> Self {
         self.refresh_token = Some(token);
@@ -419,41 +408,93 @@ impl TokenResponse {
         self.refresh_expires
     }
 
+    /// Names of optional fields that were present in the reply but unusable (a negative,
+    /// huge or non-numeric `expires_in`, a `scope` that is a number, …) and were therefore
+    /// treated as absent.
+    ///
+    /// Only field names, in the order they were found, never their values. An empty list
+    /// means every field present was used. The reply itself was kept: by the time a token
+    /// endpoint answers 2xx it has usually already spent the old refresh token, so throwing
+    /// the whole reply away for a bad *optional* field would kill the grant at the next
+    /// refresh. Report these to the provider; the tokens are fine.
+    ///
+    /// A field that is `null` (or a `token_type` that is an empty string) is simply absent
+    /// and is not listed: many serializers write `null` for "no value".
+    pub fn malformed_fields(&self) -> &[String] {
+        &self.malformed
+    }
+
+    /// Records that the optional field `name` was present but unusable and was treated as
+    /// absent, for custom providers that parse their own replies (see
+    /// [`malformed_fields`](Self::malformed_fields)). Pass the field's name only, never its
+    /// value.
+    pub fn with_malformed_field(mut self, name: impl Into<String>) -> Self {
+        self.malformed.push(name.into());
+        self
+    }
+
     /// Parses a JSON token response leniently.
     ///
     /// Accepts the RFC 6749 §5.1 fields and the common deviations seen in the field:
     /// `expires_in` as a number or a numeric string; absolute expiries in
     /// `expires_at` / `access_token_expiry` / `refresh_token_expiry` /
-    /// `refresh_token_expires_at` as epoch seconds or milliseconds, number or string;
-    /// `refresh_token_expires_in` relative; `scope` as a space-separated string. Other fields
-    /// are kept in [`TokenSet::extra`]. Fails on anything that is not a JSON object with a
-    /// non-empty string `access_token`.
+    /// `refresh_token_expires_at` / `refresh_expires_at` as epoch seconds or milliseconds,
+    /// number or string; `refresh_token_expires_in` / `refresh_expires_in` relative; `scope`
+    /// as a space-separated string or an array of strings. Other fields are kept in
+    /// [`TokenSet::extra`].
+    ///
+    /// # Rotation safety
+    ///
+    /// The tokens are what matter: a server that answers 2xx has usually spent the old
+    /// refresh token already. So an *optional* field that is present but unusable (an
+    /// `expires_in` that is negative, over 100 years, non-numeric or of the wrong type; a
+    /// `scope` or `token_type` of the wrong type; an unreadable absolute or refresh-token
+    /// expiry) never fails the parse: it is treated as absent, its name is listed in
+    /// [`malformed_fields`](Self::malformed_fields), and a `tracing` warning names it (never
+    /// its value). When both a relative and an absolute expiry are sent, a usable one is
+    /// taken even if the other is malformed (the relative one wins when both are usable).
+    /// `null` is the same as absent, and so is an empty `refresh_token` (the old one is kept).
+    ///
+    /// # Errors
+    ///
+    /// A [`ParseError`] if the body is not a JSON object, if `access_token` is missing, empty
+    /// or not a string, or if `refresh_token` is neither a string nor `null`. When the
+    /// access token is unusable but a refresh token came with it,
+    /// [`HttpReply::interpret`](crate::HttpReply::interpret) keeps that refresh token in the
+    /// error (see [`ProviderError::rotated_refresh_token`](crate::ProviderError::rotated_refresh_token)).
     pub fn from_json(body: &[u8]) -> Result<Self, ParseError> {
-        let value: Value = serde_json::from_slice(body).map_err(|_| ParseError::NotJson)?;
+        Self::parse(body).map_err(|(e, _)| e)
+    }
+
+    /// [`from_json`](Self::from_json), keeping a usable refresh token from a reply that is
+    /// otherwise an error.
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, (ParseError, Option<RefreshToken>)> {
+        let value: Value = serde_json::from_slice(body).map_err(|_| (ParseError::NotJson, None))?;
         let Value::Object(mut obj) = value else {
-            return Err(ParseError::NotAnObject);
-        };
-        let access_token = match obj.remove("access_token") {
-            Some(Value::String(s)) if !s.is_empty() => AccessToken::new(s),
-            Some(_) => return Err(ParseError::InvalidField("access_token")),
-            None => return Err(ParseError::MissingAccessToken),
+            return Err((ParseError::NotAnObject, None));
         };
         let refresh_token = match obj.remove("refresh_token") {
             Some(Value::String(s)) if !s.is_empty() => Some(RefreshToken::new(s)),
-            Some(Value::Null) | None => None,
-            Some(Value::String(_)) => None,
-            Some(_) => return Err(ParseError::InvalidField("refresh_token")),
+            Some(Value::Null | Value::String(_)) | None => None,
+            Some(_) => return Err((ParseError::InvalidField("refresh_token"), None)),
         };
+        let access_token = match obj.remove("access_token") {
+            Some(Value::String(s)) if !s.is_empty() => AccessToken::new(s),
+            Some(_) => return Err((ParseError::InvalidField("access_token"), refresh_token)),
+            None => return Err((ParseError::MissingAccessToken, refresh_token)),
+        };
+        let mut malformed = Malformed::default();
         let token_type = match obj.remove("token_type") {
-            Some(Value::String(s)) => Some(s),
-            _ => None,
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            Some(Value::Null | Value::String(_)) | None => None,
+            Some(_) => malformed.drop("token_type"),
         };
         let expires = take_expiry(
             &mut obj,
             &["expires_in"],
             &["expires_at", "access_token_expiry"],
-        )
-        .map_err(|()| ParseError::InvalidField("expires_in"))?;
+            &mut malformed,
+        );
         let refresh_expires = take_expiry(
             &mut obj,
             &["refresh_token_expires_in", "refresh_expires_in"],
@@ -462,17 +503,20 @@ impl TokenResponse {
                 "refresh_token_expires_at",
                 "refresh_expires_at",
             ],
-        )
-        .map_err(|()| ParseError::InvalidField("refresh_token_expires_in"))?;
+            &mut malformed,
+        );
         let scopes = match obj.remove("scope") {
             Some(Value::String(s)) => Some(s.split_whitespace().map(str::to_owned).collect()),
-            Some(Value::Array(items)) => Some(
-                items
-                    .into_iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect(),
-            ),
-            _ => None,
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .or_else(|| malformed.drop("scope")),
+            Some(Value::Null) | None => None,
+            Some(_) => malformed.drop("scope"),
         };
         Ok(Self {
             access_token,
@@ -482,8 +526,24 @@ impl TokenResponse {
             refresh_expires,
             scopes,
             extra: obj,
-            malformed: Vec::new(),
+            malformed: malformed.0,
         })
+    }
+}
+
+/// The names of optional fields dropped by a parse.
+#[derive(Default)]
+struct Malformed(Vec<String>);
+
+impl Malformed {
+    /// Records that `field` was present but unusable; it is treated as absent.
+    fn drop<T>(&mut self, field: &'static str) -> Option<T> {
+        tracing::warn!(
+            field,
+            "token response field is malformed; treated as absent, tokens kept"
+        );
+        self.0.push(field.to_owned());
+        None
     }
 }
 
@@ -497,6 +557,7 @@ impl fmt::Debug for TokenResponse {
             .field("refresh_expires", &self.refresh_expires)
             .field("scopes", &self.scopes)
             .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("malformed", &self.malformed)
             .finish()
     }
 }
@@ -525,34 +586,47 @@ pub enum ParseError {
     },
 }
 
-/// Largest lifetime accepted from `expires_in`: 100 years. Larger values are treated as a
-/// malformed response rather than a token that never expires.
+/// Largest lifetime accepted from `expires_in`: 100 years. A larger value is treated as
+/// malformed (and so as absent), not as a token that never expires.
 const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Takes every expiry field out of `obj`: the first usable `absolute` one, overridden by a
+/// usable `relative` one (measured at response time, it is the more reliable). Unusable ones
+/// are recorded in `malformed` and ignored.
 fn take_expiry(
     obj: &mut Map<String, Value>,
-    relative: &[&str],
-    absolute: &[&str],
-) -> Result<Option<Expiry>, ()> {
+    relative: &[&'static str],
+    absolute: &[&'static str],
+    malformed: &mut Malformed,
+) -> Option<Expiry> {
     let mut found = None;
     for name in absolute {
-        if let Some(v) = obj.remove(*name) {
-            if found.is_none() {
-                found = Some(Expiry::At(epoch(&v).ok_or(())?));
-            }
+        match obj.remove(*name) {
+            None | Some(Value::Null) => {}
+            Some(v) => match epoch(&v) {
+                Some(at) => {
+                    found = found.or(Some(Expiry::At(at)));
+                }
+                None => {
+                    malformed.drop::<()>(name);
+                }
+            },
         }
     }
     for name in relative {
-        if let Some(v) = obj.remove(*name) {
-            let secs = number(&v).ok_or(())?;
-            if !(0.0..=MAX_LIFETIME.as_secs_f64()).contains(&secs) {
-                return Err(());
+        match obj.remove(*name) {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                match number(&v).filter(|s| (0.0..=MAX_LIFETIME.as_secs_f64()).contains(s)) {
+                    Some(secs) => found = Some(Expiry::In(Duration::from_secs_f64(secs))),
+                    None => {
+                        malformed.drop::<()>(name);
+                    }
+                }
             }
-            // A relative lifetime measured at response time is the more reliable of the two.
-            found = Some(Expiry::In(Duration::from_secs_f64(secs)));
         }
     }
-    Ok(found)
+    found
 }
 
 fn number(v: &Value) -> Option<f64> {
@@ -690,7 +764,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_bodies_are_typed_errors() {
+    fn unusable_bodies_are_typed_errors() {
         let cases: &[(&[u8], ParseError)] = &[
             (b"", ParseError::NotJson),
             (b"<html>502</html>", ParseError::NotJson),
@@ -709,19 +783,11 @@ mod tests {
                 ParseError::InvalidField("access_token"),
             ),
             (
-                br#"{"access_token":"a","expires_in":-5}"#,
-                ParseError::InvalidField("expires_in"),
-            ),
-            (
-                br#"{"access_token":"a","expires_in":"soon"}"#,
-                ParseError::InvalidField("expires_in"),
-            ),
-            (
-                br#"{"access_token":"a","expires_in":1e300}"#,
-                ParseError::InvalidField("expires_in"),
-            ),
-            (
                 br#"{"access_token":"a","refresh_token":7}"#,
+                ParseError::InvalidField("refresh_token"),
+            ),
+            (
+                br#"{"access_token":"a","refresh_token":["r"]}"#,
                 ParseError::InvalidField("refresh_token"),
             ),
         ];
@@ -733,6 +799,116 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    /// Every optional field, broken in every way, beside a rotated refresh token: the server
+    /// has already spent the old refresh token, so the reply must be kept.
+    const BROKEN_OPTIONAL_FIELDS: &[(&str, &str)] = &[
+        ("expires_in", "null"),
+        ("expires_in", "-5"),
+        ("expires_in", r#""soon""#),
+        ("expires_in", r#""-5""#),
+        ("expires_in", "1e300"),
+        ("expires_in", "18446744073709551616"),
+        ("expires_in", "true"),
+        ("expires_in", "[3600]"),
+        ("expires_in", r#"{"s":3600}"#),
+        ("expires_at", "null"),
+        ("expires_at", "-1"),
+        ("expires_at", r#""tomorrow""#),
+        ("expires_at", "1e300"),
+        ("expires_at", "false"),
+        ("access_token_expiry", r#""never""#),
+        ("access_token_expiry", "-1718000000000"),
+        ("access_token_expiry", "[]"),
+        ("refresh_token_expires_in", "null"),
+        ("refresh_token_expires_in", "-1"),
+        ("refresh_token_expires_in", r#""a while""#),
+        ("refresh_token_expires_in", "1e300"),
+        ("refresh_token_expires_in", "{}"),
+        ("refresh_expires_in", r#""x""#),
+        ("refresh_token_expiry", r#""x""#),
+        ("refresh_token_expiry", "1e300"),
+        ("refresh_token_expires_at", "-7"),
+        ("refresh_token_expires_at", "true"),
+        ("refresh_expires_at", "[1]"),
+        ("scope", "null"),
+        ("scope", "42"),
+        ("scope", "true"),
+        ("scope", r#"{"a":1}"#),
+        ("scope", r#"["a",1]"#),
+        ("token_type", "null"),
+        ("token_type", "1"),
+        ("token_type", r#"["Bearer"]"#),
+        ("token_type", r#"{"t":"Bearer"}"#),
+    ];
+
+    fn broken_body(field: &str, value: &str) -> String {
+        format!(r#"{{"access_token":"a","refresh_token":"rt-2","{field}":{value}}}"#)
+    }
+
+    #[test]
+    fn a_broken_optional_field_does_not_throw_away_the_rotated_refresh_token() {
+        for (field, value) in BROKEN_OPTIONAL_FIELDS {
+            let body = broken_body(field, value);
+            let r =
+                TokenResponse::from_json(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(r.access_token().secret(), "a", "{body}");
+            assert_eq!(
+                r.refresh_token().map(RefreshToken::secret),
+                Some("rt-2"),
+                "{body}"
+            );
+            if field.starts_with("refresh") {
+                assert_eq!(r.refresh_expires(), None, "{body}");
+            }
+            if field.starts_with("expires") || field.starts_with("access") {
+                assert_eq!(r.expires(), None, "{body}");
+            }
+            assert!(!r.extra.contains_key(*field), "{body}: dropped, not kept");
+            let want: &[&str] = if *value == "null" { &[] } else { &[field] };
+            assert_eq!(r.malformed_fields(), want, "{body}");
+            assert!(!format!("{r:?}").contains("rt-2"), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_usable_expiry_is_taken_beside_a_malformed_one() {
+        let r = TokenResponse::from_json(
+            br#"{"access_token":"a","expires_in":"soon","expires_at":1718000000,"refresh_token_expires_in":-1,"refresh_token_expiry":1720000000}"#,
+        )
+        .unwrap();
+        assert_eq!(r.expires(), Some(Expiry::At(t(1_718_000_000))));
+        assert_eq!(r.refresh_expires(), Some(Expiry::At(t(1_720_000_000))));
+        assert_eq!(
+            r.malformed_fields(),
+            ["expires_in", "refresh_token_expires_in"]
+        );
+        let r = TokenResponse::from_json(br#"{"access_token":"a","expires_in":60,"scope":"a b"}"#)
+            .unwrap();
+        assert!(r.malformed_fields().is_empty());
+        let r = TokenResponse::new(AccessToken::new("a")).with_malformed_field("expires_in");
+        assert_eq!(r.malformed_fields(), ["expires_in"]);
+    }
+
+    #[test]
+    fn a_refresh_token_beside_an_unusable_access_token_is_kept_for_the_error() {
+        for body in [
+            &br#"{"refresh_token":"rt-2","expires_in":60}"#[..],
+            br#"{"access_token":"","refresh_token":"rt-2"}"#,
+            br#"{"access_token":null,"refresh_token":"rt-2"}"#,
+            br#"{"access_token":7,"refresh_token":"rt-2"}"#,
+        ] {
+            let (_, rotated) = TokenResponse::parse(body).unwrap_err();
+            assert_eq!(
+                rotated.as_ref().map(RefreshToken::secret),
+                Some("rt-2"),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let (_, rotated) = TokenResponse::parse(br#"{"refresh_token":""}"#).unwrap_err();
+        assert_eq!(rotated, None);
     }
 
     #[test]

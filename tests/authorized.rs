@@ -190,6 +190,91 @@ async fn a_rejection_on_the_retry_is_a_typed_error_and_no_loop() {
     assert_eq!(w.server.refresh_calls(), 1);
 }
 
+/// A wiremock API that rejects (RFC 6750 `invalid_token`) the next `blips` requests whatever
+/// their token, then accepts exactly the tokens the fake authorization server says are valid.
+async fn api_with_blips(server: Arc<FakeAuthServer>, blips: usize) -> MockServer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let blips = AtomicUsize::new(blips);
+    let api = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(move |request: &wiremock::Request| {
+            let token = request
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            let blip = blips
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if !blip && server.is_access_token_valid(token) {
+                ResponseTemplate::new(200)
+            } else {
+                ResponseTemplate::new(401)
+                    .insert_header("www-authenticate", r#"Bearer error="invalid_token""#)
+            }
+        })
+        .mount(&api)
+        .await;
+    api
+}
+
+#[tokio::test]
+async fn a_transient_rejection_after_a_refresh_does_not_disable_later_refreshes() {
+    let w = world(FakeConfig::standard()).await;
+    let key = TokenKey::from("acct");
+    let issued = w.insert_issued_grant(&key).await;
+    let (manager, server) = (w.manager, Arc::new(w.server));
+    // The API blips twice: the first token and the freshly refreshed one are both rejected.
+    let api = api_with_blips(server.clone(), 2).await;
+    let client = AuthorizedClient::new(plain(), manager.clone());
+    let get = || plain().get(api.uri()).build().unwrap();
+    let err = client.send(&key, get()).await.unwrap_err();
+    assert!(matches!(err, RequestError::Rejected { .. }), "{err:?}");
+    assert_eq!(server.refresh_calls(), 1);
+    // The blip is over: the refreshed token works.
+    assert_eq!(client.send(&key, get()).await.unwrap().status(), 200);
+    // Then the user really revokes the app. The rejection must lead to a refresh, which finds
+    // the grant dead, instead of "rejected again" until the token expires weeks later.
+    server.revoke(&issued.grant);
+    let err = client.send(&key, get()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RequestError::Token(Error::ReauthorizationRequired {
+                reason: InvalidationReason::InvalidGrant,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(server.refresh_calls(), 2);
+}
+
+#[tokio::test]
+async fn a_new_token_generation_is_refreshed_on_rejection_even_after_a_stuck_one() {
+    let w = world(FakeConfig::standard()).await;
+    let key = TokenKey::from("acct");
+    w.insert_issued_grant(&key).await;
+    let (manager, server) = (w.manager, Arc::new(w.server));
+    let api = api_with_blips(server.clone(), 2).await;
+    let client = AuthorizedClient::new(plain(), manager.clone());
+    let get = || plain().get(api.uri()).build().unwrap();
+    client.send(&key, get()).await.unwrap_err();
+    assert_eq!(server.refresh_calls(), 1);
+    // Another generation comes along (the refresher, another process…); the API rejects it
+    // once: that generation gets its own refresh and retry.
+    manager.refresh_now(&key).await.unwrap();
+    assert_eq!(server.refresh_calls(), 2);
+    let api = api_with_blips(server.clone(), 1).await;
+    let response = client
+        .send(&key, plain().get(api.uri()).build().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.refresh_calls(), 3);
+}
+
 #[tokio::test]
 async fn constant_contact_style_401_body_needs_its_policy() {
     let w = world(FakeConfig::constant_contact()).await;
@@ -370,6 +455,58 @@ async fn bearer_header_is_sent_and_never_leaks_into_errors() {
     assert!(!shown.contains(&issued.refresh_token));
 }
 
+/// A wiremock API that accepts every request, with or without a token.
+async fn api_accepting_everything() -> MockServer {
+    let api = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&api)
+        .await;
+    api
+}
+
+/// A grant whose access token cannot be an HTTP header value.
+async fn grant_with_unsendable_token(w: &World) -> TokenKey {
+    let key = TokenKey::from("acct");
+    let tokens = tokenkeeper::TokenSet::new(tokenkeeper::AccessToken::new("at-1\r\nX-Evil: 1"))
+        .with_expires_at(w.clock.now() + DAY);
+    w.manager.insert(key.clone(), tokens).await.unwrap();
+    key
+}
+
+#[tokio::test]
+async fn a_token_that_is_no_header_value_is_a_typed_error_not_an_anonymous_request() {
+    let w = world(FakeConfig::standard()).await;
+    let key = grant_with_unsendable_token(&w).await;
+    let api = api_accepting_everything().await;
+    let client = AuthorizedClient::new(plain(), w.manager.clone());
+    let outcome = client.send(&key, w.get(&api.uri())).await;
+    assert_eq!(
+        api.received_requests().await.unwrap().len(),
+        0,
+        "no request without its token"
+    );
+    let err = outcome.unwrap_err();
+    assert!(
+        matches!(&err, RequestError::InvalidTokenValue { key: k } if *k == key),
+        "{err:?}"
+    );
+    assert!(!format!("{err} {err:?}").contains("at-1"), "{err:?}");
+    assert_eq!(w.server.refresh_calls(), 0);
+
+    // In a failover group, the grant is skipped for the next one.
+    let good = TokenKey::from("acct-2");
+    w.insert_issued_grant(&good).await;
+    let (used, response) = client
+        .send_any(&[key.clone(), good.clone()], w.get(&api.uri()))
+        .await
+        .unwrap();
+    assert_eq!((used, response.status().as_u16()), (good, 200));
+    let received = api.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].headers.contains_key("authorization"));
+}
+
 #[cfg(feature = "middleware")]
 mod middleware {
     use super::*;
@@ -396,6 +533,30 @@ mod middleware {
             assert_eq!(task.await.unwrap().unwrap().status(), 200);
         }
         assert_eq!(server.refresh_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_middleware_never_sends_a_request_without_its_token() {
+        let w = world(FakeConfig::standard()).await;
+        let key = grant_with_unsendable_token(&w).await;
+        let api = api_accepting_everything().await;
+        let client = ClientBuilder::new(plain())
+            .with(TokenMiddleware::new(w.manager.clone()))
+            .build();
+        let err = client
+            .get(api.uri())
+            .with_extension(key.clone())
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(api.received_requests().await.unwrap().len(), 0);
+        let reqwest_middleware::Error::Middleware(inner) = err else {
+            panic!("expected a middleware error")
+        };
+        assert!(matches!(
+            inner.downcast_ref::<RequestError>(),
+            Some(RequestError::InvalidTokenValue { key: k }) if *k == key
+        ));
     }
 
     #[tokio::test]

@@ -195,6 +195,113 @@ async fn client_configuration_faults_are_misconfigured_and_keep_the_grant() {
     }
 }
 
+/// A redirect is a wrong token URL (http for https, a moved endpoint): a developer must fix
+/// it. Retrying it forever never helps, and following it re-sends the refresh token and
+/// client secret to wherever it points.
+#[tokio::test]
+async fn a_redirect_from_the_token_endpoint_is_misconfigured() {
+    for status in [301, 302, 303, 307, 308] {
+        let moved = ResponseTemplate::new(status).insert_header("location", "/oauth2/v2/token");
+        let (server, h) = standard(moved).await;
+        let err = h.manager.access_token(&h.key).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Misconfigured { problem: ConfigProblem::Endpoint, status: Some(s), .. }
+                    if *s == status
+            ),
+            "{status}: {err:?}"
+        );
+        assert!(!err.is_retryable(), "{status}");
+        h.assert_intact(&format!("{status}")).await;
+        // Not followed: only the one POST to /token.
+        assert_eq!(requests(&server).await.len(), 1, "{status}");
+    }
+}
+
+/// With a caller-supplied HTTP client that follows redirects, the followed reply is still a
+/// configuration fault; a refresh token it rotated to travels with the error.
+#[tokio::test]
+async fn a_followed_redirect_is_misconfigured_and_keeps_the_rotated_refresh_token() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(307).insert_header("location", "/v2/token"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v2/token"))
+        .respond_with(json_reply(
+            200,
+            r#"{"access_token":"at-new","refresh_token":"rt-new","expires_in":3600}"#,
+        ))
+        .mount(&server)
+        .await;
+    let provider = oauth2(&format!("{}/token", server.uri()))
+        .http_client(reqwest::Client::new())
+        .build()
+        .expect("provider");
+    let h = Harness::new(provider, OLD_RT).await;
+    let err = h.manager.access_token(&h.key).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Misconfigured {
+                problem: ConfigProblem::Endpoint,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let failure = h.provider_failure();
+    assert_eq!(
+        failure.rotated_refresh_token().map(RefreshToken::secret),
+        Some("rt-new")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Only a human can help: interaction, login, consent, access denied
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn codes_that_need_the_user_mark_the_grant_dead() {
+    for code in [
+        "interaction_required",
+        "login_required",
+        "consent_required",
+        "access_denied",
+    ] {
+        let body = format!(r#"{{"error":"{code}","error_description":"ask the user"}}"#);
+        let (server, h) = standard(json_reply(400, &body)).await;
+        let err = h.manager.access_token(&h.key).await.unwrap_err();
+        let want = InvalidationReason::Provider {
+            code: code.to_owned(),
+        };
+        assert!(
+            matches!(&err, Error::ReauthorizationRequired { reason, .. } if *reason == want),
+            "{code}: {err:?}"
+        );
+        assert_eq!(
+            h.provider_failure().kind(),
+            &ProviderErrorKind::Reauthorize(want.clone())
+        );
+        // Persisted as dead: never sent again.
+        h.clock.advance(Duration::from_secs(3600));
+        assert!(h
+            .manager
+            .access_token(&h.key)
+            .await
+            .unwrap_err()
+            .is_reauth_required());
+        assert_eq!(requests(&server).await.len(), 1, "{code}");
+        assert_eq!(
+            h.manager.reauthorization_required().await.expect("list"),
+            vec![(h.key.clone(), want)]
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rate limits
 // ---------------------------------------------------------------------------------------------

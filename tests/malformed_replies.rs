@@ -1,5 +1,7 @@
 //! Malformed, empty, huge and non-JSON token endpoint replies become typed errors (or a
-//! correct lenient parse), never a panic, and never cost the grant its refresh token.
+//! correct lenient parse), never a panic, and never cost the grant its refresh token: a
+//! malformed optional field beside a rotated refresh token is dropped and reported, and a
+//! rotated refresh token beside an unusable access token travels in the error.
 
 mod support;
 
@@ -164,21 +166,8 @@ async fn malformed_200_replies_are_invalid_responses() {
             json_reply(200, r#"{"access_token":null}"#),
             ParseError::InvalidField("access_token"),
         ),
-        (
-            "negative expires_in",
-            json_reply(200, r#"{"access_token":"at-new","expires_in":-3600}"#),
-            ParseError::InvalidField("expires_in"),
-        ),
-        (
-            "non-numeric expires_in",
-            json_reply(200, r#"{"access_token":"at-new","expires_in":"one day"}"#),
-            ParseError::InvalidField("expires_in"),
-        ),
-        (
-            "absurd expires_in",
-            json_reply(200, r#"{"access_token":"at-new","expires_in":1e300}"#),
-            ParseError::InvalidField("expires_in"),
-        ),
+        // A malformed optional field (`expires_in`, `scope`, …) is not a failure: see
+        // `a_broken_optional_field_beside_a_rotated_refresh_token_keeps_the_rotation`.
         (
             "refresh_token as a number",
             json_reply(200, r#"{"access_token":"at-new","refresh_token":42}"#),
@@ -440,4 +429,119 @@ async fn absurd_retry_after_is_not_a_panic() {
         assert!(again.is_retryable(), "{case}: {again:?}");
         assert_eq!(h.calls(), 1, "{case}");
     }
+}
+
+/// Every optional field, broken in every way, beside a rotated refresh token.
+const BROKEN_OPTIONAL_FIELDS: &[(&str, &str)] = &[
+    ("expires_in", "null"),
+    ("expires_in", "-3600"),
+    ("expires_in", r#""one day""#),
+    ("expires_in", "1e300"),
+    ("expires_in", "99999999999999999999"),
+    ("expires_in", "true"),
+    ("expires_at", "-1"),
+    ("expires_at", r#""tomorrow""#),
+    ("expires_at", "1e300"),
+    ("access_token_expiry", "null"),
+    ("access_token_expiry", "[1768521600000]"),
+    ("refresh_token_expires_in", "null"),
+    ("refresh_token_expires_in", "-1"),
+    ("refresh_token_expires_in", r#""a while""#),
+    ("refresh_token_expires_in", "1e300"),
+    ("refresh_token_expiry", r#"{"ms":1}"#),
+    ("refresh_token_expires_at", "-7"),
+    ("scope", "null"),
+    ("scope", "42"),
+    ("scope", r#"["a",{"b":1}]"#),
+    ("token_type", "null"),
+    ("token_type", "false"),
+];
+
+#[tokio::test]
+async fn a_broken_optional_field_beside_a_rotated_refresh_token_keeps_the_rotation() {
+    for (field, value) in BROKEN_OPTIONAL_FIELDS {
+        let case = format!("{field}: {value}");
+        let body =
+            format!(r#"{{"access_token":"at-new","refresh_token":"rt-new","{field}":{value}}}"#);
+        let (set, _) = check_success(&case, json_reply(200, &body)).await;
+        assert_eq!(
+            set.refresh_token().map(RefreshToken::secret),
+            Some("rt-new"),
+            "{case}"
+        );
+        assert_eq!(set.token_type(), "Bearer", "{case}");
+        if field.starts_with("refresh") {
+            assert_eq!(set.refresh_expires_at(), None, "{case}");
+        } else if field.starts_with("expires") || field.starts_with("access") {
+            assert_eq!(set.expires_at(), None, "{case}");
+        }
+        assert!(!set.extra().contains_key(*field), "{case}");
+    }
+}
+
+#[test]
+fn malformed_optional_fields_are_reported_by_name_only() {
+    use tokenkeeper::{HttpReply, StandardClassifier};
+    let now = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+    for (field, value) in BROKEN_OPTIONAL_FIELDS {
+        let body =
+            format!(r#"{{"access_token":"at-new","refresh_token":"rt-new","{field}":{value}}}"#);
+        let reply = HttpReply::new(200, Default::default(), body.clone());
+        let response = reply
+            .interpret(&StandardClassifier, now)
+            .unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        assert_eq!(
+            response.refresh_token().map(RefreshToken::secret),
+            Some("rt-new"),
+            "{body}"
+        );
+        let want: &[&str] = if *value == "null" { &[] } else { &[field] };
+        assert_eq!(response.malformed_fields(), want, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_beside_an_unusable_access_token_is_kept_in_the_error() {
+    for body in [
+        r#"{"token_type":"Bearer","expires_in":3600,"refresh_token":"rt-new"}"#,
+        r#"{"access_token":"","refresh_token":"rt-new"}"#,
+        r#"{"access_token":null,"refresh_token":"rt-new"}"#,
+        r#"{"access_token":12345,"refresh_token":"rt-new","expires_in":"soon"}"#,
+    ] {
+        let (_server, h) = harness(vec![json_reply(200, body)]).await;
+        let err = h.manager.access_token(&h.key).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Unavailable {
+                    cause: UnavailableCause::InvalidResponse,
+                    ..
+                }
+            ),
+            "{body}: {err:?}"
+        );
+        let failure = h.provider_failure();
+        assert_eq!(
+            failure.rotated_refresh_token().map(RefreshToken::secret),
+            Some("rt-new"),
+            "{body}"
+        );
+        assert!(
+            failure
+                .source()
+                .and_then(|s| s.downcast_ref::<ParseError>())
+                .is_some(),
+            "{body}"
+        );
+        let shown = format!("{failure} {failure:?} {err} {err:?}");
+        assert!(!shown.contains("rt-new"), "{body}: {shown}");
+    }
+    // A refresh token of the wrong type is not a token: nothing to keep.
+    let (_server, h) = harness(vec![json_reply(
+        200,
+        r#"{"access_token":"at-new","refresh_token":{"value":"rt-new"}}"#,
+    )])
+    .await;
+    h.manager.access_token(&h.key).await.unwrap_err();
+    assert!(h.provider_failure().rotated_refresh_token().is_none());
 }

@@ -173,8 +173,9 @@ async fn run(secrets: &mut Vec<String>, texts: &mut Vec<(String, String)>) -> Ve
             old_at: "ACCESS-old-garb-2bN8",
             old_rt: "REFRESH-old-garb-7yU1",
             status: 200,
-            // A token in a reply that cannot be used.
-            body: r#"{"access_token":"ACCESS-garbled-6rT4","expires_in":"whenever"}"#.into(),
+            // Tokens in a reply that cannot be used (the access token is not a string); the
+            // rotated refresh token travels in the provider's error, redacted.
+            body: r#"{"access_token":["ACCESS-garbled-6rT4"],"refresh_token":"REFRESH-garbled-rot-8kL2","expires_in":"whenever"}"#.into(),
             retry_after: None,
         },
     ];
@@ -189,6 +190,7 @@ async fn run(secrets: &mut Vec<String>, texts: &mut Vec<(String, String)>) -> Ve
             "IDTOKEN-ACCESS-new-rot-1aB7",
             "ACCESS-new-keep-7hN3",
             "ACCESS-garbled-6rT4",
+            "REFRESH-garbled-rot-8kL2",
         ]
         .map(String::from),
     );

@@ -89,10 +89,13 @@ impl Middleware for TokenMiddleware {
             .map_err(|e| fail(RequestError::Token(e)))?;
         let retry = request.try_clone();
         let mut request = request;
-        authorize(&mut request, &token);
+        authorize(&mut request, &key, &token).map_err(fail)?;
         let response = next.clone().run(request, extensions).await?;
         let rejected = match self.auth.inspect(response).await? {
-            Verdict::Accepted(response) => return Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(&key);
+                return Ok(response);
+            }
             Verdict::Rejected(response) => response,
         };
         let status = rejected.status().as_u16();
@@ -104,10 +107,13 @@ impl Middleware for TokenMiddleware {
         let Some(mut retry) = retry else {
             return Ok(rejected);
         };
-        authorize(&mut retry, &fresh);
+        authorize(&mut retry, &key, &fresh).map_err(fail)?;
         let response = next.run(retry, extensions).await?;
         match self.auth.inspect(response).await? {
-            Verdict::Accepted(response) => Ok(response),
+            Verdict::Accepted(response) => {
+                self.auth.accepted(&key);
+                Ok(response)
+            }
             Verdict::Rejected(response) => {
                 self.auth.rejected_after_refresh(&key, fresh);
                 Err(fail(RequestError::Rejected {

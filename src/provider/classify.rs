@@ -48,7 +48,9 @@ where
 /// | 2xx with an `access_token` | success (lenient parse, see [`TokenResponse::from_json`](crate::TokenResponse::from_json)) |
 /// | 2xx without one, or not JSON | `Unavailable(InvalidResponse)` |
 /// | `429` | `RateLimited`, with `Retry-After` (seconds or HTTP-date) when sent |
+/// | `3xx`, or any reply reached by following a redirect | `Misconfigured(Endpoint)`: the token URL is wrong (a redirect is never followed by the default client: it would re-send the refresh token and client secret) |
 /// | `invalid_grant` | `Reauthorize(InvalidGrant)` |
+/// | `interaction_required`, `login_required`, `consent_required`, `access_denied` | `Reauthorize(Provider { code })`: only the user can fix these (log in, consent, allow access), so they are not retried; the code is kept as it came so the app can tell the user what to do |
 /// | `invalid_client`, `unauthorized_client`, `unsupported_grant_type`, `invalid_scope`, `invalid_request` | `Misconfigured` |
 /// | `temporarily_unavailable`, `server_error`, any `5xx` | `Unavailable`, with `Retry-After` when sent |
 /// | `slow_down` | `RateLimited` |
@@ -66,6 +68,9 @@ impl Classifier for StandardClassifier {
 
 pub(crate) fn standard(reply: &HttpReply, now: SystemTime) -> Option<ProviderError> {
     let status = reply.status();
+    if reply.redirected() || (300..400).contains(&status) {
+        return Some(ProviderError::misconfigured(ConfigProblem::Endpoint));
+    }
     let retry_after = reply.retry_after(now);
     if status == 429 {
         return Some(ProviderError::rate_limited(retry_after));
@@ -78,6 +83,10 @@ pub(crate) fn standard(reply: &HttpReply, now: SystemTime) -> Option<ProviderErr
     if let Some(code) = reply.oauth_error() {
         let err = match code.as_str() {
             "invalid_grant" => ProviderError::reauthorize(InvalidationReason::InvalidGrant),
+            // OpenID Connect Core §3.1.2.6 and RFC 6749 §4.1.2.1 codes: a human must act.
+            "interaction_required" | "login_required" | "consent_required" | "access_denied" => {
+                ProviderError::reauthorize(InvalidationReason::Provider { code: code.clone() })
+            }
             "invalid_client" => ProviderError::misconfigured(ConfigProblem::InvalidClient),
             "unauthorized_client" => {
                 ProviderError::misconfigured(ConfigProblem::UnauthorizedClient)

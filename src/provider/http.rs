@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::{ConfigProblem, ProviderError, UnavailableCause};
 use crate::provider::Classifier;
-use crate::token::{ParseError, TokenResponse};
+use crate::token::{ParseError, RefreshToken, TokenResponse};
 
 /// Largest reply body read from a token endpoint by default: 1 MiB. Real token responses
 /// are a few kilobytes; anything larger is treated as an invalid response.
@@ -22,6 +22,8 @@ pub struct HttpReply {
     status: u16,
     headers: HeaderMap,
     body: Vec<u8>,
+    /// Whether the HTTP client followed a redirect to get this reply.
+    redirected: bool,
 }
 
 impl HttpReply {
@@ -31,17 +33,24 @@ impl HttpReply {
             status,
             headers,
             body: body.into(),
+            redirected: false,
         }
     }
 
     /// Sends `request` and reads the reply, failing with a classified error on transport
     /// problems or a body over `limit` bytes.
+    ///
+    /// If `client` follows redirects and did, the reply remembers it, and
+    /// [`interpret`](Self::interpret) classifies it as a configuration fault
+    /// ([`ConfigProblem::Endpoint`]) whatever its status.
     pub async fn send(
         client: &reqwest::Client,
         request: reqwest::Request,
         limit: usize,
     ) -> Result<Self, ProviderError> {
+        let url = request.url().clone();
         let mut response = client.execute(request).await.map_err(transport_error)?;
+        let redirected = *response.url() != url;
         let status = response.status().as_u16();
         let headers = std::mem::take(response.headers_mut());
         let too_large = || {
@@ -63,6 +72,7 @@ impl HttpReply {
             status,
             headers,
             body,
+            redirected,
         })
     }
 
@@ -74,6 +84,11 @@ impl HttpReply {
     /// The reply headers.
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
+    }
+
+    /// Whether the HTTP client followed a redirect to get this reply.
+    pub(crate) fn redirected(&self) -> bool {
+        self.redirected
     }
 
     /// The body. It may hold tokens: never log it.
@@ -111,6 +126,18 @@ impl HttpReply {
     /// Classifies this reply: `classifier` first, then the RFC 6749 rules of
     /// [`StandardClassifier`](crate::StandardClassifier), then the lenient success parse of
     /// [`TokenResponse::from_json`].
+    ///
+    /// A reply whose access token is missing or unusable is an
+    /// `Unavailable(InvalidResponse)` failure with the [`ParseError`] as its source; if it
+    /// carried a usable `refresh_token`, the failure keeps it
+    /// ([`ProviderError::rotated_refresh_token`]), because the server has probably already
+    /// spent the old one. Malformed optional fields do not fail the reply: see
+    /// [`TokenResponse::malformed_fields`].
+    ///
+    /// A `3xx` reply, or any reply reached by following a redirect, is
+    /// `Misconfigured(`[`ConfigProblem::Endpoint`]`)`: the token URL is wrong, and only a
+    /// developer can fix that. A followed redirect that still yielded a refresh token keeps it
+    /// in the error, as above.
     pub fn interpret(
         &self,
         classifier: &dyn Classifier,
@@ -120,13 +147,32 @@ impl HttpReply {
             return Err(err.with_status(self.status));
         }
         if let Some(err) = super::classify::standard(self, now) {
-            return Err(err.with_status(self.status));
+            let err = err.with_status(self.status);
+            // The server behind a followed redirect may have rotated the refresh token.
+            return Err(match self.redirected.then(|| self.rotated()).flatten() {
+                Some(refresh_token) => err.with_rotated_refresh_token(refresh_token),
+                None => err,
+            });
         }
-        TokenResponse::from_json(&self.body).map_err(|e| {
-            ProviderError::unavailable(UnavailableCause::InvalidResponse)
+        TokenResponse::parse(&self.body).map_err(|(e, rotated)| {
+            let err = ProviderError::unavailable(UnavailableCause::InvalidResponse)
                 .with_status(self.status)
-                .with_source(e)
+                .with_source(e);
+            match rotated {
+                Some(refresh_token) => err.with_rotated_refresh_token(refresh_token),
+                None => err,
+            }
         })
+    }
+}
+
+impl HttpReply {
+    /// A usable refresh token in the body, whether or not the rest of it is usable.
+    fn rotated(&self) -> Option<RefreshToken> {
+        match TokenResponse::parse(&self.body) {
+            Ok(response) => response.refresh_token,
+            Err((_, rotated)) => rotated,
+        }
     }
 }
 
@@ -134,6 +180,7 @@ impl fmt::Debug for HttpReply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpReply")
             .field("status", &self.status)
+            .field("redirected", &self.redirected)
             .field("body_len", &self.body.len())
             .finish_non_exhaustive()
     }

@@ -38,6 +38,10 @@ pub enum ClientAuth {
 /// common deviations (`expires_in` as a string, epoch expiries) parse; see
 /// [`StandardClassifier`] for the rules.
 ///
+/// Redirects are never followed by the default HTTP client: a token endpoint that redirects
+/// is a wrong token URL, reported as [`ConfigProblem::Endpoint`], not retried (see
+/// [`OAuth2ProviderBuilder::http_client`]).
+///
 /// ```
 /// use tokenkeeper::{ClientAuth, ClientSecret, OAuth2Provider};
 /// let provider = OAuth2Provider::builder("my-client-id", "https://auth.example.com/oauth2/token")
@@ -160,8 +164,15 @@ impl OAuth2ProviderBuilder {
         self
     }
 
-    /// The HTTP client to use (default: a new `reqwest::Client`). Redirects should be
-    /// disabled on a client used for token endpoints.
+    /// The HTTP client to use (default: a new `reqwest::Client` that never follows
+    /// redirects).
+    ///
+    /// Disable redirects on this client too
+    /// (`reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())`): following a
+    /// `307`/`308` re-sends the refresh token and client secret to wherever it points, and a
+    /// `301`-`303` turns the POST into a GET. A redirect is always classified as
+    /// [`ConfigProblem::Endpoint`] (the token URL is wrong), but a client that follows it has
+    /// already sent the credentials by the time the reply is seen.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
         self
