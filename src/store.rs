@@ -268,7 +268,10 @@ impl fmt::Debug for GrantRecord {
 /// # Errors
 ///
 /// Return [`StoreError::new`] for backend failures and [`StoreError::corrupt`] for records
-/// that cannot be decoded. The manager never discards a rotated token because of a store error:
+/// that cannot be decoded. A key longer than [`TokenKey::MAX_LEN`] bytes is refused with
+/// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) (start each method with
+/// [`StoreError::check_key`]), and so is a shorter key the backend cannot hold: it is the
+/// caller's bad input, not a transient failure. The manager never discards a rotated token because of a store error:
 /// it keeps it in memory, reports [`Event::PersistFailed`](crate::Event::PersistFailed), and
 /// retries the save.
 ///

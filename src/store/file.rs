@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{json_position, Cas, GrantRecord, RefreshLock, TokenStore, Version, Versioned};
@@ -16,8 +17,8 @@ use crate::token::TokenKey;
 const FORMAT: &str = "tokenkeeper.grant";
 /// The newest file layout this version reads and the one it writes.
 const FORMAT_VERSION: u32 = 1;
-/// Encoded key names longer than this are refused: with the longest suffix the name must
-/// stay within the usual 255-byte limit of file systems.
+/// Encoded key names longer than this are hashed instead: with the longest suffix the name
+/// must stay within the usual 255-byte limit of file systems.
 const MAX_ENCODED_KEY: usize = 240;
 /// How long [`TokenStore::lock`] waits for another holder by default.
 const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
@@ -39,8 +40,12 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 /// | `%43ustomer-42.lock` | locked while a save or delete compares versions and writes |
 /// | `%43ustomer-42.refresh` | the cross-process refresh lock ([`TokenStore::lock`]) |
 ///
-/// Keys whose encoded name exceeds 240 bytes are refused with an error. Every file is created
-/// with mode `0600` on Unix; [`FileStore::create`] makes the directory `0700`.
+/// A key whose encoded name would exceed 240 bytes (file systems allow 255, suffix included)
+/// is named `%%` followed by the SHA-256 of its UTF-8 in lower-case hex instead (66 bytes);
+/// the key itself is in the file, which is checked on every read. So every key up to
+/// [`TokenKey::MAX_LEN`] bytes works, whatever its characters; a longer one is refused with
+/// [`StoreErrorKind::InvalidKey`], as by every built-in store. Every file is created with mode
+/// `0600` on Unix; [`FileStore::create`] makes the directory `0700`.
 ///
 /// # Crash safety
 ///
@@ -158,13 +163,8 @@ impl FileStore {
     }
 
     fn paths(&self, key: &TokenKey) -> Result<Paths, StoreError> {
-        let name = encode_key(key.as_str());
-        if name.len() > MAX_ENCODED_KEY {
-            return Err(StoreError::new(format!(
-                "key `{key}` is too long for a file name ({} bytes encoded, at most {MAX_ENCODED_KEY})",
-                name.len()
-            )));
-        }
+        StoreError::check_key(key)?;
+        let name = file_name(key.as_str());
         let file = |suffix: &str| self.dir.join(format!("{name}.{suffix}"));
         Ok(Paths {
             dir: self.dir.clone(),
@@ -258,15 +258,23 @@ impl TokenStore for FileStore {
             for entry in entries {
                 let entry = entry.map_err(|e| io_error("list", &store.dir, e))?;
                 let name = entry.file_name();
-                let Some(key) = name
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .and_then(decode_key)
-                else {
+                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                     continue; // Not a grant file (a lock, a temporary file, something else).
                 };
+                let key = match decode_key(stem) {
+                    Some(key) => key,
+                    // A long key: the file says which.
+                    None if is_hashed_name(stem) => match key_in_file(&entry.path(), stem) {
+                        Some(key) => key,
+                        None => continue,
+                    },
+                    None => continue,
+                };
                 let key = TokenKey::from(key);
-                match store.paths(&key)?.read() {
+                let Ok(paths) = store.paths(&key) else {
+                    continue;
+                };
+                match paths.read() {
                     // Deleted (a tombstone), or deleted since the listing.
                     Ok(None) | Ok(Some(Entry { record: None, .. })) => {}
                     Ok(Some(_)) => keys.push(key),
@@ -483,7 +491,47 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The file-name form of a key (see [`FileStore`]'s layout).
+/// The file name (without suffix) of a key: its percent-encoding, or for a key whose encoding
+/// is longer than [`MAX_ENCODED_KEY`], `%%` and the SHA-256 of the key in hex (see
+/// [`FileStore`]'s layout).
+fn file_name(key: &str) -> String {
+    let name = encode_key(key);
+    if name.len() <= MAX_ENCODED_KEY {
+        return name;
+    }
+    format!("%%{:x}", Sha256::digest(key.as_bytes()))
+}
+
+/// Whether `stem` has the form of a hashed file name (a long key's).
+fn is_hashed_name(stem: &str) -> bool {
+    stem.strip_prefix("%%").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The key written in the grant file `path` whose hashed name is `stem`, if the file is one
+/// of ours and the key hashes to that name. A corrupt file with a hashed name cannot be listed
+/// (its key is unknown); loading the key still reports it.
+fn key_in_file(path: &Path, stem: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct KeyOnly {
+        key: String,
+    }
+    let bytes = fs::read(path).ok()?;
+    let Ok(KeyOnly { key }) = serde_json::from_slice(&bytes) else {
+        tracing::warn!(
+            path = %path.display(),
+            "a grant file of a long key is not readable; it is not listed"
+        );
+        return None;
+    };
+    (file_name(&key) == stem).then_some(key)
+}
+
+/// The percent-encoded file-name form of a key (see [`FileStore`]'s layout).
 fn encode_key(key: &str) -> String {
     if key.is_empty() {
         return "%".to_owned();
@@ -857,13 +905,36 @@ mod tests {
         expected.sort();
         assert_eq!(listed, expected);
 
-        let long = TokenKey::from("x".repeat(241));
-        assert_eq!(
-            store.load(&long).await.unwrap_err().kind(),
-            StoreErrorKind::Backend
+        // Long keys get a hashed file name; every name stays within 255 bytes.
+        let longest = [
+            TokenKey::from("x".repeat(TokenKey::MAX_LEN)),
+            TokenKey::from("/".repeat(TokenKey::MAX_LEN)),
+            TokenKey::from("é".repeat(TokenKey::MAX_LEN / 2)),
+            TokenKey::from("x".repeat(241)),
+        ];
+        for (i, key) in longest.iter().enumerate() {
+            store
+                .save(key, &record(&i.to_string()), None)
+                .await
+                .unwrap();
+        }
+        for (i, key) in longest.iter().enumerate() {
+            let loaded = store.load(key).await.unwrap().unwrap();
+            assert_eq!(loaded.value, record(&i.to_string()));
+        }
+        let listed = store.keys().await.unwrap();
+        assert!(longest.iter().all(|k| listed.contains(k)));
+        for entry in fs::read_dir(store.dir()).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert!(name.len() <= 255, "{name:?}");
+        }
+        let too_long = TokenKey::from("x".repeat(TokenKey::MAX_LEN + 1));
+        let err = store.load(&too_long).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::InvalidKey);
+        assert!(
+            !format!("{err} {err:?}").contains(&"x".repeat(100)),
+            "the error does not quote the whole key"
         );
-        let fits = TokenKey::from("x".repeat(240));
-        store.save(&fits, &record("a"), None).await.unwrap();
     }
 
     #[test]

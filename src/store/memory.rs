@@ -14,6 +14,10 @@ use crate::token::TokenKey;
 ///
 /// Share one `Arc<MemoryStore>` between managers (say, one per worker) and they refresh each
 /// grant once between them: the store's refresh lock is a per-key async mutex.
+///
+/// Like every built-in store, it refuses keys longer than [`TokenKey::MAX_LEN`] bytes with
+/// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey), so that a grant kept
+/// here can move to any other store.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -51,6 +55,7 @@ impl MemoryStore {
 #[async_trait]
 impl TokenStore for MemoryStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        StoreError::check_key(key)?;
         Ok(self.state().records.get(key).cloned())
     }
 
@@ -60,6 +65,7 @@ impl TokenStore for MemoryStore {
         record: &GrantRecord,
         expected: Option<Version>,
     ) -> Result<Cas, StoreError> {
+        StoreError::check_key(key)?;
         let mut inner = self.state();
         if inner.records.get(key).map(|r| r.version) != expected {
             return Ok(Cas::Conflict);
@@ -77,6 +83,7 @@ impl TokenStore for MemoryStore {
     }
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        StoreError::check_key(key)?;
         Ok(self.state().records.remove(key).is_some())
     }
 
@@ -91,6 +98,7 @@ impl TokenStore for MemoryStore {
         key: &TokenKey,
         _ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        StoreError::check_key(key)?;
         let mutex = self
             .locks
             .lock()

@@ -78,6 +78,10 @@ return 0
 /// grant can be in different slots). Run Redis with persistence if grants must survive its
 /// restart.
 ///
+/// Redis accepts keys of up to 512 MB, but this store, like every built-in store, refuses a
+/// [`TokenKey`] longer than [`TokenKey::MAX_LEN`] bytes with
+/// [`StoreErrorKind::InvalidKey`] before sending anything.
+///
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
@@ -189,7 +193,7 @@ impl RedisStoreBuilder {
     }
 
     /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
-    /// [`StoreErrorKind::LockTimeout`] (default 30 s).
+    /// [`StoreErrorKind::LockTimeout`] (default 75 s).
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
@@ -264,6 +268,7 @@ fn backend(e: RedisError) -> StoreError {
 #[async_trait]
 impl TokenStore for RedisStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        StoreError::check_key(key)?;
         let (version, record): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
             .arg(self.grant_key(key))
             .arg("version")
@@ -304,6 +309,7 @@ impl TokenStore for RedisStore {
         record: &GrantRecord,
         expected: Option<Version>,
     ) -> Result<Cas, StoreError> {
+        StoreError::check_key(key)?;
         let bytes = record.to_json()?;
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
         let saved: Option<String> = SAVE
@@ -334,6 +340,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        StoreError::check_key(key)?;
         let removed: u64 = redis::cmd("DEL")
             .arg(self.grant_key(key))
             .query_async(&mut self.conn.clone())
@@ -379,6 +386,7 @@ impl TokenStore for RedisStore {
         key: &TokenKey,
         ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        StoreError::check_key(key)?;
         let lock_key = self.lock_key(key);
         let token = format!(
             "{}-{:016x}{:016x}",

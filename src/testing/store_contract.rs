@@ -24,6 +24,12 @@ use crate::token::{AccessToken, RefreshToken, TokenKey, TokenSet};
 /// *new* version when saved again (never a reused one). It uses one key of its own,
 /// `tokenkeeper-contract-check`, and deletes it at the end.
 ///
+/// It checks that a key of [`TokenKey::MAX_LEN`] bytes, full of characters that are awkward
+/// for file names or URLs, is saved, loaded, listed, locked and deleted like any other, and
+/// that a longer key is refused by `load`, `save`, `delete` and `lock` with
+/// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) (`lock` may return
+/// `Ok(None)` instead if the store has no lock).
+///
 /// It then checks the refresh lock, if the store has one ([`TokenStore::lock`] returns
 /// `Some`; a store without one passes, see [`assert_store_has_lock`] to require it): while
 /// the key `tokenkeeper-contract-lock` is held, a second `lock` of it, polled concurrently,
@@ -158,7 +164,81 @@ pub async fn assert_store_contract<S: TokenStore + ?Sized>(store: &S) {
         .await
         .expect("the store failed to delete");
 
+    check_key_lengths(store).await;
     check_lock(store, false).await;
+}
+
+/// Keys up to [`TokenKey::MAX_LEN`] bytes work, whatever their characters; longer ones are
+/// refused with [`StoreErrorKind::InvalidKey`].
+async fn check_key_lengths<S: TokenStore + ?Sized>(store: &S) {
+    let mut longest = String::from("tokenkeeper-contract-long:Ключ/../Aa %2F*?[]\\\0\n.json ");
+    while longest.len() < TokenKey::MAX_LEN {
+        longest.push(if longest.len() + 2 <= TokenKey::MAX_LEN {
+            'é'
+        } else {
+            'x'
+        });
+    }
+    assert_eq!(longest.len(), TokenKey::MAX_LEN);
+    let longest = TokenKey::from(longest);
+    let record = GrantRecord::new(TokenSet::new(AccessToken::new("long")));
+    let fails = |what: &str| format!("the store failed to {what} a key of TokenKey::MAX_LEN bytes");
+    let _ = store.delete(&longest).await.expect(&fails("delete"));
+    let Cas::Saved(v) = store
+        .save(&longest, &record, None)
+        .await
+        .expect(&fails("save"))
+    else {
+        panic!("a key of TokenKey::MAX_LEN bytes must be saved")
+    };
+    let loaded = store.load(&longest).await.expect(&fails("load"));
+    assert!(
+        loaded.is_some_and(|l| l.version == v && l.value == record),
+        "a key of TokenKey::MAX_LEN bytes must load as saved"
+    );
+    assert!(
+        store.keys().await.expect(&fails("list")).contains(&longest),
+        "keys must list a key of TokenKey::MAX_LEN bytes"
+    );
+    let lock = store
+        .lock(&longest, Duration::from_secs(60))
+        .await
+        .expect(&fails("lock"));
+    let has_lock = lock.is_some();
+    if let Some(lock) = lock {
+        lock.release().await.expect(&fails("release the lock of"));
+    }
+    assert!(
+        store.delete(&longest).await.expect(&fails("delete")),
+        "a key of TokenKey::MAX_LEN bytes must be deleted"
+    );
+
+    let too_long = TokenKey::from("x".repeat(TokenKey::MAX_LEN + 1));
+    let refused = |what: &str, kind: Option<StoreErrorKind>| {
+        assert_eq!(
+            kind,
+            Some(StoreErrorKind::InvalidKey),
+            "{what} of a key longer than TokenKey::MAX_LEN must fail with InvalidKey"
+        );
+    };
+    refused("load", store.load(&too_long).await.err().map(|e| e.kind()));
+    refused(
+        "save",
+        store
+            .save(&too_long, &record, None)
+            .await
+            .err()
+            .map(|e| e.kind()),
+    );
+    refused(
+        "delete",
+        store.delete(&too_long).await.err().map(|e| e.kind()),
+    );
+    // A store without a lock may say so (`Ok(None)`) for any key.
+    match store.lock(&too_long, Duration::from_secs(60)).await {
+        Ok(None) if !has_lock => {}
+        locked => refused("lock", locked.err().map(|e| e.kind())),
+    }
 }
 
 /// As [`assert_store_contract`], and also checks that `store` *provides* a cross-process refresh
@@ -403,6 +483,7 @@ mod tests {
             key: &TokenKey,
             ttl: Duration,
         ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+            StoreError::check_key(key)?;
             match self.lock {
                 Lock::Forwarded => self.inner.lock(key, ttl).await,
                 Lock::Forgotten => Ok(None),
