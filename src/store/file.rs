@@ -20,8 +20,15 @@ const FORMAT_VERSION: u32 = 1;
 /// Encoded key names longer than this are hashed instead: with the longest suffix the name
 /// must stay within the usual 255-byte limit of file systems.
 const MAX_ENCODED_KEY: usize = 240;
-/// How long [`TokenStore::lock`] waits for another holder by default.
-const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
+/// How long a lock waits for another holder by default: longer than the manager's default
+/// lock ttl (60 s), so a peer outwaits a whole refresh of the holder.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(75);
+/// The file holding the highest version of every grant deleted from the directory.
+const FLOOR: &str = ".version";
+/// Locked while the floor is raised.
+const FLOOR_LOCK: &str = ".version.lock";
+/// The next floor while it is being written.
+const FLOOR_TMP: &str = ".version.tmp";
 
 /// A [`TokenStore`] that keeps each grant in its own file in a directory, for apps whose
 /// processes share a machine (a CLI and its cron job, a few workers) and must survive restarts.
@@ -37,8 +44,14 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 /// |---|---|
 /// | `%43ustomer-42.json` | the grant: `{"format":"tokenkeeper.grant","version":…,"key":…,"record":…}` |
 /// | `%43ustomer-42.json.tmp` | the next version while it is being written (left over only by a crash) |
-/// | `%43ustomer-42.lock` | locked while a save or delete compares versions and writes |
-/// | `%43ustomer-42.refresh` | the cross-process refresh lock ([`TokenStore::lock`]) |
+/// | `%43ustomer-42.lock` | locked while a save or delete compares versions and writes; removed after |
+/// | `%43ustomer-42.refresh` | the cross-process refresh lock ([`TokenStore::lock`]); removed on release |
+/// | `.version` | the highest version of any grant deleted from the directory (one per directory) |
+/// | `.version.lock` | locked while a delete raises `.version`; removed after |
+///
+/// So the directory holds one file per stored grant, plus `.version`, plus a lock file per
+/// key being locked right now (a process killed while holding a lock leaves its file behind
+/// until the key is next locked).
 ///
 /// A key whose encoded name would exceed 240 bytes (file systems allow 255, suffix included)
 /// is named `%%` followed by the SHA-256 of its UTF-8 in lower-case hex instead (66 bytes);
@@ -57,15 +70,31 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 ///
 /// A save or delete holds an exclusive advisory lock (`flock`, through the `fs4` crate) on the
 /// key's `.lock` file while it reads the stored version, compares it and writes, so
-/// compare-and-swap holds between threads and processes. A delete leaves a *tombstone* (the
-/// file with `"deleted": true` and the last version) so a version is never reused for a key;
-/// tombstones are not listed by [`keys`](TokenStore::keys).
+/// compare-and-swap holds between threads and processes. Taking it waits at most
+/// [`with_lock_wait`](Self::with_lock_wait), like the refresh lock, then fails with
+/// [`StoreErrorKind::LockTimeout`], so a hung process cannot block others forever.
+///
+/// A delete first raises `.version` to the deleted grant's version (under `.version.lock`),
+/// then removes the grant file; a save of an absent key starts above `.version`. So a version
+/// is never reused for a key, and no *tombstone* is left per deleted key. (Earlier versions of
+/// this store left tombstones, files with `"deleted": true`; they are still honoured, and
+/// removed by the next delete of their key.) Every process sharing a directory must run a
+/// version of this store that keeps `.version`: an older one would start a re-inserted key
+/// from version 1.
+///
+/// # Lock files
+///
+/// Lock files are removed by their holder on release (on Unix). That is safe with `flock`
+/// because a taker, once it holds the `flock`, checks that the path still names the file it
+/// locked (same device and inode) and otherwise starts again: a waiter that opened the file
+/// before its holder removed it never mistakes that orphan for the lock. Elsewhere lock files
+/// are kept.
 ///
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) takes an exclusive `flock` on the key's `.refresh` file, polling
-/// with a short async backoff (it never blocks the runtime) for at most
-/// [`with_lock_wait`](Self::with_lock_wait) (30 s by default), then fails with
+/// with a short async backoff (it never blocks the runtime or a thread) for at most
+/// [`with_lock_wait`](Self::with_lock_wait) (75 s by default), then fails with
 /// [`StoreErrorKind::LockTimeout`]. It is released by [`RefreshLock::release`], when the lock
 /// is dropped, and by the operating system when the process dies, even by `kill -9`; so the
 /// `ttl` argument does not apply. Advisory locks are only as good as the file system's: use a
@@ -150,8 +179,14 @@ impl FileStore {
         Self::open(dir)
     }
 
-    /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
-    /// [`StoreErrorKind::LockTimeout`] (default 30 s).
+    /// How long taking a lock waits for another holder before failing with
+    /// [`StoreErrorKind::LockTimeout`]: the refresh lock ([`lock`](TokenStore::lock)) and the
+    /// write lock of a save or delete.
+    ///
+    /// Default 75 s: longer than the manager's default
+    /// [`lock_ttl`](crate::TokenManagerBuilder::lock_ttl) of 60 s, so a process outwaits a
+    /// peer's whole refresh rather than failing while it completes. Keep it above the longest
+    /// refresh (the provider's request timeout) if you shorten it.
     pub fn with_lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
@@ -211,8 +246,9 @@ impl TokenStore for FileStore {
     ) -> Result<Cas, StoreError> {
         let paths = self.paths(key)?;
         let record = record.clone();
+        let guard = self.acquire(paths.cas_lock.clone(), "write", key).await?;
         blocking(move || {
-            let _guard = paths.lock_for_write()?;
+            let _guard = guard;
             let stored = paths.read()?;
             let current = stored
                 .as_ref()
@@ -221,12 +257,16 @@ impl TokenStore for FileStore {
             if current != expected {
                 return Ok(Cas::Conflict);
             }
-            // A tombstone keeps the last version, so versions are never reused.
-            let last = stored.map_or(0, |e| e.version);
+            // A deleted grant raised the floor (or, written by an older version, left a
+            // tombstone with its last version), so versions are never reused.
+            let last = match stored {
+                Some(entry) => entry.version,
+                None => read_floor(&paths.dir)?,
+            };
             let version = last
                 .checked_add(1)
                 .ok_or_else(|| StoreError::new("version counter exhausted"))?;
-            paths.write(version, Some(&record))?;
+            paths.write(version, &record)?;
             Ok(Cas::Saved(version))
         })
         .await
@@ -234,18 +274,26 @@ impl TokenStore for FileStore {
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
         let paths = self.paths(key)?;
+        let guard = self.acquire(paths.cas_lock.clone(), "write", key).await?;
+        let floor_guard = self
+            .acquire(self.dir.join(FLOOR_LOCK), "version floor", key)
+            .await?;
         blocking(move || {
-            let _guard = paths.lock_for_write()?;
-            match paths.read()? {
-                Some(Entry {
-                    version,
-                    record: Some(_),
-                }) => {
-                    paths.write(version, None)?;
-                    Ok(true)
+            let _guards = (guard, floor_guard);
+            let Some(entry) = paths.read()? else {
+                return Ok(false);
+            };
+            // Raised first: a crash before the removal leaves the grant, never a lower floor.
+            raise_floor(&paths.dir, entry.version)?;
+            match fs::remove_file(&paths.record) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_error("remove", &paths.record, e));
                 }
-                _ => Ok(false),
+                _ => {}
             }
+            sync_dir(&paths.dir)?;
+            // A tombstone (from an older version) is removed too, but was no record.
+            Ok(entry.record.is_some())
         })
         .await
     }
@@ -297,45 +345,189 @@ impl TokenStore for FileStore {
         _ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
         let paths = self.paths(key)?;
-        let path = paths.refresh_lock.clone();
-        let file = blocking(move || open_lock_file(&path)).await?;
+        let held = self.acquire(paths.refresh_lock, "refresh", key).await?;
+        Ok(Some(Box::new(held)))
+    }
+}
+
+impl FileStore {
+    /// Takes the `flock` of the lock file `path`, polling with a short async backoff (never
+    /// blocking the runtime or a thread) for at most `lock_wait`.
+    async fn acquire(
+        &self,
+        path: PathBuf,
+        what: &'static str,
+        key: &TokenKey,
+    ) -> Result<LockedFile, StoreError> {
         let deadline = tokio::time::Instant::now() + self.lock_wait;
         let mut pause = Duration::from_millis(2);
         loop {
-            match fs4::FileExt::try_lock(&file) {
-                Ok(()) => return Ok(Some(Box::new(FileLock { file }))),
-                Err(fs4::TryLockError::WouldBlock) => {}
-                Err(fs4::TryLockError::Error(e)) => {
-                    return Err(io_error("lock", &paths.refresh_lock, e));
-                }
-            }
+            let attempt = {
+                let path = path.clone();
+                blocking(move || LockedFile::try_lock(&path)).await?
+            };
+            let busy = match attempt {
+                Attempt::Locked(held) => return Ok(held),
+                // Removed by its holder meanwhile: the new file may well be free.
+                Attempt::Stale => false,
+                Attempt::Busy => true,
+            };
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(StoreError::with_kind(
                     StoreErrorKind::LockTimeout,
                     format!(
-                        "the refresh lock of `{key}` was held by another process for more than {:?}",
+                        "the {what} lock of `{key}` was held by another process for more than {:?}",
                         self.lock_wait
                     ),
                 ));
             }
-            let jitter = pause.mul_f64(fastrand::f64() * 0.5);
-            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            if busy {
+                let jitter = pause.mul_f64(fastrand::f64() * 0.5);
+                tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
         }
     }
 }
 
-/// A held refresh lock: the open `.refresh` file. Closing it (on drop) releases the `flock`.
-struct FileLock {
+/// A held `flock` on a lock file, which is removed when the lock is released or dropped (on
+/// Unix; elsewhere it is left in place), so lock files do not pile up.
+///
+/// Removing a lock file is only safe because every taker checks, once it holds the `flock`,
+/// that the path still names the file it locked: a waiter that opened the file before its
+/// holder removed it then holds a lock on a file no one else will ever open, sees that, and
+/// starts again on the path's new file. Only a checked holder removes the file, while still
+/// holding its `flock`.
+struct LockedFile {
     file: File,
+    /// `None` once removed.
+    path: Option<PathBuf>,
 }
 
-#[async_trait]
-impl RefreshLock for FileLock {
-    async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        fs4::FileExt::unlock(&self.file).map_err(|e| StoreError::new(IoError::new("unlock", e)))
+enum Attempt {
+    Locked(LockedFile),
+    Busy,
+    Stale,
+}
+
+impl LockedFile {
+    fn try_lock(path: &Path) -> Result<Attempt, StoreError> {
+        let file = open_lock_file(path)?;
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => return Ok(Attempt::Busy),
+            Err(fs4::TryLockError::Error(e)) => return Err(io_error("lock", path, e)),
+        }
+        if !names_file(path, &file)? {
+            return Ok(Attempt::Stale);
+        }
+        Ok(Attempt::Locked(Self {
+            file,
+            path: Some(path.to_path_buf()),
+        }))
     }
+
+    /// Removes the file while its `flock` is still held (closing the file releases it).
+    fn remove(&mut self) -> Result<(), StoreError> {
+        let Some(path) = self.path.take() else {
+            return Ok(());
+        };
+        #[cfg(unix)]
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_error("remove", &path, e));
+            }
+            _ => {}
+        }
+        #[cfg(not(unix))]
+        let _ = path;
+        Ok(())
+    }
+}
+
+impl Drop for LockedFile {
+    fn drop(&mut self) {
+        let _ = self.remove();
+        let _ = &self.file; // Closed after this: the `flock` goes with it.
+    }
+}
+
+/// The refresh lock is a [`LockedFile`]; releasing removes the file and unlocks.
+#[async_trait]
+impl RefreshLock for LockedFile {
+    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.remove()
+    }
+}
+
+/// Whether `path` still names the open `file` (same device and inode).
+#[cfg(unix)]
+fn names_file(path: &Path, file: &File) -> Result<bool, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let held = file.metadata().map_err(|e| io_error("inspect", path, e))?;
+    match fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == held.dev() && named.ino() == held.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_error("inspect", path, e)),
+    }
+}
+
+/// Lock files are never removed off Unix, so the path always names the file.
+#[cfg(not(unix))]
+fn names_file(_path: &Path, _file: &File) -> Result<bool, StoreError> {
+    Ok(true)
+}
+
+/// The highest version of any grant deleted from `dir` (0 if none).
+fn read_floor(dir: &Path) -> Result<Version, StoreError> {
+    let path = dir.join(FLOOR);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            StoreError::corrupt(format!(
+                "`{}` does not hold a version; nothing was written over it",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_error("read", &path, e)),
+    }
+}
+
+/// Raises the floor to `version` (atomically, durably). Call with the floor lock held.
+fn raise_floor(dir: &Path, version: Version) -> Result<(), StoreError> {
+    if read_floor(dir)? >= version {
+        return Ok(());
+    }
+    let (path, tmp) = (dir.join(FLOOR), dir.join(FLOOR_TMP));
+    replace_file(&tmp, version.to_string().as_bytes())?;
+    fs::rename(&tmp, &path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_error("rename into place", &path, e)
+    })?;
+    sync_dir(dir)
+}
+
+/// Creates `path` anew (mode `0600`) with `bytes`, fsynced.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    // A leftover from a crash (or a file someone else created) is replaced by a new file,
+    // so the mode below always applies.
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_error("remove", path, e));
+        }
+        _ => {}
+    }
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| io_error("create", path, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error("write", path, e))
 }
 
 /// The paths of one key's files.
@@ -360,10 +552,7 @@ struct EnvelopeOut<'a> {
     format_version: u32,
     key: &'a str,
     version: Version,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    deleted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    record: Option<&'a GrantRecord>,
+    record: &'a GrantRecord,
 }
 
 #[derive(Deserialize)]
@@ -379,13 +568,6 @@ struct EnvelopeIn {
 }
 
 impl Paths {
-    /// Takes the key's write lock (blocking); released when the returned file is dropped.
-    fn lock_for_write(&self) -> Result<File, StoreError> {
-        let file = open_lock_file(&self.cas_lock)?;
-        fs4::FileExt::lock(&file).map_err(|e| io_error("lock", &self.cas_lock, e))?;
-        Ok(file)
-    }
-
     fn read(&self) -> Result<Option<Entry>, StoreError> {
         let bytes = match fs::read(&self.record) {
             Ok(bytes) => bytes,
@@ -429,13 +611,12 @@ impl Paths {
 
     /// Replaces the grant file atomically: temporary file, fsync, rename, fsync of the
     /// directory. Call with the write lock held (the temporary file's name is per key).
-    fn write(&self, version: Version, record: Option<&GrantRecord>) -> Result<(), StoreError> {
+    fn write(&self, version: Version, record: &GrantRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(&EnvelopeOut {
             format: FORMAT,
             format_version: FORMAT_VERSION,
             key: self.key.as_str(),
             version,
-            deleted: record.is_none(),
             record,
         })
         .map_err(|e| StoreError::new(format!("cannot encode the record: {e}")))?;
@@ -451,24 +632,7 @@ impl Paths {
     }
 
     fn write_tmp(&self, bytes: &[u8]) -> Result<(), StoreError> {
-        // A leftover from a crash (or a file someone else created) is replaced by a new file,
-        // so the mode below always applies.
-        match fs::remove_file(&self.tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_error("remove", &self.tmp, e));
-            }
-            _ => {}
-        }
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&self.tmp)
-            .map_err(|e| io_error("create", &self.tmp, e))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error("write", &self.tmp, e))
+        replace_file(&self.tmp, bytes)
     }
 }
 
@@ -596,16 +760,6 @@ struct IoError {
     source: io::Error,
 }
 
-impl IoError {
-    fn new(action: &'static str, source: io::Error) -> Self {
-        Self {
-            action,
-            path: None,
-            source,
-        }
-    }
-}
-
 fn io_error(action: &'static str, path: &Path, source: io::Error) -> StoreError {
     let kind = match source.kind() {
         io::ErrorKind::NotFound => StoreErrorKind::NotFound,
@@ -690,7 +844,11 @@ mod tests {
             assert_eq!(mode(&entry.path()), 0o600, "{:?}", entry.path());
         }
         names.sort();
-        assert_eq!(names, ["k.json", "k.lock", "k.refresh"]);
+        assert_eq!(
+            names,
+            ["k.json", "k.refresh"],
+            "the write lock file is gone"
+        );
         drop(lock);
     }
 
@@ -734,8 +892,7 @@ mod tests {
             format_version: FORMAT_VERSION,
             key: "k",
             version: 1,
-            deleted: false,
-            record: Some(&record("a")),
+            record: &record("a"),
         })
         .unwrap();
         // A value in the wrong place: serde_json would quote it in its message.
@@ -856,6 +1013,116 @@ mod tests {
         drop(held);
         let again = store.lock(&TokenKey::from("k"), ttl).await.unwrap();
         assert!(again.is_some(), "dropping the lock releases it");
+    }
+
+    fn file_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_directory_stays_bounded() {
+        let (_tmp, store) = store();
+        let ttl = Duration::from_secs(60);
+        for i in 0..200 {
+            let key = TokenKey::from(format!("k{i}"));
+            let lock = store.lock(&key, ttl).await.unwrap().unwrap();
+            let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+                panic!()
+            };
+            store.save(&key, &record("b"), Some(v)).await.unwrap();
+            if i % 2 == 0 {
+                lock.release().await.unwrap();
+            } else {
+                drop(lock);
+            }
+            assert!(store.delete(&key).await.unwrap());
+            // A deleted key's next version is above every version it had.
+            let Cas::Saved(again) = store.save(&key, &record("c"), None).await.unwrap() else {
+                panic!()
+            };
+            assert!(again > v + 1, "{v} then {again}");
+            assert!(store.delete(&key).await.unwrap());
+        }
+        let names = file_names(store.dir());
+        assert!(names.len() <= 1, "{names:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_legacy_tombstone_still_keeps_its_version() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        let tombstone = br#"{"format":"tokenkeeper.grant","format_version":1,"key":"k","version":7,"deleted":true}"#;
+        fs::write(store.dir().join("k.json"), tombstone).unwrap();
+        assert!(store.load(&key).await.unwrap().is_none());
+        assert!(!store.delete(&key).await.unwrap());
+        let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+            panic!()
+        };
+        assert!(v > 7, "{v}");
+    }
+
+    #[test]
+    fn default_lock_wait_outlasts_the_managers_lock_ttl() {
+        let (_tmp, store) = store();
+        assert!(store.lock_wait > Duration::from_secs(60), "{store:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_wait_for_the_write_lock_at_most_lock_wait() {
+        let (_tmp, store) = store();
+        let store = store.with_lock_wait(Duration::from_secs(5));
+        let key = TokenKey::from("k");
+        let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+            panic!()
+        };
+        // Another process holds the write lock (and hangs).
+        let held = open_lock_file(&store.dir().join("k.lock")).unwrap();
+        fs4::FileExt::lock(&held).unwrap();
+        let err = store.save(&key, &record("b"), Some(v)).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+        let err = store.delete(&key).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+        drop(held);
+        assert!(matches!(
+            store.save(&key, &record("b"), Some(v)).await.unwrap(),
+            Cas::Saved(_)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removing_lock_files_keeps_locks_exclusive() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (_tmp, store) = store();
+        let stores = [store.clone(), FileStore::open(store.dir()).unwrap()];
+        let inside = Arc::new(AtomicUsize::new(0));
+        let entered = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = stores[i % 2].clone();
+                let (inside, entered) = (Arc::clone(&inside), Arc::clone(&entered));
+                tokio::spawn(async move {
+                    let key = TokenKey::from("k");
+                    for _ in 0..50 {
+                        let lock = store.lock(&key, Duration::from_secs(60)).await.unwrap();
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        entered.fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        lock.unwrap().release().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(entered.load(Ordering::SeqCst), 400);
+        assert!(file_names(store.dir()).is_empty());
     }
 
     #[tokio::test]
