@@ -463,6 +463,14 @@ pub trait TokenStore: Send + Sync + 'static {
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError>;
 }
 
+/// When a lock wait of `wait` from now ends; a wait too long to represent (say
+/// `Duration::MAX`) ends in about a century instead of overflowing.
+pub(crate) fn lock_deadline(wait: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// A held cross-process refresh lock (see [`TokenStore::lock`]).
 #[async_trait]
 pub trait RefreshLock: Send + Sync {

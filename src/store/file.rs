@@ -359,7 +359,7 @@ impl FileStore {
         what: &'static str,
         key: &TokenKey,
     ) -> Result<LockedFile, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let deadline = crate::store::lock_deadline(self.lock_wait);
         let mut pause = Duration::from_millis(2);
         loop {
             let attempt = {
@@ -793,7 +793,7 @@ mod tests {
         (tmp, store)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn keeps_the_store_contract() {
         let (_tmp, store) = store();
         crate::testing::assert_store_has_lock(&store).await;
@@ -1064,6 +1064,16 @@ mod tests {
             panic!()
         };
         assert!(v > 7, "{v}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unbounded_lock_wait_does_not_panic() {
+        let (_tmp, store) = store();
+        let store = store.with_lock_wait(Duration::MAX);
+        let key = TokenKey::from("k");
+        store.save(&key, &record("a"), None).await.unwrap();
+        let lock = store.lock(&key, Duration::MAX).await.unwrap().unwrap();
+        lock.release().await.unwrap();
     }
 
     #[test]

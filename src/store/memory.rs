@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(lock_entries(&store), 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn keeps_the_store_contract() {
         crate::testing::assert_store_has_lock(&MemoryStore::new()).await;
     }

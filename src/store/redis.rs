@@ -394,9 +394,12 @@ impl TokenStore for RedisStore {
             fastrand::u64(..),
             fastrand::u64(..)
         );
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        // Redis refuses an expiry past its clock's range: a century is forever enough.
+        let ttl_ms = u64::try_from(ttl.min(MAX_TTL).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let mut conn = self.conn.clone();
-        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let deadline = crate::store::lock_deadline(self.lock_wait);
         let mut pause = Duration::from_millis(5);
         loop {
             let set: Option<String> = redis::cmd("SET")
@@ -741,6 +744,18 @@ mod tests {
             .query(&mut raw)
             .unwrap();
         assert!(!exists);
+    }
+
+    #[tokio::test]
+    async fn an_unbounded_lock_wait_does_not_panic() {
+        let server = RedisServer::start();
+        let store = RedisStore::builder(server.url())
+            .lock_wait(Duration::MAX)
+            .build()
+            .await
+            .unwrap();
+        let lock = store.lock(&TokenKey::from("k"), Duration::MAX).await;
+        lock.unwrap().unwrap().release().await.unwrap();
     }
 
     #[tokio::test]

@@ -38,7 +38,9 @@ use crate::token::{AccessToken, RefreshToken, TokenKey, TokenSet};
 /// `tokenkeeper-contract-lock-other` is not blocked by it; after release the waiter gets the
 /// lock, and after that release it can be taken again. The 250 ms are real time unless the
 /// runtime's clock is paused (`#[tokio::test(start_paused = true)]` makes them instant); a
-/// lock that should be free must be granted within 10 s.
+/// lock that should be free must be granted within 10 s. Do not pause the clock for a store
+/// that talks to a server: paused time jumps ahead while the runtime waits on the network, so
+/// the 10 s could pass during one slow round trip.
 ///
 /// # Panics
 ///
