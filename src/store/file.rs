@@ -382,11 +382,14 @@ impl FileStore {
                     ),
                 ));
             }
-            if busy {
-                let jitter = pause.mul_f64(fastrand::f64() * 0.5);
-                tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+            let sleep = if busy {
+                let this = pause + pause.mul_f64(fastrand::f64() * 0.5);
                 pause = (pause * 2).min(Duration::from_millis(50));
-            }
+                this
+            } else {
+                Duration::from_millis(1) // Try the new file soon, without spinning.
+            };
+            tokio::time::sleep(sleep.min(deadline - now)).await;
         }
     }
 }
@@ -400,7 +403,8 @@ impl FileStore {
 /// starts again on the path's new file. Only a checked holder removes the file, while still
 /// holding its `flock`.
 struct LockedFile {
-    file: File,
+    /// Holds the `flock` until closed.
+    _file: File,
     /// `None` once removed.
     path: Option<PathBuf>,
 }
@@ -423,7 +427,7 @@ impl LockedFile {
             return Ok(Attempt::Stale);
         }
         Ok(Attempt::Locked(Self {
-            file,
+            _file: file,
             path: Some(path.to_path_buf()),
         }))
     }
@@ -448,8 +452,8 @@ impl LockedFile {
 
 impl Drop for LockedFile {
     fn drop(&mut self) {
+        // Then the file is closed, which releases the `flock`.
         let _ = self.remove();
-        let _ = &self.file; // Closed after this: the `flock` goes with it.
     }
 }
 

@@ -170,6 +170,11 @@ pub async fn assert_store_contract<S: TokenStore + ?Sized>(store: &S) {
     check_lock(store, false).await;
 }
 
+/// Panics saying the store failed to `what` a key of the maximum length.
+fn failed<T>(what: &'static str) -> impl FnOnce(crate::StoreError) -> T {
+    move |e| panic!("the store failed to {what} a key of TokenKey::MAX_LEN bytes: {e:?}")
+}
+
 /// Keys up to [`TokenKey::MAX_LEN`] bytes work, whatever their characters; longer ones are
 /// refused with [`StoreErrorKind::InvalidKey`].
 async fn check_key_lengths<S: TokenStore + ?Sized>(store: &S) {
@@ -184,34 +189,45 @@ async fn check_key_lengths<S: TokenStore + ?Sized>(store: &S) {
     assert_eq!(longest.len(), TokenKey::MAX_LEN);
     let longest = TokenKey::from(longest);
     let record = GrantRecord::new(TokenSet::new(AccessToken::new("long")));
-    let fails = |what: &str| format!("the store failed to {what} a key of TokenKey::MAX_LEN bytes");
-    let _ = store.delete(&longest).await.expect(&fails("delete"));
+    let _ = store
+        .delete(&longest)
+        .await
+        .unwrap_or_else(failed("delete"));
     let Cas::Saved(v) = store
         .save(&longest, &record, None)
         .await
-        .expect(&fails("save"))
+        .unwrap_or_else(failed("save"))
     else {
         panic!("a key of TokenKey::MAX_LEN bytes must be saved")
     };
-    let loaded = store.load(&longest).await.expect(&fails("load"));
+    let loaded = store.load(&longest).await.unwrap_or_else(failed("load"));
     assert!(
         loaded.is_some_and(|l| l.version == v && l.value == record),
         "a key of TokenKey::MAX_LEN bytes must load as saved"
     );
     assert!(
-        store.keys().await.expect(&fails("list")).contains(&longest),
+        store
+            .keys()
+            .await
+            .unwrap_or_else(failed("list"))
+            .contains(&longest),
         "keys must list a key of TokenKey::MAX_LEN bytes"
     );
     let lock = store
         .lock(&longest, Duration::from_secs(60))
         .await
-        .expect(&fails("lock"));
+        .unwrap_or_else(failed("lock"));
     let has_lock = lock.is_some();
     if let Some(lock) = lock {
-        lock.release().await.expect(&fails("release the lock of"));
+        lock.release()
+            .await
+            .unwrap_or_else(failed("release the lock of"));
     }
     assert!(
-        store.delete(&longest).await.expect(&fails("delete")),
+        store
+            .delete(&longest)
+            .await
+            .unwrap_or_else(failed("delete")),
         "a key of TokenKey::MAX_LEN bytes must be deleted"
     );
 
