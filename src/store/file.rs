@@ -50,8 +50,8 @@ const FLOOR_TMP: &str = ".version.tmp";
 /// | `.version.lock` | locked while a delete raises `.version`; removed after |
 ///
 /// So the directory holds one file per stored grant, plus `.version`, plus a lock file per
-/// key being locked right now (a process killed while holding a lock leaves its file behind
-/// until the key is next locked).
+/// key being locked right now. A process killed while holding a lock or writing leaves its
+/// file behind until the key is next locked, written or deleted.
 ///
 /// A key whose encoded name would exceed 240 bytes (file systems allow 255, suffix included)
 /// is named `%%` followed by the SHA-256 of its UTF-8 in lower-case hex instead (66 bytes);
@@ -280,7 +280,9 @@ impl TokenStore for FileStore {
             .await?;
         blocking(move || {
             let _guards = (guard, floor_guard);
-            let Some(entry) = paths.read()? else {
+            let entry = paths.read()?;
+            paths.remove_leftovers();
+            let Some(entry) = entry else {
                 return Ok(false);
             };
             // Raised first: a crash before the removal leaves the grant, never a lower floor.
@@ -572,6 +574,18 @@ struct EnvelopeIn {
 }
 
 impl Paths {
+    /// Removes what a killed process may have left of the key: its temporary file (written
+    /// only under the write lock, which the caller holds) and its refresh lock file if no one
+    /// holds it. Best effort: a failure leaves the file for next time.
+    fn remove_leftovers(&self) {
+        let _ = fs::remove_file(&self.tmp);
+        if self.refresh_lock.exists() {
+            if let Ok(Attempt::Locked(orphan)) = LockedFile::try_lock(&self.refresh_lock) {
+                drop(orphan); // Removes it.
+            }
+        }
+    }
+
     fn read(&self) -> Result<Option<Entry>, StoreError> {
         let bytes = match fs::read(&self.record) {
             Ok(bytes) => bytes,
@@ -1054,6 +1068,26 @@ mod tests {
         }
         let names = file_names(store.dir());
         assert!(names.len() <= 1, "{names:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delete_removes_what_a_crash_left_of_the_key() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        store.save(&key, &record("a"), None).await.unwrap();
+        // A process killed mid-write and mid-refresh.
+        fs::write(store.dir().join("k.json.tmp"), b"{\"torn").unwrap();
+        fs::write(store.dir().join("k.refresh"), b"").unwrap();
+        assert!(store.delete(&key).await.unwrap());
+        assert_eq!(file_names(store.dir()), [".version"]);
+
+        // A refresh lock in use is left alone.
+        store.save(&key, &record("a"), None).await.unwrap();
+        let held = store.lock(&key, Duration::from_secs(60)).await.unwrap();
+        assert!(store.delete(&key).await.unwrap());
+        assert_eq!(file_names(store.dir()), [".version", "k.refresh"]);
+        drop(held);
+        assert_eq!(file_names(store.dir()), [".version"]);
     }
 
     #[tokio::test(start_paused = true)]
