@@ -854,6 +854,9 @@ mod tests {
         assert_eq!(mode(store.dir()), 0o700);
         let key = TokenKey::from("k");
         store.save(&key, &record("a"), None).await.unwrap();
+        let gone = TokenKey::from("j");
+        store.save(&gone, &record("a"), None).await.unwrap();
+        store.delete(&gone).await.unwrap();
         let lock = store.lock(&key, Duration::from_secs(1)).await.unwrap();
         let mut names = Vec::new();
         for entry in fs::read_dir(store.dir()).unwrap() {
@@ -864,8 +867,8 @@ mod tests {
         names.sort();
         assert_eq!(
             names,
-            ["k.json", "k.refresh"],
-            "the write lock file is gone"
+            [".version", "k.json", "k.refresh"],
+            "the write lock files are gone"
         );
         drop(lock);
     }
