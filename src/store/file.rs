@@ -1,25 +1,29 @@
 //! The file store: one file per grant in a directory, shared safely between processes.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{json_position, Cas, GrantRecord, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
 
+mod fsio;
+mod lock;
+mod names;
+
+use self::fsio::{blocking, io_error, replace_file, sync_dir};
+use self::lock::{acquire, Attempt, LockedFile};
+use self::names::{decode_key, file_name, is_hashed_name, key_in_file};
+
 /// Marks a file as written by this store.
 const FORMAT: &str = "tokenkeeper.grant";
 /// The newest file layout this version reads and the one it writes.
 const FORMAT_VERSION: u32 = 1;
-/// Encoded key names longer than this are hashed instead: with the longest suffix the name
-/// must stay within the usual 255-byte limit of file systems.
-const MAX_ENCODED_KEY: usize = 240;
 /// How long a lock waits for another holder by default: longer than the manager's default
 /// lock ttl (60 s), so a peer outwaits a whole refresh of the holder.
 const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(75);
@@ -212,17 +216,6 @@ impl FileStore {
     }
 }
 
-/// Runs blocking file-system work off the async runtime.
-async fn blocking<T, F>(f: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::new(format!("file store task failed: {e}")))?
-}
-
 #[async_trait]
 impl TokenStore for FileStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
@@ -246,7 +239,7 @@ impl TokenStore for FileStore {
     ) -> Result<Cas, StoreError> {
         let paths = self.paths(key)?;
         let record = record.clone();
-        let guard = self.acquire(paths.cas_lock.clone(), "write", key).await?;
+        let guard = acquire(paths.cas_lock.clone(), self.lock_wait, "write", key).await?;
         blocking(move || {
             let _guard = guard;
             let stored = paths.read()?;
@@ -274,10 +267,9 @@ impl TokenStore for FileStore {
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
         let paths = self.paths(key)?;
-        let guard = self.acquire(paths.cas_lock.clone(), "write", key).await?;
-        let floor_guard = self
-            .acquire(self.dir.join(FLOOR_LOCK), "version floor", key)
-            .await?;
+        let guard = acquire(paths.cas_lock.clone(), self.lock_wait, "write", key).await?;
+        let floor_lock = self.dir.join(FLOOR_LOCK);
+        let floor_guard = acquire(floor_lock, self.lock_wait, "version floor", key).await?;
         blocking(move || {
             let _guards = (guard, floor_guard);
             let entry = paths.read()?;
@@ -347,142 +339,9 @@ impl TokenStore for FileStore {
         _ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
         let paths = self.paths(key)?;
-        let held = self.acquire(paths.refresh_lock, "refresh", key).await?;
+        let held = acquire(paths.refresh_lock, self.lock_wait, "refresh", key).await?;
         Ok(Some(Box::new(held)))
     }
-}
-
-impl FileStore {
-    /// Takes the `flock` of the lock file `path`, polling with a short async backoff (never
-    /// blocking the runtime or a thread) for at most `lock_wait`.
-    async fn acquire(
-        &self,
-        path: PathBuf,
-        what: &'static str,
-        key: &TokenKey,
-    ) -> Result<LockedFile, StoreError> {
-        let deadline = crate::store::lock_deadline(self.lock_wait);
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let attempt = {
-                let path = path.clone();
-                blocking(move || LockedFile::try_lock(&path)).await?
-            };
-            let busy = match attempt {
-                Attempt::Locked(held) => return Ok(held),
-                // Removed by its holder meanwhile: the new file may well be free.
-                Attempt::Stale => false,
-                Attempt::Busy => true,
-            };
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(StoreError::with_kind(
-                    StoreErrorKind::LockTimeout,
-                    format!(
-                        "the {what} lock of `{key}` was held by another process for more than {:?}",
-                        self.lock_wait
-                    ),
-                ));
-            }
-            let sleep = if busy {
-                let this = pause + pause.mul_f64(fastrand::f64() * 0.5);
-                pause = (pause * 2).min(Duration::from_millis(50));
-                this
-            } else {
-                Duration::from_millis(1) // Try the new file soon, without spinning.
-            };
-            tokio::time::sleep(sleep.min(deadline - now)).await;
-        }
-    }
-}
-
-/// A held `flock` on a lock file, which is removed when the lock is released or dropped (on
-/// Unix; elsewhere it is left in place), so lock files do not pile up.
-///
-/// Removing a lock file is only safe because every taker checks, once it holds the `flock`,
-/// that the path still names the file it locked: a waiter that opened the file before its
-/// holder removed it then holds a lock on a file no one else will ever open, sees that, and
-/// starts again on the path's new file. Only a checked holder removes the file, while still
-/// holding its `flock`.
-struct LockedFile {
-    /// Holds the `flock` until closed.
-    _file: File,
-    /// `None` once removed.
-    path: Option<PathBuf>,
-}
-
-enum Attempt {
-    Locked(LockedFile),
-    Busy,
-    Stale,
-}
-
-impl LockedFile {
-    fn try_lock(path: &Path) -> Result<Attempt, StoreError> {
-        let file = open_lock_file(path)?;
-        match fs4::FileExt::try_lock(&file) {
-            Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => return Ok(Attempt::Busy),
-            Err(fs4::TryLockError::Error(e)) => return Err(io_error("lock", path, e)),
-        }
-        if !names_file(path, &file)? {
-            return Ok(Attempt::Stale);
-        }
-        Ok(Attempt::Locked(Self {
-            _file: file,
-            path: Some(path.to_path_buf()),
-        }))
-    }
-
-    /// Removes the file while its `flock` is still held (closing the file releases it).
-    fn remove(&mut self) -> Result<(), StoreError> {
-        let Some(path) = self.path.take() else {
-            return Ok(());
-        };
-        #[cfg(unix)]
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_error("remove", &path, e));
-            }
-            _ => {}
-        }
-        #[cfg(not(unix))]
-        let _ = path;
-        Ok(())
-    }
-}
-
-impl Drop for LockedFile {
-    fn drop(&mut self) {
-        // Then the file is closed, which releases the `flock`.
-        let _ = self.remove();
-    }
-}
-
-/// The refresh lock is a [`LockedFile`]; releasing removes the file and unlocks.
-#[async_trait]
-impl RefreshLock for LockedFile {
-    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.remove()
-    }
-}
-
-/// Whether `path` still names the open `file` (same device and inode).
-#[cfg(unix)]
-fn names_file(path: &Path, file: &File) -> Result<bool, StoreError> {
-    use std::os::unix::fs::MetadataExt;
-    let held = file.metadata().map_err(|e| io_error("inspect", path, e))?;
-    match fs::metadata(path) {
-        Ok(named) => Ok(named.dev() == held.dev() && named.ino() == held.ino()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_error("inspect", path, e)),
-    }
-}
-
-/// Lock files are never removed off Unix, so the path always names the file.
-#[cfg(not(unix))]
-fn names_file(_path: &Path, _file: &File) -> Result<bool, StoreError> {
-    Ok(true)
 }
 
 /// The highest version of any grant deleted from `dir` (0 if none).
@@ -512,28 +371,6 @@ fn raise_floor(dir: &Path, version: Version) -> Result<(), StoreError> {
         io_error("rename into place", &path, e)
     })?;
     sync_dir(dir)
-}
-
-/// Creates `path` anew (mode `0600`) with `bytes`, fsynced.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    // A leftover from a crash (or a file someone else created) is replaced by a new file,
-    // so the mode below always applies.
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(io_error("remove", path, e));
-        }
-        _ => {}
-    }
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .map_err(|e| io_error("create", path, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_error("write", path, e))
 }
 
 /// The paths of one key's files.
@@ -654,150 +491,12 @@ impl Paths {
     }
 }
 
-fn open_lock_file(path: &Path) -> Result<File, StoreError> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path).map_err(|e| io_error("open", path, e))
-}
-
-/// Makes a rename in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("sync the directory", dir, e))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// The file name (without suffix) of a key: its percent-encoding, or for a key whose encoding
-/// is longer than [`MAX_ENCODED_KEY`], `%%` and the SHA-256 of the key in hex (see
-/// [`FileStore`]'s layout).
-fn file_name(key: &str) -> String {
-    let name = encode_key(key);
-    if name.len() <= MAX_ENCODED_KEY {
-        return name;
-    }
-    format!("%%{:x}", Sha256::digest(key.as_bytes()))
-}
-
-/// Whether `stem` has the form of a hashed file name (a long key's).
-fn is_hashed_name(stem: &str) -> bool {
-    stem.strip_prefix("%%").is_some_and(|hex| {
-        hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
-}
-
-/// The key written in the grant file `path` whose hashed name is `stem`, if the file is one
-/// of ours and the key hashes to that name. A corrupt file with a hashed name cannot be listed
-/// (its key is unknown); loading the key still reports it.
-fn key_in_file(path: &Path, stem: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct KeyOnly {
-        key: String,
-    }
-    let bytes = fs::read(path).ok()?;
-    let Ok(KeyOnly { key }) = serde_json::from_slice(&bytes) else {
-        tracing::warn!(
-            path = %path.display(),
-            "a grant file of a long key is not readable; it is not listed"
-        );
-        return None;
-    };
-    (file_name(&key) == stem).then_some(key)
-}
-
-/// The percent-encoded file-name form of a key (see [`FileStore`]'s layout).
-fn encode_key(key: &str) -> String {
-    if key.is_empty() {
-        return "%".to_owned();
-    }
-    let mut name = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if keeps(b) {
-            name.push(char::from(b));
-        } else {
-            name.push_str(&format!("%{b:02X}"));
-        }
-    }
-    name
-}
-
-/// The key of a file name, if it is exactly what [`encode_key`] makes of some key.
-fn decode_key(name: &str) -> Option<String> {
-    if name == "%" {
-        return Some(String::new());
-    }
-    let mut bytes = Vec::with_capacity(name.len());
-    let mut rest = name.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = tail.get(..2)?;
-            if !hex
-                .iter()
-                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
-            {
-                return None;
-            }
-            let byte = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-            if keeps(byte) {
-                return None; // Not the canonical name of any key.
-            }
-            bytes.push(byte);
-            rest = &tail[2..];
-        } else if keeps(b) {
-            bytes.push(b);
-            rest = tail;
-        } else {
-            return None;
-        }
-    }
-    if bytes.is_empty() {
-        return None;
-    }
-    String::from_utf8(bytes).ok()
-}
-
-fn keeps(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-}
-
-/// An I/O failure on a path, as the source of a [`StoreError`].
-#[derive(Debug, thiserror::Error)]
-#[error("cannot {action}{}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default())]
-struct IoError {
-    action: &'static str,
-    path: Option<PathBuf>,
-    #[source]
-    source: io::Error,
-}
-
-fn io_error(action: &'static str, path: &Path, source: io::Error) -> StoreError {
-    let kind = match source.kind() {
-        io::ErrorKind::NotFound => StoreErrorKind::NotFound,
-        io::ErrorKind::PermissionDenied => StoreErrorKind::PermissionDenied,
-        _ => StoreErrorKind::Backend,
-    };
-    StoreError::with_kind(
-        kind,
-        IoError {
-            action,
-            path: Some(path.to_path_buf()),
-            source,
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
+    use super::lock::open_lock_file;
+    use super::names::{encode_key, keeps};
     use super::*;
     use crate::token::{AccessToken, TokenSet};
 

@@ -27,14 +27,14 @@ use crate::token::{AccessToken, RefreshToken, TokenKey, TokenSet};
 /// It checks that a key of [`TokenKey::MAX_LEN`] bytes, full of characters that are awkward
 /// for file names or URLs, is saved, loaded, listed, locked and deleted like any other, and
 /// that a longer key is refused by `load`, `save`, `delete` and `lock` with
-/// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) (`lock` may return
+/// [`StoreErrorKind::InvalidKey`] (`lock` may return
 /// `Ok(None)` instead if the store has no lock).
 ///
 /// It then checks the refresh lock, if the store has one ([`TokenStore::lock`] returns
 /// `Some`; a store without one passes, see [`assert_store_has_lock`] to require it): while
 /// the key `tokenkeeper-contract-lock` is held, a second `lock` of it, polled concurrently,
 /// is not granted for 250 ms (it may fail with
-/// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout) instead); the key
+/// [`StoreErrorKind::LockTimeout`] instead); the key
 /// `tokenkeeper-contract-lock-other` is not blocked by it; after release the waiter gets the
 /// lock, and after that release it can be taken again. The 250 ms are real time unless the
 /// runtime's clock is paused (`#[tokio::test(start_paused = true)]` makes them instant); a
