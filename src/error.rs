@@ -314,6 +314,11 @@ pub enum StoreErrorKind {
     PermissionDenied,
     /// Waiting for a cross-process refresh lock took longer than the store allows.
     LockTimeout,
+    /// The key cannot be used with the store: longer than
+    /// [`TokenKey::MAX_LEN`](crate::TokenKey::MAX_LEN) bytes (every built-in store refuses
+    /// those), or otherwise unusable by this backend. The caller's input is at fault: the same
+    /// key fails again, so this is not [retryable](Error::is_retryable).
+    InvalidKey,
 }
 
 impl fmt::Display for StoreErrorKind {
@@ -324,6 +329,7 @@ impl fmt::Display for StoreErrorKind {
             Self::NotFound => "store location not found",
             Self::PermissionDenied => "permission denied by the store",
             Self::LockTimeout => "timed out waiting for the refresh lock",
+            Self::InvalidKey => "the key cannot be used with this store",
         })
     }
 }
@@ -351,6 +357,25 @@ impl StoreError {
             kind,
             source: Some(Arc::from(source.into())),
         }
+    }
+
+    /// `Ok` if `key` is at most [`TokenKey::MAX_LEN`] bytes long, else
+    /// [`StoreErrorKind::InvalidKey`] (quoting only the key's start). The built-in stores call
+    /// it first in every method taking a key; a custom store can do the same:
+    /// `StoreError::check_key(key)?;`.
+    pub fn check_key(key: &TokenKey) -> Result<(), StoreError> {
+        let len = key.as_str().len();
+        if len <= TokenKey::MAX_LEN {
+            return Ok(());
+        }
+        let start: String = key.as_str().chars().take(32).collect();
+        Err(Self::with_kind(
+            StoreErrorKind::InvalidKey,
+            format!(
+                "a key of {len} bytes (`{start}…`) is longer than the {} bytes stores accept",
+                TokenKey::MAX_LEN
+            ),
+        ))
     }
 
     /// The kind of failure.
@@ -546,6 +571,8 @@ mod tests {
         assert!(!misconfigured.is_retryable() && !misconfigured.is_reauth_required());
         assert!(Error::Store(StoreError::new("connection reset")).is_retryable());
         assert!(!Error::Store(StoreError::corrupt("bad json")).is_retryable());
+        let invalid_key = StoreError::with_kind(StoreErrorKind::InvalidKey, "too long");
+        assert!(!Error::Store(invalid_key).is_retryable());
     }
 
     #[test]

@@ -268,22 +268,37 @@ impl fmt::Debug for GrantRecord {
 ///
 /// Methods are called concurrently from many tasks. Each call must be atomic on its own. The
 /// manager serialises refreshes of one grant within a process; across processes it relies on
-/// [`lock`](Self::lock) when the store provides one, and on compare-and-swap always.
+/// [`lock`](Self::lock) when the store provides one, and on compare-and-swap always. A lock,
+/// once granted for a key, is granted to no one else (in any process) for that key until it
+/// is released (or, for a crashed holder, its `ttl` ends); locks of different keys are
+/// independent.
 ///
 /// # Errors
 ///
 /// Return [`StoreError::new`] for backend failures and [`StoreError::corrupt`] for records
-/// that cannot be decoded. The manager never discards a rotated token because of a store error:
+/// that cannot be decoded. A key longer than [`TokenKey::MAX_LEN`] bytes is refused with
+/// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) (start each method with
+/// [`StoreError::check_key`]), and so is a shorter key the backend cannot hold: it is the
+/// caller's bad input, not a transient failure. The manager never discards a rotated token because of a store error:
 /// it keeps it in memory, reports [`Event::PersistFailed`](crate::Event::PersistFailed), and
 /// retries the save.
 ///
 /// # Implementing
 ///
+/// Five required methods. [`lock`](Self::lock) has no default: a store without a
+/// cross-process lock returns `Ok(None)` explicitly, as below, and a store meant to be shared
+/// by several processes should provide one. Check an implementation with
+/// `testing::assert_store_contract` (and `testing::assert_store_has_lock` if it must lock),
+/// feature `test-util`.
+///
 /// ```
 /// use std::collections::HashMap;
 /// use std::sync::Mutex;
+/// use std::time::Duration;
 /// use async_trait::async_trait;
-/// use tokenkeeper::{Cas, GrantRecord, StoreError, TokenKey, TokenStore, Version, Versioned};
+/// use tokenkeeper::{
+///     Cas, GrantRecord, RefreshLock, StoreError, TokenKey, TokenStore, Version, Versioned,
+/// };
 ///
 /// #[derive(Default)]
 /// struct MyStore {
@@ -328,6 +343,97 @@ impl fmt::Debug for GrantRecord {
 ///     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
 ///         Ok(self.map.lock().unwrap().keys().cloned().collect())
 ///     }
+///
+///     /// One process only: no cross-process lock. The manager's own single-flight and the
+///     /// compare-and-swap above are enough.
+///     async fn lock(
+///         &self,
+///         _key: &TokenKey,
+///         _ttl: Duration,
+///     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+///         Ok(None)
+///     }
+/// }
+/// ```
+///
+/// A *wrapper* (metrics, caching, encryption around another store) forwards every method,
+/// [`lock`](Self::lock) included: returning `Ok(None)` there would make every process refresh
+/// without the inner store's lock.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use tokenkeeper::{
+///     Cas, GrantRecord, RefreshLock, StoreError, TokenKey, TokenStore, Version, Versioned,
+/// };
+///
+/// struct Metered<S> {
+///     inner: S,
+///     saves: AtomicU64,
+/// }
+///
+/// #[async_trait]
+/// impl<S: TokenStore> TokenStore for Metered<S> {
+///     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+///         self.inner.load(key).await
+///     }
+///     async fn save(
+///         &self,
+///         key: &TokenKey,
+///         record: &GrantRecord,
+///         expected: Option<Version>,
+///     ) -> Result<Cas, StoreError> {
+///         self.saves.fetch_add(1, Ordering::Relaxed);
+///         self.inner.save(key, record, expected).await
+///     }
+///     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+///         self.inner.delete(key).await
+///     }
+///     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+///         self.inner.keys().await
+///     }
+///     async fn lock(
+///         &self,
+///         key: &TokenKey,
+///         ttl: Duration,
+///     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+///         self.inner.lock(key, ttl).await // Forwarded: the inner store's lock still holds.
+///     }
+/// }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store = Metered { inner: tokenkeeper::MemoryStore::new(), saves: AtomicU64::new(0) };
+/// tokenkeeper::testing::assert_store_has_lock(&store).await;
+/// # });
+/// ```
+///
+/// A wrapper that forgets [`lock`](Self::lock) does not compile:
+///
+/// ```compile_fail,E0046
+/// use async_trait::async_trait;
+/// use tokenkeeper::{Cas, GrantRecord, StoreError, TokenKey, TokenStore, Version, Versioned};
+///
+/// struct Metered<S>(S);
+///
+/// #[async_trait]
+/// impl<S: TokenStore> TokenStore for Metered<S> {
+///     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+///         self.0.load(key).await
+///     }
+///     async fn save(
+///         &self,
+///         key: &TokenKey,
+///         record: &GrantRecord,
+///         expected: Option<Version>,
+///     ) -> Result<Cas, StoreError> {
+///         self.0.save(key, record, expected).await
+///     }
+///     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+///         self.0.delete(key).await
+///     }
+///     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+///         self.0.keys().await
+///     }
 /// }
 /// ```
 #[async_trait]
@@ -350,18 +456,27 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError>;
 
     /// Takes the cross-process refresh lock for `key`, waiting for it, or `Ok(None)` if this
-    /// store has no cross-process lock (the default; in-process single-flight and
-    /// compare-and-swap still hold).
+    /// store has no cross-process lock (in-process single-flight and compare-and-swap still
+    /// hold, but two processes may refresh the same grant at once).
     ///
     /// `ttl` bounds how long a crashed holder can keep the lock.
+    ///
+    /// This method is required, on purpose, even for a store without a lock: such a store
+    /// says so by returning `Ok(None)`, and a wrapper must forward it to the store it wraps
+    /// (see "Implementing" above), so that no store loses its lock by omission.
     async fn lock(
         &self,
         key: &TokenKey,
         ttl: Duration,
-    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
-        let _ = (key, ttl);
-        Ok(None)
-    }
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError>;
+}
+
+/// When a lock wait of `wait` from now ends; a wait too long to represent (say
+/// `Duration::MAX`) ends in about a century instead of overflowing.
+pub(crate) fn lock_deadline(wait: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// A held cross-process refresh lock (see [`TokenStore::lock`]).

@@ -60,6 +60,13 @@ secret_type!(
 pub struct TokenKey(Arc<str>);
 
 impl TokenKey {
+    /// The longest key, in bytes of UTF-8, that stores accept: 1024. Every built-in store
+    /// accepts any key up to this length (any characters) and refuses a longer one with
+    /// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey); custom stores are
+    /// expected to do the same (`testing::assert_store_contract` checks it). Creating a
+    /// longer key is not an error by itself.
+    pub const MAX_LEN: usize = 1024;
+
     /// A key from any string.
     pub fn new(key: impl Into<String>) -> Self {
         Self(Arc::from(key.into()))

@@ -1,7 +1,7 @@
 //! The file store: one file per grant in a directory, shared safely between processes.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,15 +12,27 @@ use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{json_position, Cas, GrantRecord, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
 
+mod fsio;
+mod lock;
+mod names;
+
+use self::fsio::{blocking, io_error, replace_file, sync_dir};
+use self::lock::{acquire, Attempt, LockedFile};
+use self::names::{decode_key, file_name, is_hashed_name, key_in_file};
+
 /// Marks a file as written by this store.
 const FORMAT: &str = "tokenkeeper.grant";
 /// The newest file layout this version reads and the one it writes.
 const FORMAT_VERSION: u32 = 1;
-/// Encoded key names longer than this are refused: with the longest suffix the name must
-/// stay within the usual 255-byte limit of file systems.
-const MAX_ENCODED_KEY: usize = 240;
-/// How long [`TokenStore::lock`] waits for another holder by default.
-const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
+/// How long a lock waits for another holder by default: longer than the manager's default
+/// lock ttl (60 s), so a peer outwaits a whole refresh of the holder.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(75);
+/// The file holding the highest version of every grant deleted from the directory.
+const FLOOR: &str = ".version";
+/// Locked while the floor is raised.
+const FLOOR_LOCK: &str = ".version.lock";
+/// The next floor while it is being written.
+const FLOOR_TMP: &str = ".version.tmp";
 
 /// A [`TokenStore`] that keeps each grant in its own file in a directory, for apps whose
 /// processes share a machine (a CLI and its cron job, a few workers) and must survive restarts.
@@ -36,11 +48,21 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 /// |---|---|
 /// | `%43ustomer-42.json` | the grant: `{"format":"tokenkeeper.grant","version":…,"key":…,"record":…}` |
 /// | `%43ustomer-42.json.tmp` | the next version while it is being written (left over only by a crash) |
-/// | `%43ustomer-42.lock` | locked while a save or delete compares versions and writes |
-/// | `%43ustomer-42.refresh` | the cross-process refresh lock ([`TokenStore::lock`]) |
+/// | `%43ustomer-42.lock` | locked while a save or delete compares versions and writes; removed after |
+/// | `%43ustomer-42.refresh` | the cross-process refresh lock ([`TokenStore::lock`]); removed on release |
+/// | `.version` | the highest version of any grant deleted from the directory (one per directory) |
+/// | `.version.lock` | locked while a delete raises `.version`; removed after |
 ///
-/// Keys whose encoded name exceeds 240 bytes are refused with an error. Every file is created
-/// with mode `0600` on Unix; [`FileStore::create`] makes the directory `0700`.
+/// So the directory holds one file per stored grant, plus `.version`, plus a lock file per
+/// key being locked right now. A process killed while holding a lock or writing leaves its
+/// file behind until the key is next locked, written or deleted.
+///
+/// A key whose encoded name would exceed 240 bytes (file systems allow 255, suffix included)
+/// is named `%%` followed by the SHA-256 of its UTF-8 in lower-case hex instead (66 bytes);
+/// the key itself is in the file, which is checked on every read. So every key up to
+/// [`TokenKey::MAX_LEN`] bytes works, whatever its characters; a longer one is refused with
+/// [`StoreErrorKind::InvalidKey`], as by every built-in store. Every file is created with mode
+/// `0600` on Unix; [`FileStore::create`] makes the directory `0700`.
 ///
 /// # Crash safety
 ///
@@ -52,15 +74,31 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 ///
 /// A save or delete holds an exclusive advisory lock (`flock`, through the `fs4` crate) on the
 /// key's `.lock` file while it reads the stored version, compares it and writes, so
-/// compare-and-swap holds between threads and processes. A delete leaves a *tombstone* (the
-/// file with `"deleted": true` and the last version) so a version is never reused for a key;
-/// tombstones are not listed by [`keys`](TokenStore::keys).
+/// compare-and-swap holds between threads and processes. Taking it waits at most
+/// [`with_lock_wait`](Self::with_lock_wait), like the refresh lock, then fails with
+/// [`StoreErrorKind::LockTimeout`], so a hung process cannot block others forever.
+///
+/// A delete first raises `.version` to the deleted grant's version (under `.version.lock`),
+/// then removes the grant file; a save of an absent key starts above `.version`. So a version
+/// is never reused for a key, and no *tombstone* is left per deleted key. (Earlier versions of
+/// this store left tombstones, files with `"deleted": true`; they are still honoured, and
+/// removed by the next delete of their key.) Every process sharing a directory must run a
+/// version of this store that keeps `.version`: an older one would start a re-inserted key
+/// from version 1.
+///
+/// # Lock files
+///
+/// Lock files are removed by their holder on release (on Unix). That is safe with `flock`
+/// because a taker, once it holds the `flock`, checks that the path still names the file it
+/// locked (same device and inode) and otherwise starts again: a waiter that opened the file
+/// before its holder removed it never mistakes that orphan for the lock. Elsewhere lock files
+/// are kept.
 ///
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) takes an exclusive `flock` on the key's `.refresh` file, polling
-/// with a short async backoff (it never blocks the runtime) for at most
-/// [`with_lock_wait`](Self::with_lock_wait) (30 s by default), then fails with
+/// with a short async backoff (it never blocks the runtime or a thread) for at most
+/// [`with_lock_wait`](Self::with_lock_wait) (75 s by default), then fails with
 /// [`StoreErrorKind::LockTimeout`]. It is released by [`RefreshLock::release`], when the lock
 /// is dropped, and by the operating system when the process dies, even by `kill -9`; so the
 /// `ttl` argument does not apply. Advisory locks are only as good as the file system's: use a
@@ -145,8 +183,14 @@ impl FileStore {
         Self::open(dir)
     }
 
-    /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
-    /// [`StoreErrorKind::LockTimeout`] (default 30 s).
+    /// How long taking a lock waits for another holder before failing with
+    /// [`StoreErrorKind::LockTimeout`]: the refresh lock ([`lock`](TokenStore::lock)) and the
+    /// write lock of a save or delete.
+    ///
+    /// Default 75 s: longer than the manager's default
+    /// [`lock_ttl`](crate::TokenManagerBuilder::lock_ttl) of 60 s, so a process outwaits a
+    /// peer's whole refresh rather than failing while it completes. Keep it above the longest
+    /// refresh (the provider's request timeout) if you shorten it.
     pub fn with_lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
@@ -158,13 +202,8 @@ impl FileStore {
     }
 
     fn paths(&self, key: &TokenKey) -> Result<Paths, StoreError> {
-        let name = encode_key(key.as_str());
-        if name.len() > MAX_ENCODED_KEY {
-            return Err(StoreError::new(format!(
-                "key `{key}` is too long for a file name ({} bytes encoded, at most {MAX_ENCODED_KEY})",
-                name.len()
-            )));
-        }
+        StoreError::check_key(key)?;
+        let name = file_name(key.as_str());
         let file = |suffix: &str| self.dir.join(format!("{name}.{suffix}"));
         Ok(Paths {
             dir: self.dir.clone(),
@@ -175,17 +214,6 @@ impl FileStore {
             refresh_lock: file("refresh"),
         })
     }
-}
-
-/// Runs blocking file-system work off the async runtime.
-async fn blocking<T, F>(f: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::new(format!("file store task failed: {e}")))?
 }
 
 #[async_trait]
@@ -211,8 +239,9 @@ impl TokenStore for FileStore {
     ) -> Result<Cas, StoreError> {
         let paths = self.paths(key)?;
         let record = record.clone();
+        let guard = acquire(paths.cas_lock.clone(), self.lock_wait, "write", key).await?;
         blocking(move || {
-            let _guard = paths.lock_for_write()?;
+            let _guard = guard;
             let stored = paths.read()?;
             let current = stored
                 .as_ref()
@@ -221,12 +250,16 @@ impl TokenStore for FileStore {
             if current != expected {
                 return Ok(Cas::Conflict);
             }
-            // A tombstone keeps the last version, so versions are never reused.
-            let last = stored.map_or(0, |e| e.version);
+            // A deleted grant raised the floor (or, written by an older version, left a
+            // tombstone with its last version), so versions are never reused.
+            let last = match stored {
+                Some(entry) => entry.version,
+                None => read_floor(&paths.dir)?,
+            };
             let version = last
                 .checked_add(1)
                 .ok_or_else(|| StoreError::new("version counter exhausted"))?;
-            paths.write(version, Some(&record))?;
+            paths.write(version, &record)?;
             Ok(Cas::Saved(version))
         })
         .await
@@ -234,18 +267,27 @@ impl TokenStore for FileStore {
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
         let paths = self.paths(key)?;
+        let guard = acquire(paths.cas_lock.clone(), self.lock_wait, "write", key).await?;
+        let floor_lock = self.dir.join(FLOOR_LOCK);
+        let floor_guard = acquire(floor_lock, self.lock_wait, "version floor", key).await?;
         blocking(move || {
-            let _guard = paths.lock_for_write()?;
-            match paths.read()? {
-                Some(Entry {
-                    version,
-                    record: Some(_),
-                }) => {
-                    paths.write(version, None)?;
-                    Ok(true)
+            let _guards = (guard, floor_guard);
+            let entry = paths.read()?;
+            paths.remove_leftovers();
+            let Some(entry) = entry else {
+                return Ok(false);
+            };
+            // Raised first: a crash before the removal leaves the grant, never a lower floor.
+            raise_floor(&paths.dir, entry.version)?;
+            match fs::remove_file(&paths.record) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_error("remove", &paths.record, e));
                 }
-                _ => Ok(false),
+                _ => {}
             }
+            sync_dir(&paths.dir)?;
+            // A tombstone (from an older version) is removed too, but was no record.
+            Ok(entry.record.is_some())
         })
         .await
     }
@@ -258,15 +300,23 @@ impl TokenStore for FileStore {
             for entry in entries {
                 let entry = entry.map_err(|e| io_error("list", &store.dir, e))?;
                 let name = entry.file_name();
-                let Some(key) = name
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .and_then(decode_key)
-                else {
+                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                     continue; // Not a grant file (a lock, a temporary file, something else).
                 };
+                let key = match decode_key(stem) {
+                    Some(key) => key,
+                    // A long key: the file says which.
+                    None if is_hashed_name(stem) => match key_in_file(&entry.path(), stem) {
+                        Some(key) => key,
+                        None => continue,
+                    },
+                    None => continue,
+                };
                 let key = TokenKey::from(key);
-                match store.paths(&key)?.read() {
+                let Ok(paths) = store.paths(&key) else {
+                    continue;
+                };
+                match paths.read() {
                     // Deleted (a tombstone), or deleted since the listing.
                     Ok(None) | Ok(Some(Entry { record: None, .. })) => {}
                     Ok(Some(_)) => keys.push(key),
@@ -289,45 +339,38 @@ impl TokenStore for FileStore {
         _ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
         let paths = self.paths(key)?;
-        let path = paths.refresh_lock.clone();
-        let file = blocking(move || open_lock_file(&path)).await?;
-        let deadline = tokio::time::Instant::now() + self.lock_wait;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            match fs4::FileExt::try_lock(&file) {
-                Ok(()) => return Ok(Some(Box::new(FileLock { file }))),
-                Err(fs4::TryLockError::WouldBlock) => {}
-                Err(fs4::TryLockError::Error(e)) => {
-                    return Err(io_error("lock", &paths.refresh_lock, e));
-                }
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(StoreError::with_kind(
-                    StoreErrorKind::LockTimeout,
-                    format!(
-                        "the refresh lock of `{key}` was held by another process for more than {:?}",
-                        self.lock_wait
-                    ),
-                ));
-            }
-            let jitter = pause.mul_f64(fastrand::f64() * 0.5);
-            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
+        let held = acquire(paths.refresh_lock, self.lock_wait, "refresh", key).await?;
+        Ok(Some(Box::new(held)))
     }
 }
 
-/// A held refresh lock: the open `.refresh` file. Closing it (on drop) releases the `flock`.
-struct FileLock {
-    file: File,
+/// The highest version of any grant deleted from `dir` (0 if none).
+fn read_floor(dir: &Path) -> Result<Version, StoreError> {
+    let path = dir.join(FLOOR);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            StoreError::corrupt(format!(
+                "`{}` does not hold a version; nothing was written over it",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_error("read", &path, e)),
+    }
 }
 
-#[async_trait]
-impl RefreshLock for FileLock {
-    async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        fs4::FileExt::unlock(&self.file).map_err(|e| StoreError::new(IoError::new("unlock", e)))
+/// Raises the floor to `version` (atomically, durably). Call with the floor lock held.
+fn raise_floor(dir: &Path, version: Version) -> Result<(), StoreError> {
+    if read_floor(dir)? >= version {
+        return Ok(());
     }
+    let (path, tmp) = (dir.join(FLOOR), dir.join(FLOOR_TMP));
+    replace_file(&tmp, version.to_string().as_bytes())?;
+    fs::rename(&tmp, &path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_error("rename into place", &path, e)
+    })?;
+    sync_dir(dir)
 }
 
 /// The paths of one key's files.
@@ -352,10 +395,7 @@ struct EnvelopeOut<'a> {
     format_version: u32,
     key: &'a str,
     version: Version,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    deleted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    record: Option<&'a GrantRecord>,
+    record: &'a GrantRecord,
 }
 
 #[derive(Deserialize)]
@@ -371,11 +411,16 @@ struct EnvelopeIn {
 }
 
 impl Paths {
-    /// Takes the key's write lock (blocking); released when the returned file is dropped.
-    fn lock_for_write(&self) -> Result<File, StoreError> {
-        let file = open_lock_file(&self.cas_lock)?;
-        fs4::FileExt::lock(&file).map_err(|e| io_error("lock", &self.cas_lock, e))?;
-        Ok(file)
+    /// Removes what a killed process may have left of the key: its temporary file (written
+    /// only under the write lock, which the caller holds) and its refresh lock file if no one
+    /// holds it. Best effort: a failure leaves the file for next time.
+    fn remove_leftovers(&self) {
+        let _ = fs::remove_file(&self.tmp);
+        if self.refresh_lock.exists() {
+            if let Ok(Attempt::Locked(orphan)) = LockedFile::try_lock(&self.refresh_lock) {
+                drop(orphan); // Removes it.
+            }
+        }
     }
 
     fn read(&self) -> Result<Option<Entry>, StoreError> {
@@ -421,13 +466,12 @@ impl Paths {
 
     /// Replaces the grant file atomically: temporary file, fsync, rename, fsync of the
     /// directory. Call with the write lock held (the temporary file's name is per key).
-    fn write(&self, version: Version, record: Option<&GrantRecord>) -> Result<(), StoreError> {
+    fn write(&self, version: Version, record: &GrantRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(&EnvelopeOut {
             format: FORMAT,
             format_version: FORMAT_VERSION,
             key: self.key.as_str(),
             version,
-            deleted: record.is_none(),
             record,
         })
         .map_err(|e| StoreError::new(format!("cannot encode the record: {e}")))?;
@@ -443,141 +487,16 @@ impl Paths {
     }
 
     fn write_tmp(&self, bytes: &[u8]) -> Result<(), StoreError> {
-        // A leftover from a crash (or a file someone else created) is replaced by a new file,
-        // so the mode below always applies.
-        match fs::remove_file(&self.tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_error("remove", &self.tmp, e));
-            }
-            _ => {}
-        }
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&self.tmp)
-            .map_err(|e| io_error("create", &self.tmp, e))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error("write", &self.tmp, e))
+        replace_file(&self.tmp, bytes)
     }
-}
-
-fn open_lock_file(path: &Path) -> Result<File, StoreError> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path).map_err(|e| io_error("open", path, e))
-}
-
-/// Makes a rename in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("sync the directory", dir, e))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// The file-name form of a key (see [`FileStore`]'s layout).
-fn encode_key(key: &str) -> String {
-    if key.is_empty() {
-        return "%".to_owned();
-    }
-    let mut name = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if keeps(b) {
-            name.push(char::from(b));
-        } else {
-            name.push_str(&format!("%{b:02X}"));
-        }
-    }
-    name
-}
-
-/// The key of a file name, if it is exactly what [`encode_key`] makes of some key.
-fn decode_key(name: &str) -> Option<String> {
-    if name == "%" {
-        return Some(String::new());
-    }
-    let mut bytes = Vec::with_capacity(name.len());
-    let mut rest = name.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = tail.get(..2)?;
-            if !hex
-                .iter()
-                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
-            {
-                return None;
-            }
-            let byte = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-            if keeps(byte) {
-                return None; // Not the canonical name of any key.
-            }
-            bytes.push(byte);
-            rest = &tail[2..];
-        } else if keeps(b) {
-            bytes.push(b);
-            rest = tail;
-        } else {
-            return None;
-        }
-    }
-    if bytes.is_empty() {
-        return None;
-    }
-    String::from_utf8(bytes).ok()
-}
-
-fn keeps(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-}
-
-/// An I/O failure on a path, as the source of a [`StoreError`].
-#[derive(Debug, thiserror::Error)]
-#[error("cannot {action}{}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default())]
-struct IoError {
-    action: &'static str,
-    path: Option<PathBuf>,
-    #[source]
-    source: io::Error,
-}
-
-impl IoError {
-    fn new(action: &'static str, source: io::Error) -> Self {
-        Self {
-            action,
-            path: None,
-            source,
-        }
-    }
-}
-
-fn io_error(action: &'static str, path: &Path, source: io::Error) -> StoreError {
-    let kind = match source.kind() {
-        io::ErrorKind::NotFound => StoreErrorKind::NotFound,
-        io::ErrorKind::PermissionDenied => StoreErrorKind::PermissionDenied,
-        _ => StoreErrorKind::Backend,
-    };
-    StoreError::with_kind(
-        kind,
-        IoError {
-            action,
-            path: Some(path.to_path_buf()),
-            source,
-        },
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
+    use super::lock::open_lock_file;
+    use super::names::{encode_key, keeps};
     use super::*;
     use crate::token::{AccessToken, TokenSet};
 
@@ -591,10 +510,10 @@ mod tests {
         (tmp, store)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn keeps_the_store_contract() {
         let (_tmp, store) = store();
-        crate::testing::assert_store_contract(&store).await;
+        crate::testing::assert_store_has_lock(&store).await;
         assert!(
             store.keys().await.unwrap().is_empty(),
             "tombstones are not listed"
@@ -634,6 +553,9 @@ mod tests {
         assert_eq!(mode(store.dir()), 0o700);
         let key = TokenKey::from("k");
         store.save(&key, &record("a"), None).await.unwrap();
+        let gone = TokenKey::from("j");
+        store.save(&gone, &record("a"), None).await.unwrap();
+        store.delete(&gone).await.unwrap();
         let lock = store.lock(&key, Duration::from_secs(1)).await.unwrap();
         let mut names = Vec::new();
         for entry in fs::read_dir(store.dir()).unwrap() {
@@ -642,7 +564,11 @@ mod tests {
             assert_eq!(mode(&entry.path()), 0o600, "{:?}", entry.path());
         }
         names.sort();
-        assert_eq!(names, ["k.json", "k.lock", "k.refresh"]);
+        assert_eq!(
+            names,
+            [".version", "k.json", "k.refresh"],
+            "the write lock files are gone"
+        );
         drop(lock);
     }
 
@@ -686,8 +612,7 @@ mod tests {
             format_version: FORMAT_VERSION,
             key: "k",
             version: 1,
-            deleted: false,
-            record: Some(&record("a")),
+            record: &record("a"),
         })
         .unwrap();
         // A value in the wrong place: serde_json would quote it in its message.
@@ -810,6 +735,146 @@ mod tests {
         assert!(again.is_some(), "dropping the lock releases it");
     }
 
+    fn file_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_directory_stays_bounded() {
+        let (_tmp, store) = store();
+        let ttl = Duration::from_secs(60);
+        for i in 0..200 {
+            let key = TokenKey::from(format!("k{i}"));
+            let lock = store.lock(&key, ttl).await.unwrap().unwrap();
+            let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+                panic!()
+            };
+            store.save(&key, &record("b"), Some(v)).await.unwrap();
+            if i % 2 == 0 {
+                lock.release().await.unwrap();
+            } else {
+                drop(lock);
+            }
+            assert!(store.delete(&key).await.unwrap());
+            // A deleted key's next version is above every version it had.
+            let Cas::Saved(again) = store.save(&key, &record("c"), None).await.unwrap() else {
+                panic!()
+            };
+            assert!(again > v + 1, "{v} then {again}");
+            assert!(store.delete(&key).await.unwrap());
+        }
+        let names = file_names(store.dir());
+        assert!(names.len() <= 1, "{names:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delete_removes_what_a_crash_left_of_the_key() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        store.save(&key, &record("a"), None).await.unwrap();
+        // A process killed mid-write and mid-refresh.
+        fs::write(store.dir().join("k.json.tmp"), b"{\"torn").unwrap();
+        fs::write(store.dir().join("k.refresh"), b"").unwrap();
+        assert!(store.delete(&key).await.unwrap());
+        assert_eq!(file_names(store.dir()), [".version"]);
+
+        // A refresh lock in use is left alone.
+        store.save(&key, &record("a"), None).await.unwrap();
+        let held = store.lock(&key, Duration::from_secs(60)).await.unwrap();
+        assert!(store.delete(&key).await.unwrap());
+        assert_eq!(file_names(store.dir()), [".version", "k.refresh"]);
+        drop(held);
+        assert_eq!(file_names(store.dir()), [".version"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_legacy_tombstone_still_keeps_its_version() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        let tombstone = br#"{"format":"tokenkeeper.grant","format_version":1,"key":"k","version":7,"deleted":true}"#;
+        fs::write(store.dir().join("k.json"), tombstone).unwrap();
+        assert!(store.load(&key).await.unwrap().is_none());
+        assert!(!store.delete(&key).await.unwrap());
+        let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+            panic!()
+        };
+        assert!(v > 7, "{v}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unbounded_lock_wait_does_not_panic() {
+        let (_tmp, store) = store();
+        let store = store.with_lock_wait(Duration::MAX);
+        let key = TokenKey::from("k");
+        store.save(&key, &record("a"), None).await.unwrap();
+        let lock = store.lock(&key, Duration::MAX).await.unwrap().unwrap();
+        lock.release().await.unwrap();
+    }
+
+    #[test]
+    fn default_lock_wait_outlasts_the_managers_lock_ttl() {
+        let (_tmp, store) = store();
+        assert!(store.lock_wait > Duration::from_secs(60), "{store:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_wait_for_the_write_lock_at_most_lock_wait() {
+        let (_tmp, store) = store();
+        let store = store.with_lock_wait(Duration::from_secs(5));
+        let key = TokenKey::from("k");
+        let Cas::Saved(v) = store.save(&key, &record("a"), None).await.unwrap() else {
+            panic!()
+        };
+        // Another process holds the write lock (and hangs).
+        let held = open_lock_file(&store.dir().join("k.lock")).unwrap();
+        fs4::FileExt::lock(&held).unwrap();
+        let err = store.save(&key, &record("b"), Some(v)).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+        let err = store.delete(&key).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+        drop(held);
+        assert!(matches!(
+            store.save(&key, &record("b"), Some(v)).await.unwrap(),
+            Cas::Saved(_)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removing_lock_files_keeps_locks_exclusive() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (_tmp, store) = store();
+        let stores = [store.clone(), FileStore::open(store.dir()).unwrap()];
+        let inside = Arc::new(AtomicUsize::new(0));
+        let entered = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = stores[i % 2].clone();
+                let (inside, entered) = (Arc::clone(&inside), Arc::clone(&entered));
+                tokio::spawn(async move {
+                    let key = TokenKey::from("k");
+                    for _ in 0..50 {
+                        let lock = store.lock(&key, Duration::from_secs(60)).await.unwrap();
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        entered.fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        lock.unwrap().release().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(entered.load(Ordering::SeqCst), 400);
+        assert!(file_names(store.dir()).is_empty());
+    }
+
     #[tokio::test]
     async fn keys_map_to_safe_file_names_and_back() {
         let (_tmp, store) = store();
@@ -857,13 +922,36 @@ mod tests {
         expected.sort();
         assert_eq!(listed, expected);
 
-        let long = TokenKey::from("x".repeat(241));
-        assert_eq!(
-            store.load(&long).await.unwrap_err().kind(),
-            StoreErrorKind::Backend
+        // Long keys get a hashed file name; every name stays within 255 bytes.
+        let longest = [
+            TokenKey::from("x".repeat(TokenKey::MAX_LEN)),
+            TokenKey::from("/".repeat(TokenKey::MAX_LEN)),
+            TokenKey::from("é".repeat(TokenKey::MAX_LEN / 2)),
+            TokenKey::from("x".repeat(241)),
+        ];
+        for (i, key) in longest.iter().enumerate() {
+            store
+                .save(key, &record(&i.to_string()), None)
+                .await
+                .unwrap();
+        }
+        for (i, key) in longest.iter().enumerate() {
+            let loaded = store.load(key).await.unwrap().unwrap();
+            assert_eq!(loaded.value, record(&i.to_string()));
+        }
+        let listed = store.keys().await.unwrap();
+        assert!(longest.iter().all(|k| listed.contains(k)));
+        for entry in fs::read_dir(store.dir()).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert!(name.len() <= 255, "{name:?}");
+        }
+        let too_long = TokenKey::from("x".repeat(TokenKey::MAX_LEN + 1));
+        let err = store.load(&too_long).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::InvalidKey);
+        assert!(
+            !format!("{err} {err:?}").contains(&"x".repeat(100)),
+            "the error does not quote the whole key"
         );
-        let fits = TokenKey::from("x".repeat(240));
-        store.save(&fits, &record("a"), None).await.unwrap();
     }
 
     #[test]

@@ -78,6 +78,10 @@ return 0
 /// grant can be in different slots). Run Redis with persistence if grants must survive its
 /// restart.
 ///
+/// Redis accepts keys of up to 512 MB, but this store, like every built-in store, refuses a
+/// [`TokenKey`] longer than [`TokenKey::MAX_LEN`] bytes with
+/// [`StoreErrorKind::InvalidKey`] before sending anything.
+///
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
@@ -189,7 +193,7 @@ impl RedisStoreBuilder {
     }
 
     /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
-    /// [`StoreErrorKind::LockTimeout`] (default 30 s).
+    /// [`StoreErrorKind::LockTimeout`] (default 75 s).
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
@@ -264,6 +268,7 @@ fn backend(e: RedisError) -> StoreError {
 #[async_trait]
 impl TokenStore for RedisStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        StoreError::check_key(key)?;
         let (version, record): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
             .arg(self.grant_key(key))
             .arg("version")
@@ -304,6 +309,7 @@ impl TokenStore for RedisStore {
         record: &GrantRecord,
         expected: Option<Version>,
     ) -> Result<Cas, StoreError> {
+        StoreError::check_key(key)?;
         let bytes = record.to_json()?;
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
         let saved: Option<String> = SAVE
@@ -334,6 +340,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        StoreError::check_key(key)?;
         let removed: u64 = redis::cmd("DEL")
             .arg(self.grant_key(key))
             .query_async(&mut self.conn.clone())
@@ -379,6 +386,7 @@ impl TokenStore for RedisStore {
         key: &TokenKey,
         ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        StoreError::check_key(key)?;
         let lock_key = self.lock_key(key);
         let token = format!(
             "{}-{:016x}{:016x}",
@@ -386,9 +394,12 @@ impl TokenStore for RedisStore {
             fastrand::u64(..),
             fastrand::u64(..)
         );
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        // Redis refuses an expiry past its clock's range: a century is forever enough.
+        let ttl_ms = u64::try_from(ttl.min(MAX_TTL).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let mut conn = self.conn.clone();
-        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let deadline = crate::store::lock_deadline(self.lock_wait);
         let mut pause = Duration::from_millis(5);
         loop {
             let set: Option<String> = redis::cmd("SET")
@@ -551,7 +562,7 @@ mod tests {
     async fn keeps_the_store_contract() {
         let server = RedisServer::start();
         let store = store(&server).await;
-        crate::testing::assert_store_contract(&store).await;
+        crate::testing::assert_store_has_lock(&store).await;
         // Versions are never reused after delete and re-insert, even by a new connection.
         let key = TokenKey::from("k");
         let Cas::Saved(v1) = store.save(&key, &record("a"), None).await.unwrap() else {
@@ -733,6 +744,18 @@ mod tests {
             .query(&mut raw)
             .unwrap();
         assert!(!exists);
+    }
+
+    #[tokio::test]
+    async fn an_unbounded_lock_wait_does_not_panic() {
+        let server = RedisServer::start();
+        let store = RedisStore::builder(server.url())
+            .lock_wait(Duration::MAX)
+            .build()
+            .await
+            .unwrap();
+        let lock = store.lock(&TokenKey::from("k"), Duration::MAX).await;
+        lock.unwrap().unwrap().release().await.unwrap();
     }
 
     #[tokio::test]

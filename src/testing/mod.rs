@@ -36,4 +36,6 @@ pub use fake_server::{
     FakeAuthServer, FakeConfig, GrantId, GrantState, IssuedGrant, Preset, RateLimit,
     RecordedRefresh, RefreshLifetime, RefreshOutcome, RetryAfter, RevocationReason, Rotation,
 };
-pub use store_contract::{assert_one_winner_per_version, assert_store_contract};
+pub use store_contract::{
+    assert_one_winner_per_version, assert_store_contract, assert_store_has_lock,
+};

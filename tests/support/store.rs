@@ -2,10 +2,12 @@
 //! demand. It has no refresh lock, so only the manager's own single-flight applies.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokenkeeper::{
-    Cas, GrantRecord, MemoryStore, StoreError, TokenKey, TokenStore, Version, Versioned,
+    Cas, GrantRecord, MemoryStore, RefreshLock, StoreError, TokenKey, TokenStore, Version,
+    Versioned,
 };
 
 #[derive(Default)]
@@ -47,5 +49,14 @@ impl TokenStore for ScriptedStore {
 
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
         self.inner.keys().await
+    }
+
+    /// No refresh lock, on purpose (see the module docs).
+    async fn lock(
+        &self,
+        _key: &TokenKey,
+        _ttl: Duration,
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        Ok(None)
     }
 }
