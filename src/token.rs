@@ -425,8 +425,10 @@ impl TokenResponse {
     /// the whole reply away for a bad *optional* field would kill the grant at the next
     /// refresh. Report these to the provider; the tokens are fine.
     ///
-    /// A field that is `null` (or a `token_type` that is an empty string) is simply absent
-    /// and is not listed: many serializers write `null` for "no value".
+    /// A `null` `scope`, `token_type` or `refresh_token` (or an empty `token_type`) is simply
+    /// absent and is not listed: many serializers write `null` for "no value". A `null`
+    /// expiry is listed: the server stated an expiry it did not give, and the manager then
+    /// assumes its fallback lifetime rather than a token that never expires.
     pub fn malformed_fields(&self) -> &[String] {
         &self.malformed
     }
@@ -460,7 +462,8 @@ impl TokenResponse {
     /// [`malformed_fields`](Self::malformed_fields), and a `tracing` warning names it (never
     /// its value). When both a relative and an absolute expiry are sent, a usable one is
     /// taken even if the other is malformed (the relative one wins when both are usable).
-    /// `null` is the same as absent, and so is an empty `refresh_token` (the old one is kept).
+    /// `null` is the same as absent (except for expiries, listed as malformed), and so is an
+    /// empty `refresh_token` (the old one is kept).
     ///
     /// # Errors
     ///
@@ -609,7 +612,8 @@ fn take_expiry(
     let mut found = None;
     for name in absolute {
         match obj.remove(*name) {
-            None | Some(Value::Null) => {}
+            // A `null` expiry is stated but unusable: reported like any other.
+            None => {}
             Some(v) => match epoch(&v) {
                 Some(at) => {
                     found = found.or(Some(Expiry::At(at)));
@@ -622,7 +626,8 @@ fn take_expiry(
     }
     for name in relative {
         match obj.remove(*name) {
-            None | Some(Value::Null) => {}
+            // A `null` expiry is stated but unusable: reported like any other.
+            None => {}
             Some(v) => {
                 match number(&v).filter(|s| (0.0..=MAX_LIFETIME.as_secs_f64()).contains(s)) {
                     Some(secs) => found = Some(Expiry::In(Duration::from_secs_f64(secs))),
@@ -873,7 +878,9 @@ mod tests {
                 assert_eq!(r.expires(), None, "{body}");
             }
             assert!(!r.extra.contains_key(*field), "{body}: dropped, not kept");
-            let want: &[&str] = if *value == "null" { &[] } else { &[field] };
+            // A `null` scope or token type is absent; a `null` expiry is stated but unusable.
+            let null_is_absent = *value == "null" && (*field == "scope" || *field == "token_type");
+            let want: &[&str] = if null_is_absent { &[] } else { &[field] };
             assert_eq!(r.malformed_fields(), want, "{body}");
             assert!(!format!("{r:?}").contains("rt-2"), "{body}");
         }
