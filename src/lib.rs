@@ -43,8 +43,8 @@
 //!   pluggable [`Classifier`] for non-standard error bodies), or your own implementation.
 //! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
 //!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
-//!   `RedisStore` (feature `redis`) for instances sharing a Redis. The file and Redis stores
-//!   also lock each refresh across processes. A dead grant is stored as dead, so it stays dead
+//!   `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
+//!   (the memory store among the managers sharing it; the others across processes). A dead grant is stored as dead, so it stays dead
 //!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
 //!   configuration. [`Event`]s report the same to the application as they happen.
@@ -63,6 +63,14 @@
 //! futures never loses it. After a failure, a per-grant backoff (honouring `Retry-After`)
 //! holds further attempts while a still-valid token keeps being served. Before a grant is
 //! declared dead on `invalid_grant`, the store is re-read in case a peer rotated it.
+//!
+//! Every provider call is bounded by a timeout and isolated on its own task (a panic is a
+//! typed error); a reply possibly lost after the server rotated is retried once at once; a
+//! rotated refresh token the store would not take is held, retried and saved before anything
+//! else; [`TokenManager::drain`] waits for all of that before a process exits. Across
+//! processes, single refresh rests on the store's refresh lock (every built-in store has one);
+//! compare-and-swap alone only fences late saves. The README's "Known limits" lists what is not
+//! guaranteed.
 //!
 //! # Security
 //!

@@ -33,8 +33,17 @@ pub(crate) use refresh::later;
 /// - [`access_token`](Self::access_token) answers from memory while the cached token is valid
 ///   for longer than the refresh margin: no store I/O, no lock shared between callers.
 /// - When a refresh is needed, exactly one runs per grant in this process; every caller that
-///   arrives meanwhile waits for it and gets its result. Across processes, the store's lock
-///   (if it has one) and compare-and-swap give the same guarantee.
+///   arrives meanwhile waits for it and gets its result. Across processes, the store's refresh
+///   lock gives the same guarantee. Compare-and-swap alone (a store without a lock) only keeps
+///   a late save from overwriting a newer record: it cannot stop two processes from presenting
+///   the same refresh token, which a provider with strict rotation may punish by revoking the
+///   grant.
+/// - Every provider call is bounded by the [refresh timeout](TokenManagerBuilder::refresh_timeout)
+///   and runs on its own task, so a hanging or panicking provider answers every waiter with a
+///   typed error and backs the grant off.
+/// - A rotated refresh token is never dropped: if the store will not take it, it is held in
+///   memory, retried in the background, and saved before anything else happens to the grant.
+///   [`drain`](Self::drain) waits for that (and for refreshes in flight) before an exit.
 /// - The refresh re-reads the store first and adopts a token a peer already refreshed.
 /// - The refresh and the save run on a spawned task: dropping every waiting future does not
 ///   stop it, and a rotated refresh token is saved before any caller sees the new access token.
