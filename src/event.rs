@@ -21,6 +21,10 @@ pub enum Event {
         rotated: bool,
         /// When the new access token expires, if known.
         expires_at: Option<SystemTime>,
+        /// Fields of the provider's reply that were present but unusable and were ignored
+        /// (names only; see [`TokenResponse::malformed_fields`](crate::TokenResponse::malformed_fields)).
+        /// An unreadable expiry was replaced by the manager's fallback lifetime.
+        malformed_fields: Vec<String>,
     },
     /// A refresh failed; the grant is alive and will be retried.
     RefreshFailed {

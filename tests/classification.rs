@@ -654,7 +654,7 @@ async fn constant_contact_success_rotates_and_persists() {
     assert!(
         events.iter().any(|e| matches!(
             e,
-            Event::Refreshed { key, rotated: true, expires_at: Some(at) }
+            Event::Refreshed { key, rotated: true, expires_at: Some(at), .. }
                 if *key == h.key && *at == now + Duration::from_secs(86400)
         )),
         "{events:?}"

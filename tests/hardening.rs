@@ -386,8 +386,19 @@ async fn an_unreadable_expiry_beside_a_rotated_refresh_token_keeps_the_rotation(
         .insert(key(), expired_grant(&clock, "rt-0"))
         .await
         .unwrap();
+    let mut rx = manager.subscribe();
     assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-1");
     assert_eq!(store.stored_refresh_token(&key()), "rt-1");
+    let reported: Vec<_> = events(&mut rx)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Refreshed {
+                malformed_fields, ..
+            } => Some(malformed_fields),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported, [vec!["expires_in".to_owned()]]);
     // The documented conservative policy: the fallback lifetime.
     assert_eq!(
         store.stored(&key()).tokens().expires_at(),

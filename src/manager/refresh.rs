@@ -176,6 +176,7 @@ impl Inner {
             Ok(response) => {
                 // Invariant 7: relative lifetimes count from the response.
                 let now = self.clock.now();
+                let malformed_fields = response.malformed_fields().to_vec();
                 let tokens = self.apply_response(&record.tokens, response, now);
                 let rotated = tokens.refresh_token() != record.tokens.refresh_token();
                 let expires_at = tokens.expires_at();
@@ -192,6 +193,7 @@ impl Inner {
                         key: key.clone(),
                         rotated,
                         expires_at,
+                        malformed_fields,
                     });
                 }
                 outcome
