@@ -323,6 +323,32 @@ impl TokenManager {
                 status.next_refresh = Some(at);
             }
         }
+        // A backoff this process keeps to itself (see `TokenManagerBuilder::refresh_timeout`
+        // and the misconfiguration rules) shows here too.
+        if let Some(slot) = self.inner.grants.get(key) {
+            let local = slot.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let now = self.inner.clock.now();
+            if let Some(local) = local.filter(|l| l.until > now) {
+                if matches!(status.health, GrantHealth::Active)
+                    || matches!(status.health, GrantHealth::BackingOff { until } if until < local.until)
+                {
+                    status.health = GrantHealth::BackingOff { until: local.until };
+                    status.next_refresh = Some(local.until);
+                    status.last_error = Some(local.error.to_string());
+                }
+            }
+            // A death held in memory while the store is down.
+            if let Some(pending) = &*slot.pending.lock().unwrap_or_else(|e| e.into_inner()) {
+                if let GrantState::ReauthorizationRequired { reason, since } = &pending.record.state
+                {
+                    status.health = GrantHealth::ReauthorizationRequired {
+                        reason: reason.clone(),
+                        since: *since,
+                    };
+                    status.next_refresh = None;
+                }
+            }
+        }
         Ok(status)
     }
 

@@ -67,7 +67,7 @@ impl TokenStatus {
             GrantHealth::BackingOff { until } => Some(*until),
             GrantHealth::Active => tokens
                 .expires_at()
-                .map(|at| at.checked_sub(margin).unwrap_or(at)),
+                .map(|at| at.checked_sub(tokens.scaled_margin(margin)).unwrap_or(at)),
         };
         Self {
             key,
