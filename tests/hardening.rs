@@ -548,6 +548,12 @@ async fn a_dead_grant_the_store_cannot_record_is_not_hammered() {
             "{err:?}"
         );
     }
+    // The status says so, though the store still holds the grant as alive.
+    assert!(manager
+        .status(&key())
+        .await
+        .unwrap()
+        .needs_reauthorization());
     // Loads failing too: still dead, still no call.
     store.fail_loads.store(true, Ordering::SeqCst);
     assert!(manager
@@ -837,6 +843,12 @@ async fn a_misconfigured_instance_does_not_retry_before_its_backoff() {
         assert!(manager.access_token(&key()).await.is_err());
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Its status shows the backoff it keeps to itself.
+    let status = manager.status(&key()).await.unwrap();
+    assert!(
+        matches!(status.health, tokenkeeper::GrantHealth::BackingOff { .. }),
+        "{status:?}"
+    );
 }
 
 // ---- B10: the per-minute cap on every path -----------------------------------------------
