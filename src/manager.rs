@@ -770,7 +770,11 @@ impl Inner {
                     tokio::spawn(async move {
                         // Clears the flight even if the refresh panics, so the grant is not
                         // stuck; waiters then see the channel close.
-                        let guard = FlightGuard(&inner, &slot);
+                        let mut guard = FlightGuard {
+                            inner: &inner,
+                            slot: &slot,
+                            landed: false,
+                        };
                         let outcome = inner.run_refresh(&key, &slot, need).await;
                         // The flight ends before its outcome is published: a caller arriving
                         // later must not be handed this (by then possibly stale) outcome.
@@ -800,18 +804,26 @@ impl Inner {
 
 /// Ends a flight: clears it (so the next caller starts a new one) and, once its outcome is
 /// published, stops counting it as busy. Runs on panic too.
-struct FlightGuard<'a>(&'a Inner, &'a Slot);
+struct FlightGuard<'a> {
+    inner: &'a Inner,
+    slot: &'a Slot,
+    landed: bool,
+}
 
 impl FlightGuard<'_> {
-    fn land(&self) {
-        *self.1.flight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// Clears this flight, once: after that the slot may already hold the next one.
+    fn land(&mut self) {
+        if !self.landed {
+            self.landed = true;
+            *self.slot.flight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 }
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         self.land();
-        self.0.busy.send_modify(|n| *n = n.saturating_sub(1));
+        self.inner.busy.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
