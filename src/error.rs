@@ -222,6 +222,10 @@ pub enum UnavailableCause {
     Internal,
     /// The grant is in backoff after earlier failures; no request was sent.
     Backoff,
+    /// The cross-process refresh lock's lease might run out before the provider could
+    /// answer (the store or the clock was slow); no request was sent, so no other process can
+    /// present the same refresh token at the same time. Retrying can succeed at once.
+    LockExpired,
 }
 
 impl fmt::Display for UnavailableCause {
@@ -235,6 +239,7 @@ impl fmt::Display for UnavailableCause {
             Self::InvalidResponse => "invalid response",
             Self::Internal => "refresh ended without an answer",
             Self::Backoff => "backing off after earlier failures",
+            Self::LockExpired => "the refresh lock's lease ran short before the provider call",
         })
     }
 }

@@ -115,6 +115,8 @@ struct FaultyStore {
     save_failures: AtomicUsize,
     leases: Arc<Mutex<HashMap<TokenKey, (u64, tokio::time::Instant)>>>,
     lease_ids: AtomicUsize,
+    /// The next load moves this clock by this much (a store that stalls).
+    stall_next_load: Mutex<Option<(Arc<ManualClock>, Duration)>>,
 }
 
 impl FaultyStore {
@@ -155,6 +157,9 @@ impl TokenStore for FaultyStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
         if self.fail_loads.load(Ordering::SeqCst) {
             return Err(StoreError::new("connection refused"));
+        }
+        if let Some((clock, by)) = self.stall_next_load.lock().unwrap().take() {
+            clock.advance(by);
         }
         Ok(self.records.lock().unwrap().get(key).cloned())
     }
@@ -1191,5 +1196,71 @@ async fn a_provider_that_renews_without_a_refresh_token_is_kept_alive() {
     clock.advance(8 * DAY);
     refresher.wait_idle().await;
     assert_eq!(provider.0.load(Ordering::SeqCst), 1, "keep-alive renews it");
+    refresher.shutdown().await;
+}
+
+// ---- the lease and the provider call --------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn no_provider_call_starts_that_the_lease_may_not_cover() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let strict = Arc::new(Strict::default());
+    let manager = manager(strict.provider(), store.clone(), clock.clone());
+    manager
+        .insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    // The re-read under the lock stalls 45 s: with a 60 s lease and a 20 s refresh timeout,
+    // a call started now could outlive the lease, letting a peer in to present the same token.
+    *store.stall_next_load.lock().unwrap() = Some((clock.clone(), Duration::from_secs(45)));
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                cause: UnavailableCause::LockExpired,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(strict.calls(), 0);
+    // Nothing was sent, so nothing backs off: the next call refreshes.
+    assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backoff_the_store_would_not_take_still_holds() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let calls = calls.clone();
+        provider_fn(move |_, _| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err(ProviderError::rate_limited(Some(Duration::from_secs(600))).with_status(429))
+            }
+        })
+    };
+    let manager = manager(provider, store.clone(), clock.clone());
+    manager
+        .insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    store.fail_saves.store(true, Ordering::SeqCst);
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+    store.fail_saves.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(300));
+    for _ in 0..5 {
+        assert!(manager.access_token(&key()).await.is_err());
+    }
+    // The refresher re-reads the store, which knows nothing of the backoff: still held.
+    let refresher = manager.start_refresher(RefresherConfig::new().refresh_idle(true));
+    refresher.wait_idle().await;
+    assert!(manager.refresh_now(&key()).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "Retry-After ignored");
     refresher.shutdown().await;
 }

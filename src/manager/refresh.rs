@@ -50,6 +50,8 @@ impl Inner {
         );
         async {
             let started = Instant::now();
+            // The lease counts from before the request: the store may start it any time after.
+            let asked = self.clock.now();
             let lock = match self.store.lock(key, self.config.lock_ttl).await {
                 Ok(lock) => lock,
                 // Without the lock no provider call is made; a pending death still stands.
@@ -62,7 +64,8 @@ impl Inner {
                      from presenting the same refresh token at once"
                 );
             }
-            let outcome = self.refresh_locked(key, slot, need).await;
+            let lease = lock.as_ref().map(|_| self.lease_deadline(asked));
+            let outcome = self.refresh_locked(key, slot, need, lease).await;
             if let Some(lock) = lock {
                 if let Err(e) = lock.release().await {
                     tracing::warn!(error = %e, "releasing the refresh lock failed; it will expire");
@@ -89,11 +92,44 @@ impl Inner {
         }
     }
 
+    /// The last instant a provider call may start under a lease taken at `asked`: the call
+    /// (bounded by the refresh timeout) must end before the lease can run out, or another
+    /// process could be let in while it runs and both present the same refresh token.
+    fn lease_deadline(&self, asked: SystemTime) -> SystemTime {
+        let (ttl, timeout) = (self.config.lock_ttl, self.config.refresh_timeout);
+        let budget = if ttl > timeout {
+            ttl - timeout
+        } else {
+            ttl / 2
+        };
+        later(asked, budget)
+    }
+
+    /// Refuses a provider call the lease may not cover (the store or the clock was slow).
+    fn lease_covers(&self, key: &TokenKey, lease: Option<SystemTime>) -> Result<(), Error> {
+        match lease {
+            Some(deadline) if self.clock.now() > deadline => {
+                tracing::warn!(
+                    "the refresh lock's lease may run out before the provider answers; not calling"
+                );
+                Err(Error::Unavailable {
+                    key: key.clone(),
+                    cause: UnavailableCause::LockExpired,
+                    status: None,
+                    retry_after: None,
+                    source: None,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn refresh_locked(
         self: &Arc<Self>,
         key: &TokenKey,
         slot: &Arc<Slot>,
         need: Need,
+        lease: Option<SystemTime>,
     ) -> Outcome {
         let span = tracing::Span::current();
         let loaded = match self.reconcile(key, slot).await {
@@ -149,9 +185,10 @@ impl Inner {
             return Ok(cached.tokens.clone());
         }
 
+        self.lease_covers(key, lease)?;
         let mut result = self.call_provider(key, &record.tokens, now).await;
         if let Err(failure) = &result {
-            if reply_may_be_lost(failure) {
+            if reply_may_be_lost(failure) && self.lease_covers(key, lease).is_ok() {
                 // The provider may have rotated and the reply been lost. Providers with a reuse
                 // window accept the same refresh token again: ask once more, promptly.
                 tracing::info!("reply lost; retrying once with the same refresh token");
@@ -492,14 +529,27 @@ impl Inner {
             held.failed_at = Some(now);
             held.last_error = Some(error.to_string());
             held.last_failure = StoredFailure::of(&error);
-            let version = match self.store.save(key, &held, Some(version)).await {
-                Ok(Cas::Saved(v)) => v,
-                // A peer changed the record; our backoff still holds in this process.
-                Ok(Cas::Conflict) => version,
+            let saved = match self.store.save(key, &held, Some(version)).await {
+                Ok(Cas::Saved(v)) => Some(v),
+                Ok(Cas::Conflict) => None,
                 Err(e) => {
                     self.emit(Event::PersistFailed {
                         key: key.clone(),
                         error: e,
+                    });
+                    None
+                }
+            };
+            let version = match saved {
+                Some(v) => v,
+                None => {
+                    // The store did not take the backoff (a peer wrote first, or it failed):
+                    // it still holds in this process, or the next call would retry at once.
+                    *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
+                        until: retry_at,
+                        since: now,
+                        failures,
+                        error: error.clone(),
                     });
                     version
                 }
