@@ -1,0 +1,249 @@
+//! A deterministic, seeded simulation of the whole engine (DESIGN.md, "Proof").
+//!
+//! Several `TokenManager`s (standing for processes) share one simulated store with injected
+//! faults and a lease lock on the manual clock, against a model provider with strict
+//! rotation and RFC 9700 reuse detection. Callers, background refreshers, clock jumps,
+//! restarts, crashes and re-authorizations are drawn from a seeded generator; every step is
+//! followed by invariant checks against the model, and a heal phase at the end checks that
+//! no recoverable grant was lost. One seed is one schedule, replayed exactly:
+//!
+//! ```text
+//! SIM_SEED=1234 cargo test --test simulation -- --nocapture      # replay one, full trace
+//! SIM_SCHEDULES=20000 cargo test --test simulation               # more schedules
+//! SIM_SEED_BASE=1000000 cargo test --test simulation             # other seeds
+//! SIM_STRICT=1 cargo test --test simulation                      # every check and fault on
+//! SIM_SURVEY=1 cargo test --test simulation -- --nocapture       # count failures, don't fail
+//! ```
+//!
+//! Switches `KNOWN_DEFECT_*` below tolerate defects of today's engine: each one switches
+//! off the check that finds it and the fault that provokes it. Set one to `false` once the
+//! engine fix is merged.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+mod driver;
+mod faults;
+mod provider;
+mod store;
+mod world;
+
+use faults::Menu;
+use world::Inv;
+
+/// No timeout around `Provider::refresh`: a provider that never answers (or answers after
+/// minutes) holds every caller of that manager and grant, and its in-process flight, forever.
+/// Provoked by: `hang_forever`, `hang_long`. Checks: 6, 6b, 4. Fixed by
+/// `TokenManagerBuilder::refresh_timeout`.
+const KNOWN_DEFECT_NO_REFRESH_TIMEOUT: bool = true;
+
+/// A panicking provider leaves no backoff: the next caller calls again at once.
+/// Provoked by: `panic`. Check: 5.
+const KNOWN_DEFECT_PANIC_NO_BACKOFF: bool = true;
+
+/// `invalid_grant` right after a lost reply is reported as `InvalidGrant`, not
+/// `RotationLost`. Check: 3b (the fault stays on: a lost reply is otherwise handled).
+const KNOWN_DEFECT_NO_ROTATION_LOST_REASON: bool = true;
+
+/// A misconfigured instance (`invalid_client`) writes its backoff and error into the shared
+/// record, so correctly configured managers answer `Misconfigured` and are held.
+/// Provoked by: `misconfigured_instance`. Check: 5c.
+const KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF: bool = true;
+
+/// Which checks run. Disabled ones record nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    disabled: u32,
+}
+
+impl Checks {
+    pub fn all() -> Self {
+        Self { disabled: 0 }
+    }
+
+    pub fn disable(&mut self, inv: Inv) {
+        self.disabled |= 1 << inv as u32;
+    }
+
+    pub fn enabled(&self, inv: Inv) -> bool {
+        self.disabled & (1 << inv as u32) == 0
+    }
+}
+
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// The menu and checks of this run: everything, minus the tolerated known defects.
+fn configuration() -> (Menu, Checks) {
+    let mut menu = Menu::all();
+    let mut checks = Checks::all();
+    if env::<u8>("SIM_STRICT") == Some(1) {
+        return (menu, checks);
+    }
+    if KNOWN_DEFECT_NO_REFRESH_TIMEOUT {
+        menu.hang_forever = false;
+        menu.hang_long = false;
+        checks.disable(Inv::CallTimeout);
+    }
+    if KNOWN_DEFECT_PANIC_NO_BACKOFF {
+        menu.panic = false;
+    }
+    if KNOWN_DEFECT_NO_ROTATION_LOST_REASON {
+        checks.disable(Inv::RotationLostReason);
+    }
+    if KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF {
+        menu.misconfigured_instance = false;
+    }
+    (menu, checks)
+}
+
+/// Steps per schedule: enough to rotate each grant many times through faults, few enough
+/// that the default count runs in CI time (see `schedules`).
+const STEPS: usize = 60;
+
+/// Default number of schedules.
+const SCHEDULES: u64 = 3000;
+
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let injected = info
+                .payload()
+                .downcast_ref::<String>()
+                .is_some_and(|s| s == provider::PANIC_MESSAGE);
+            if !injected {
+                previous(info);
+            }
+        }));
+    });
+}
+
+fn report(outcome: &driver::Outcome, tail: usize) -> String {
+    let mut out = String::new();
+    let first = &outcome.violations[0];
+    out += &format!(
+        "seed {} violates [{}]: {}\n  replay: SIM_SEED={} cargo test --test simulation -- --nocapture\n  last steps:\n",
+        outcome.seed,
+        first.inv.label(),
+        first.msg,
+        outcome.seed
+    );
+    let start = outcome.trace.len().saturating_sub(tail);
+    for line in &outcome.trace[start..] {
+        out += &format!("    {line}\n");
+    }
+    out
+}
+
+#[test]
+fn schedules() {
+    quiet_injected_panics();
+    let (menu, checks) = configuration();
+    let steps = env("SIM_STEPS").unwrap_or(STEPS);
+    if let Some(seed) = env::<u64>("SIM_SEED") {
+        let outcome = driver::run(seed, checks, menu, steps);
+        for line in &outcome.trace {
+            println!("{line}");
+        }
+        println!("trace hash {:016x}", outcome.hash);
+        assert!(
+            outcome.violations.is_empty(),
+            "{}",
+            report(&outcome, 60)
+        );
+        return;
+    }
+    let count = env("SIM_SCHEDULES").unwrap_or(SCHEDULES);
+    let base = env("SIM_SEED_BASE").unwrap_or(0u64);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8) as u64;
+    let started = Instant::now();
+    let results: Vec<(u64, Vec<(Inv, String)>, Option<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut calls = 0;
+                    let mut failed = Vec::new();
+                    let mut seed = base + t;
+                    while seed < base + count {
+                        let outcome = driver::run(seed, checks, menu, steps);
+                        calls += outcome.provider_calls;
+                        if !outcome.violations.is_empty() {
+                            let invs = outcome
+                                .violations
+                                .iter()
+                                .map(|v| (v.inv, v.msg.clone()))
+                                .collect::<Vec<_>>();
+                            failed.push((seed, invs, Some(report(&outcome, 40))));
+                        }
+                        seed += threads;
+                    }
+                    (calls, failed)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut calls = 0;
+        for h in handles {
+            let (c, failed) = h.join().expect("simulation thread");
+            calls += c;
+            all.extend(failed);
+        }
+        all.sort_by_key(|f| f.0);
+        eprintln!(
+            "simulation: {count} schedules x {steps} steps, {calls} provider calls, {:?} on {threads} threads",
+            started.elapsed()
+        );
+        all
+    });
+    let mut by_inv: BTreeMap<Inv, Vec<u64>> = BTreeMap::new();
+    for (seed, invs, _) in &results {
+        let mut seen = Vec::new();
+        for (inv, _) in invs {
+            if !seen.contains(inv) {
+                seen.push(*inv);
+                by_inv.entry(*inv).or_default().push(*seed);
+            }
+        }
+    }
+    for (inv, seeds) in &by_inv {
+        eprintln!(
+            "  [{}] fails in {} schedules, e.g. seeds {:?}",
+            inv.label(),
+            seeds.len(),
+            &seeds[..seeds.len().min(8)]
+        );
+    }
+    if env::<u8>("SIM_SURVEY") == Some(1) {
+        for (inv, seeds) in &by_inv {
+            let seed = seeds[0];
+            let (_, invs, _) = results.iter().find(|r| r.0 == seed).expect("listed");
+            let msg = invs.iter().find(|(i, _)| i == inv).map(|(_, m)| m.clone()).unwrap_or_default();
+            eprintln!("  first [{}] seed {seed}: {msg}", inv.label());
+        }
+        return;
+    }
+    if let Some((_, _, Some(report))) = results.first() {
+        panic!(
+            "{} of {count} schedules violate invariants; first:\n{report}",
+            results.len()
+        );
+    }
+}
+
+#[test]
+fn one_seed_replays_the_same_trace() {
+    quiet_injected_panics();
+    let (menu, checks) = configuration();
+    for seed in [7, 1234] {
+        let a = driver::run(seed, checks, menu, STEPS);
+        let b = driver::run(seed, checks, menu, STEPS);
+        assert_eq!(a.trace.len(), b.trace.len(), "seed {seed}: trace lengths differ");
+        for (x, y) in a.trace.iter().zip(&b.trace) {
+            assert_eq!(x, y, "seed {seed}: traces diverge");
+        }
+        assert_eq!(a.hash, b.hash, "seed {seed}");
+    }
+}

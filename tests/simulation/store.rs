@@ -1,0 +1,157 @@
+//! The simulated store: one versioned map shared by every manager instance, each through
+//! its own handle (its "connection"), with injected faults and a lease lock on the clock.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokenkeeper::{
+    Cas, Clock, GrantRecord, RefreshLock, StoreError, TokenKey, TokenStore, Version, Versioned,
+};
+
+use crate::world::{lock, InstState, Shared};
+
+/// One instance's connection to the shared store.
+pub struct SimStore {
+    pub world: Shared,
+    pub inst: usize,
+}
+
+impl SimStore {
+    fn down(&self) -> Result<(), StoreError> {
+        if lock(&self.world).inst_state(self.inst) == InstState::Crashed {
+            return Err(StoreError::new("sim: process crashed"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TokenStore for SimStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        self.down()?;
+        let mut w = lock(&self.world);
+        let p = w.faults.load_fails;
+        if w.chance(p) {
+            w.log(format!("store m{}: load {key} FAILS", self.inst));
+            return Err(StoreError::new("sim: load failed"));
+        }
+        Ok(w.records.get(key).cloned())
+    }
+
+    async fn save(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expected: Option<Version>,
+    ) -> Result<Cas, StoreError> {
+        self.down()?;
+        let mut w = lock(&self.world);
+        let inst = self.inst;
+        let p = w.faults.save_fails_before_write;
+        if w.chance(p) {
+            w.log(format!("store m{inst}: save {key} FAILS before writing"));
+            return Err(StoreError::new("sim: save failed"));
+        }
+        let p = w.faults.extra_conflict;
+        if w.chance(p) && w.records.get(key).map(|r| r.version) == expected {
+            w.peer_bump(key);
+        }
+        let rt = crate::world::record_rt(record);
+        let dead = !matches!(record.state(), tokenkeeper::GrantState::Active);
+        let Some(version) = w.store_save(key, record, expected) else {
+            w.log(format!("store m{inst}: save {key} conflict"));
+            return Ok(Cas::Conflict);
+        };
+        let shown = rt.map_or("none".to_owned(), |(a, b)| format!("{a}.{b}"));
+        let p = w.faults.save_fails_after_write;
+        let after = w.chance(p);
+        w.log(format!(
+            "store m{inst}: saved {key} v{version} rt={shown}{}{}",
+            if dead { " DEAD" } else { "" },
+            if after { ", then FAILS" } else { "" }
+        ));
+        if after {
+            return Err(StoreError::new("sim: save reply lost"));
+        }
+        Ok(Cas::Saved(version))
+    }
+
+    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        self.down()?;
+        Ok(lock(&self.world).records.remove(key).is_some())
+    }
+
+    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        self.down()?;
+        let mut w = lock(&self.world);
+        let p = w.faults.keys_fails;
+        if w.chance(p) {
+            w.log(format!("store m{}: keys FAILS", self.inst));
+            return Err(StoreError::new("sim: keys failed"));
+        }
+        Ok(w.records.keys().cloned().collect())
+    }
+
+    /// A lease: held until released or until `ttl` of clock time has passed, whichever is
+    /// first. After expiry a second holder gets in even if the first still runs.
+    async fn lock(
+        &self,
+        key: &TokenKey,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        self.down()?;
+        {
+            let mut w = lock(&self.world);
+            let p = w.faults.lock_fails;
+            if w.chance(p) {
+                w.log(format!("store m{}: lock {key} FAILS", self.inst));
+                return Err(StoreError::new("sim: lock failed"));
+            }
+        }
+        loop {
+            let (mut changes, clock, expires) = {
+                let mut w = lock(&self.world);
+                if w.inst_state(self.inst) == InstState::Crashed {
+                    return Err(StoreError::new("sim: process crashed"));
+                }
+                let changes = w.lease_changes.subscribe();
+                match w.try_lease(key, self.inst, ttl) {
+                    Ok(id) => {
+                        w.log(format!("store m{}: lease {key} #{id}", self.inst));
+                        return Ok(Some(Box::new(SimLease {
+                            world: self.world.clone(),
+                            inst: self.inst,
+                            key: key.clone(),
+                            id,
+                        })));
+                    }
+                    Err(expires) => (changes, w.clock.clone(), expires),
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = changes.changed() => {}
+                _ = clock.sleep_until(expires) => {}
+            }
+        }
+    }
+}
+
+pub struct SimLease {
+    world: Shared,
+    inst: usize,
+    key: TokenKey,
+    id: u64,
+}
+
+#[async_trait]
+impl RefreshLock for SimLease {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        let mut w = lock(&self.world);
+        if w.inst_state(self.inst) == InstState::Crashed {
+            return Err(StoreError::new("sim: process crashed"));
+        }
+        w.release_lease(&self.key, self.id);
+        Ok(())
+    }
+}
