@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokenkeeper::testing::ManualClock;
 use tokenkeeper::{
     AccessToken, Clock, Error, RefresherConfig, RefresherHandle, TokenKey, TokenManager,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::clock::SimClock;
 use crate::faults::{Faults, Menu};
 use crate::provider::SimProvider;
 use crate::store::SimStore;
@@ -66,7 +66,7 @@ struct Op {
 struct Sim {
     rng: fastrand::Rng,
     world: Shared,
-    clock: Arc<ManualClock>,
+    clock: SimClock,
     t0: SystemTime,
     start: Instant,
     /// Clock offset from tokio time, in seconds (clock jumps).
@@ -75,6 +75,7 @@ struct Sim {
     slots: Vec<Slot>,
     next_inst: usize,
     ops: Vec<Op>,
+    next_op: u64,
     refresher_config: RefresherConfig,
     bound: Duration,
 }
@@ -82,7 +83,7 @@ struct Sim {
 impl Sim {
     fn new(seed: u64, checks: Checks, menu: Menu) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let clock = Arc::new(ManualClock::fixed());
+        let clock = SimClock::new();
         let lifetime = Duration::from_secs(rng.u64(60..=600));
         let backoff_base = Duration::from_millis(rng.u64(1_000..=10_000));
         let params = Params {
@@ -126,6 +127,7 @@ impl Sim {
             slots: Vec::new(),
             next_inst: 0,
             ops: Vec::new(),
+            next_op: 0,
             refresher_config,
             bound,
         };
@@ -263,7 +265,7 @@ impl Sim {
                     lease.expires -= Duration::from_secs(secs as u64);
                 }
             }
-            w.lease_changes.send_modify(|n| *n += 1);
+            w.clock.changed.notify_waiters();
             w.log(format!("step {step}: CLOCK JUMP {} {hours} h", if back { "back" } else { "forward" }));
             drop(w);
             for slot in &mut self.slots {
@@ -371,6 +373,8 @@ impl Sim {
         let timeout = cancel && self.rng.bool();
         let after = Duration::from_millis(self.rng.u64(0..=20_000));
         let desc = format!("m{inst} {name} {key}");
+        self.next_op += 1;
+        let op_id = self.next_op;
         let task = {
             let key = key.clone();
             let world = world.clone();
@@ -403,7 +407,7 @@ impl Sim {
                 } else {
                     call.await
                 };
-                lock(&world).caller_result(inst, &key, name, inc, &result);
+                lock(&world).caller_result(op_id, inst, &key, name, inc, &result);
             }
         };
         lock(&world).log(format!("op {desc} starts{}", if cancel { if timeout { " (timeout)" } else { " (will abort)" } } else { "" }));
@@ -422,6 +426,7 @@ impl Sim {
         let now = Instant::now();
         let bound = self.bound;
         let mut w = lock(&self.world);
+        w.flush();
         w.check_step();
         for op in &mut self.ops {
             if op.cancel_at.is_some_and(|t| t <= now) && !op.handle.is_finished() {
@@ -555,7 +560,8 @@ impl Sim {
     }
 
     fn finish(self) -> Outcome {
-        let w = lock(&self.world);
+        let mut w = lock(&self.world);
+        w.flush();
         Outcome {
             seed: w.seed,
             violations: w.violations.clone(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokenkeeper::{
-    Cas, Clock, GrantRecord, RefreshLock, StoreError, TokenKey, TokenStore, Version, Versioned,
+    Cas, GrantRecord, RefreshLock, StoreError, TokenKey, TokenStore, Version, Versioned,
 };
 
 use crate::world::{lock, InstState, Shared};
@@ -109,12 +109,11 @@ impl TokenStore for SimStore {
             }
         }
         loop {
-            let (mut changes, clock, expires) = {
+            let changed = {
                 let mut w = lock(&self.world);
                 if w.inst_state(self.inst) == InstState::Crashed {
                     return Err(StoreError::new("sim: process crashed"));
                 }
-                let changes = w.lease_changes.subscribe();
                 match w.try_lease(key, self.inst, ttl) {
                     Ok(id) => {
                         w.log(format!("store m{}: lease {key} #{id}", self.inst));
@@ -125,14 +124,11 @@ impl TokenStore for SimStore {
                             id,
                         })));
                     }
-                    Err(expires) => (changes, w.clock.clone(), expires),
+                    // Woken when the clock moves or a lease is released.
+                    Err(_) => w.clock.changed.clone(),
                 }
             };
-            tokio::select! {
-                biased;
-                _ = changes.changed() => {}
-                _ = clock.sleep_until(expires) => {}
-            }
+            changed.notified().await;
         }
     }
 }

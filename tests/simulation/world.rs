@@ -9,13 +9,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokenkeeper::testing::ManualClock;
 use tokenkeeper::{
     AccessToken, Clock, ConfigProblem, Expiry, GrantRecord, InvalidationReason, ProviderError,
     RefreshToken, TokenKey, TokenResponse, TokenSet, UnavailableCause, Version, Versioned,
 };
 use tokio::time::Instant;
 
+use crate::clock::SimClock;
 use crate::faults::Faults;
 use crate::Checks;
 
@@ -197,14 +197,13 @@ pub struct World {
     pub params: Params,
     pub faults: Faults,
     pub rng: fastrand::Rng,
-    pub clock: Arc<ManualClock>,
+    pub clock: SimClock,
     pub t0: Instant,
     // The store.
     pub records: BTreeMap<TokenKey, Versioned<GrantRecord>>,
     next_version: Version,
     pub leases: BTreeMap<TokenKey, Lease>,
     next_lease: u64,
-    pub lease_changes: tokio::sync::watch::Sender<u64>,
     /// Highest refresh-token index ever written to the store, per (grant, incarnation).
     pub stored_max: BTreeMap<(TokenKey, u32), u32>,
     // The provider.
@@ -228,6 +227,9 @@ pub struct World {
     pub provider_calls: u64,
     /// The last access token each instance handed to a caller.
     pub last_seen: BTreeMap<(usize, TokenKey), String>,
+    /// Caller completions not yet in the trace: waiters woken by one `watch` send run in an
+    /// order tokio randomizes, so their lines are put in op order before anything else.
+    pending: Vec<(u64, Vec<String>, Vec<Violation>)>,
 }
 
 /// `rt.k0.3.7`: grant k0, incarnation 3, index 7.
@@ -256,7 +258,7 @@ impl World {
         checks: Checks,
         params: Params,
         faults: Faults,
-        clock: Arc<ManualClock>,
+        clock: SimClock,
     ) -> Self {
         Self {
             seed,
@@ -270,7 +272,6 @@ impl World {
             next_version: 0,
             leases: BTreeMap::new(),
             next_lease: 0,
-            lease_changes: tokio::sync::watch::Sender::new(0),
             stored_max: BTreeMap::new(),
             grants: BTreeMap::new(),
             calls: BTreeMap::new(),
@@ -286,6 +287,7 @@ impl World {
             hasher: Default::default(),
             provider_calls: 0,
             last_seen: BTreeMap::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -299,12 +301,32 @@ impl World {
     }
 
     pub fn log(&mut self, line: impl Into<String>) {
+        self.flush();
+        self.append(line.into());
+    }
+
+    /// Writes the pending caller completions, in op order.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_by_key(|p| p.0);
+        for (_, lines, violations) in pending {
+            for line in lines {
+                self.append(line);
+            }
+            self.violations.extend(violations);
+        }
+    }
+
+    fn append(&mut self, line: String) {
         let clock = self
             .now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let line = format!("[t+{}ms c={}] {}", self.elapsed_ms(), clock, line.into());
+        let line = format!("[t+{}ms c={}] {}", self.elapsed_ms(), clock, line);
         line.hash(&mut self.hasher);
         self.trace.push(line);
     }
@@ -391,7 +413,7 @@ impl World {
     pub fn release_lease(&mut self, key: &TokenKey, id: u64) {
         if self.leases.get(key).is_some_and(|l| l.id == id) {
             self.leases.remove(key);
-            self.lease_changes.send_modify(|n| *n += 1);
+            self.clock.changed.notify_waiters();
         }
     }
 
@@ -854,51 +876,62 @@ impl World {
 
     // ----- checks after every step -----------------------------------------------------
 
-    /// A caller's operation finished on instance `inst`.
+    /// A caller's operation `op_id` finished on instance `inst`.
     pub fn caller_result(
         &mut self,
+        op_id: u64,
         inst: usize,
         key: &TokenKey,
         op: &str,
         inc_at_start: Option<u32>,
         result: &Result<String, tokenkeeper::Error>,
     ) {
+        let mut lines = Vec::new();
+        let mut found: Vec<(Inv, String)> = Vec::new();
         match result {
             Ok(at) => {
                 let ok = parse_token(at).is_some_and(|(k, _, _)| k == key.as_str());
                 if !ok {
-                    self.violate(Inv::Sanity, format!("m{inst} {op} {key} got a foreign token"));
+                    found.push((Inv::Sanity, format!("m{inst} {op} {key} got a foreign token")));
                 }
                 self.last_seen.insert((inst, key.clone()), at.clone());
-                self.log(format!("op m{inst} {op} {key} -> ok {}", at.split_once('.').map_or("", |s| s.1)));
+                lines.push(format!("op m{inst} {op} {key} -> ok {}", at.split_once('.').map_or("", |s| s.1)));
             }
             Err(e) => {
-                self.log(format!("op m{inst} {op} {key} -> err {e}"));
+                lines.push(format!("op m{inst} {op} {key} -> err {e}"));
                 match e {
                     tokenkeeper::Error::ReauthorizationRequired { .. } => {
                         let g = self.grants.get(key).cloned();
                         if let Some(g) = g {
                             if Some(g.inc) == inc_at_start && self.recoverable(key, true) {
-                                self.violate(
+                                found.push((
                                     Inv::FalseDeath,
                                     format!("m{inst} {op} {key}: caller told {e} but incarnation {} is alive at the provider and its token {}.{} is known", g.inc, g.inc, g.latest),
-                                );
+                                ));
                             }
                         }
                     }
                     tokenkeeper::Error::Misconfigured { .. } => {
                         let mine = self.instances.get(&inst).is_some_and(|i| i.misconfigured);
                         if !mine {
-                            self.violate(
+                            found.push((
                                 Inv::ForeignMisconfig,
                                 format!("m{inst} (correctly configured) {op} {key}: got {e}"),
-                            );
+                            ));
                         }
                     }
                     _ => {}
                 }
             }
         }
+        let mut violations = Vec::new();
+        for (inv, msg) in found {
+            if self.checks.enabled(inv) {
+                lines.push(format!("VIOLATION [{}] {msg}", inv.label()));
+                violations.push(Violation { inv, msg });
+            }
+        }
+        self.pending.push((op_id, lines, violations));
     }
 
     /// The store's dead records against the model (3, 3b) and calls that outlive the refresh
