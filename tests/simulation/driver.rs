@@ -481,6 +481,12 @@ impl Sim {
                 self.restart(i, false, true);
             }
         }
+        // Time passes: also past any clock jump back, so that no token cached before it
+        // still looks fresh.
+        if self.offset < 0 {
+            self.offset = 0;
+            self.sync_clock();
+        }
         let wait = p.lifetime + p.backoff_max * 2 + Duration::from_secs(130);
         self.advance(wait).await;
         self.check_step();

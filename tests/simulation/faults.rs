@@ -55,6 +55,13 @@ pub struct Menu {
     pub refresher: bool,
     /// A human re-authorizes a grant (`insert` of a new grant).
     pub reauthorize: bool,
+    /// Store faults may hit the load that follows a lost compare-and-swap.
+    pub load_fails_after_conflict: bool,
+    /// Store faults and extra conflicts may hit the save of a backoff (a record with
+    /// `retry_not_before`).
+    pub faults_on_backoff_saves: bool,
+    /// Store faults may hit the save of a dead record (and the reload after its conflict).
+    pub faults_on_dead_saves: bool,
 }
 
 impl Menu {
@@ -83,6 +90,9 @@ impl Menu {
             cancellations: true,
             refresher: true,
             reauthorize: true,
+            load_fails_after_conflict: true,
+            faults_on_backoff_saves: true,
+            faults_on_dead_saves: true,
         }
     }
 }
@@ -112,6 +122,9 @@ pub struct Faults {
     pub cancellations: f64,
     pub refresher: f64,
     pub reauthorize: f64,
+    pub load_fails_after_conflict: bool,
+    pub faults_on_backoff_saves: bool,
+    pub faults_on_dead_saves: bool,
 }
 
 impl Faults {
@@ -153,7 +166,11 @@ impl Faults {
             cancellations: pick(menu.cancellations, 0.4),
             refresher: pick(menu.refresher, 0.08),
             reauthorize: pick(menu.reauthorize, 0.02),
+            ..Self::none()
         };
+        f.load_fails_after_conflict = menu.load_fails_after_conflict;
+        f.faults_on_backoff_saves = menu.faults_on_backoff_saves;
+        f.faults_on_dead_saves = menu.faults_on_dead_saves;
         if menu.reuse_window && rng.bool() {
             f.reuse_window = Some(Duration::from_secs(rng.u64(5..=120)));
         }

