@@ -71,6 +71,8 @@ struct Sim {
     start: Instant,
     /// Clock offset from tokio time, in seconds (clock jumps).
     offset: i64,
+    /// The highest offset so far: at heal time the clock goes past every time it showed.
+    max_offset: i64,
     keys: Vec<TokenKey>,
     slots: Vec<Slot>,
     next_inst: usize,
@@ -123,6 +125,7 @@ impl Sim {
             clock,
             start: Instant::now(),
             offset: 0,
+            max_offset: 0,
             keys,
             slots: Vec::new(),
             next_inst: 0,
@@ -256,6 +259,7 @@ impl Sim {
             let back = self.rng.bool();
             let secs = hours * 3600;
             self.offset += if back { -secs } else { secs };
+            self.max_offset = self.max_offset.max(self.offset);
             self.sync_clock();
             let mut w = lock(&self.world);
             if back {
@@ -481,10 +485,10 @@ impl Sim {
                 self.restart(i, false, true);
             }
         }
-        // Time passes: also past any clock jump back, so that no token cached before it
-        // still looks fresh.
-        if self.offset < 0 {
-            self.offset = 0;
+        // Time passes: the clock goes past every time it showed before (jumps back included),
+        // so no token cached earlier still looks fresh.
+        if self.offset < self.max_offset {
+            self.offset = self.max_offset;
             self.sync_clock();
         }
         let wait = p.lifetime + p.backoff_max * 2 + Duration::from_secs(130);

@@ -62,6 +62,9 @@ pub struct Menu {
     pub faults_on_backoff_saves: bool,
     /// Store faults may hit the save of a dead record (and the reload after its conflict).
     pub faults_on_dead_saves: bool,
+    /// Every save attempt of a rotated record may fail, so the engine keeps it unsaved in
+    /// memory (otherwise the third attempt in a row succeeds).
+    pub unsaved_rotations: bool,
 }
 
 impl Menu {
@@ -93,6 +96,7 @@ impl Menu {
             load_fails_after_conflict: true,
             faults_on_backoff_saves: true,
             faults_on_dead_saves: true,
+            unsaved_rotations: true,
         }
     }
 }
@@ -125,6 +129,7 @@ pub struct Faults {
     pub load_fails_after_conflict: bool,
     pub faults_on_backoff_saves: bool,
     pub faults_on_dead_saves: bool,
+    pub unsaved_rotations: bool,
 }
 
 impl Faults {
@@ -171,6 +176,7 @@ impl Faults {
         f.load_fails_after_conflict = menu.load_fails_after_conflict;
         f.faults_on_backoff_saves = menu.faults_on_backoff_saves;
         f.faults_on_dead_saves = menu.faults_on_dead_saves;
+        f.unsaved_rotations = menu.unsaved_rotations;
         if menu.reuse_window && rng.bool() {
             f.reuse_window = Some(Duration::from_secs(rng.u64(5..=120)));
         }

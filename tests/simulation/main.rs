@@ -70,6 +70,15 @@ const KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE: bool = true;
 /// saves. Check: 5b.
 const KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE: bool = true;
 
+/// A rotated record whose saves all failed is kept in memory as "unsaved" with the version it
+/// replaces; before the next refresh it is saved only if the store is still at that version
+/// (`load_persisting_unsaved`). Any write in between — a peer's backoff record, a re-save of
+/// the same tokens — makes it conclude "a new grant was inserted" and drop the rotated tokens;
+/// the spent refresh token is presented next and reuse detection revokes the grant. It should
+/// compare refresh tokens, as `save_refreshed` does. Provoked by: every save attempt of a
+/// rotation failing. Checks: 2, then 4.
+const KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE: bool = true;
+
 /// Which checks run. Disabled ones record nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct Checks {
@@ -120,6 +129,9 @@ fn configuration() -> (Menu, Checks) {
     }
     if KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE {
         menu.faults_on_dead_saves = false;
+    }
+    if KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE {
+        menu.unsaved_rotations = false;
     }
     if KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF {
         menu.misconfigured_instance = false;

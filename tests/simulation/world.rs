@@ -205,6 +205,8 @@ pub struct World {
     pub leases: BTreeMap<TokenKey, Lease>,
     /// Instances whose last store operation was a save that lost its compare-and-swap.
     pub conflicted: std::collections::BTreeSet<usize>,
+    /// Consecutive failed saves of a rotated record, per (instance, grant).
+    pub rotation_save_failures: BTreeMap<(usize, TokenKey), u32>,
     next_lease: u64,
     /// Highest refresh-token index ever written to the store, per (grant, incarnation).
     pub stored_max: BTreeMap<(TokenKey, u32), u32>,
@@ -274,6 +276,7 @@ impl World {
             next_version: 0,
             leases: BTreeMap::new(),
             conflicted: Default::default(),
+            rotation_save_failures: BTreeMap::new(),
             next_lease: 0,
             stored_max: BTreeMap::new(),
             grants: BTreeMap::new(),
