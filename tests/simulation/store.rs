@@ -80,8 +80,10 @@ impl TokenStore for SimStore {
         if w.chance(p) && w.records.get(key).map(|r| r.version) == expected {
             w.peer_bump(key);
         }
-        w.rotation_save_failures.remove(&(inst, key.clone()));
         let Some(version) = w.store_save(key, record, expected) else {
+            if rotation {
+                *w.rotation_save_failures.entry((inst, key.clone())).or_insert(0) += 1;
+            }
             w.log(format!("store m{inst}: save {key} conflict"));
             let spare_reload = dead && !w.faults.faults_on_dead_saves;
             if !spare_reload {
@@ -89,6 +91,7 @@ impl TokenStore for SimStore {
             }
             return Ok(Cas::Conflict);
         };
+        w.rotation_save_failures.remove(&(inst, key.clone()));
         let shown = rt.map_or("none".to_owned(), |(a, b)| format!("{a}.{b}"));
         let p = if spared { 0.0 } else { w.faults.save_fails_after_write };
         let after = w.chance(p);

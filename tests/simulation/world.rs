@@ -205,7 +205,7 @@ pub struct World {
     pub leases: BTreeMap<TokenKey, Lease>,
     /// Instances whose last store operation was a save that lost its compare-and-swap.
     pub conflicted: std::collections::BTreeSet<usize>,
-    /// Consecutive failed saves of a rotated record, per (instance, grant).
+    /// Failed or conflicting saves in a row of a rotated record, per (instance, grant).
     pub rotation_save_failures: BTreeMap<(usize, TokenKey), u32>,
     next_lease: u64,
     /// Highest refresh-token index ever written to the store, per (grant, incarnation).
