@@ -12,6 +12,7 @@
 //! SIM_SCHEDULES=20000 cargo test --test simulation               # more schedules
 //! SIM_SEED_BASE=1000000 cargo test --test simulation             # other seeds
 //! SIM_STRICT=1 cargo test --test simulation                      # every check and fault on
+//! SIM_FIX=PANIC_NO_BACKOFF,NO_REFRESH_TIMEOUT cargo test ...      # try fixes before flipping
 //! SIM_SURVEY=1 cargo test --test simulation -- --nocapture       # count failures, don't fail
 //! ```
 //!
@@ -107,33 +108,36 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 fn configuration() -> (Menu, Checks) {
     let mut menu = Menu::all();
     let mut checks = Checks::all();
-    if env::<u8>("SIM_STRICT") == Some(1) {
-        return (menu, checks);
-    }
-    if KNOWN_DEFECT_NO_REFRESH_TIMEOUT {
+    let strict = env::<u8>("SIM_STRICT") == Some(1);
+    let fixed = std::env::var("SIM_FIX").unwrap_or_default();
+    // A defect is tolerated if its switch says so, unless this run treats it as fixed.
+    let tolerate = |switch: bool, name: &str| {
+        switch && !strict && !fixed.split(',').any(|f| f.trim() == name)
+    };
+    if tolerate(KNOWN_DEFECT_NO_REFRESH_TIMEOUT, "NO_REFRESH_TIMEOUT") {
         menu.hang_forever = false;
         menu.hang_long = false;
         checks.disable(Inv::CallTimeout);
     }
-    if KNOWN_DEFECT_PANIC_NO_BACKOFF {
+    if tolerate(KNOWN_DEFECT_PANIC_NO_BACKOFF, "PANIC_NO_BACKOFF") {
         menu.panic = false;
     }
-    if KNOWN_DEFECT_NO_ROTATION_LOST_REASON {
+    if tolerate(KNOWN_DEFECT_NO_ROTATION_LOST_REASON, "NO_ROTATION_LOST_REASON") {
         checks.disable(Inv::RotationLostReason);
     }
-    if KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION {
+    if tolerate(KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION, "CONFLICT_RELOAD_DROPS_ROTATION") {
         menu.load_fails_after_conflict = false;
     }
-    if KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE {
+    if tolerate(KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE, "BACKOFF_LOST_ON_SAVE_FAILURE") {
         menu.faults_on_backoff_saves = false;
     }
-    if KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE {
+    if tolerate(KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE, "MARK_DEAD_STORE_FAILURE") {
         menu.faults_on_dead_saves = false;
     }
-    if KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE {
+    if tolerate(KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE, "UNSAVED_DROPPED_ON_METADATA_WRITE") {
         menu.unsaved_rotations = false;
     }
-    if KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF {
+    if tolerate(KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF, "SHARED_MISCONFIG_BACKOFF") {
         menu.misconfigured_instance = false;
     }
     (menu, checks)
