@@ -112,9 +112,11 @@ impl Sim {
             .retry_floor(Duration::from_secs(rng.u64(1..=30)));
         let bound = params.lock_ttl * (managers as u32 + 2);
         let mut world = World::new(seed, checks, params, faults, clock.clone());
+        world.session_locks = rng.bool();
         world.log(format!(
-            "seed {seed}: {managers} managers, {} grants, {:?}, faults {:?}",
+            "seed {seed}: {managers} managers, {} grants, {} locks, {:?}, faults {:?}",
             keys.len(),
+            if world.session_locks { "session" } else { "lease" },
             world.params,
             world.faults
         ));

@@ -170,6 +170,17 @@ pub struct SimLease {
     id: u64,
 }
 
+/// With session locks (Postgres advisory locks, file locks), a lock dropped without release —
+/// a refresh task that panicked — is released at once; a lease waits for its ttl.
+impl Drop for SimLease {
+    fn drop(&mut self) {
+        let mut w = lock(&self.world);
+        if w.session_locks && w.inst_state(self.inst) != InstState::Crashed {
+            w.release_lease(&self.key, self.id);
+        }
+    }
+}
+
 #[async_trait]
 impl RefreshLock for SimLease {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {

@@ -203,6 +203,8 @@ pub struct World {
     pub records: BTreeMap<TokenKey, Versioned<GrantRecord>>,
     next_version: Version,
     pub leases: BTreeMap<TokenKey, Lease>,
+    /// Locks are released when dropped (a session lock), not only by `release` or expiry.
+    pub session_locks: bool,
     /// Instances whose last store operation was a save that lost its compare-and-swap.
     pub conflicted: std::collections::BTreeSet<usize>,
     /// Failed or conflicting saves in a row of a rotated record, per (instance, grant).
@@ -275,6 +277,7 @@ impl World {
             records: BTreeMap::new(),
             next_version: 0,
             leases: BTreeMap::new(),
+            session_locks: false,
             conflicted: Default::default(),
             rotation_save_failures: BTreeMap::new(),
             next_lease: 0,
@@ -552,11 +555,14 @@ impl World {
         // Invariants 5 and 5b.
         if let Some(hold) = self.holds.get(&(inst, key.clone())).cloned() {
             if now < hold.since + hold.min {
-                let waited = now.duration_since(hold.since).unwrap_or_default();
+                let waited = match now.duration_since(hold.since) {
+                    Ok(d) => format!("{d:?}"),
+                    Err(e) => format!("-{:?} (clock set back)", e.duration()),
+                };
                 self.violate(
                     Inv::Backoff,
                     format!(
-                        "m{inst} called for {key} {:?} after a failure ({}) that needs at least {:?}",
+                        "m{inst} called for {key} {} after a failure ({}) that needs at least {:?}",
                         waited, hold.why, hold.min
                     ),
                 );
