@@ -452,6 +452,10 @@ impl Sim {
         let clock_now = w.now();
         for slot in &mut self.slots {
             let Some(r) = &mut slot.refresher else { continue };
+            if !r.handle.is_running() {
+                let msg = format!("m{} refresher stopped by itself", slot.inst);
+                w.violate(Inv::Sanity, msg);
+            }
             let started = r.handle.progress().started;
             for (at, count) in &r.samples {
                 let span = clock_now.duration_since(*at).unwrap_or_default();

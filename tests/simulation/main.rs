@@ -145,7 +145,7 @@ fn configuration() -> (Menu, Checks) {
 
 /// Steps per schedule: enough to rotate each grant many times through faults, few enough
 /// that the default count runs in CI time (see `schedules`).
-const STEPS: usize = 60;
+const STEPS: usize = 150;
 
 /// Default number of schedules.
 const SCHEDULES: u64 = 3000;
