@@ -116,7 +116,11 @@ impl Sim {
         world.log(format!(
             "seed {seed}: {managers} managers, {} grants, {} locks, {:?}, faults {:?}",
             keys.len(),
-            if world.session_locks { "session" } else { "lease" },
+            if world.session_locks {
+                "session"
+            } else {
+                "lease"
+            },
             world.params,
             world.faults
         ));
@@ -165,7 +169,11 @@ impl Sim {
             );
             w.log(format!(
                 "start m{inst}{}",
-                if misconfigured { " (MISCONFIGURED)" } else { "" }
+                if misconfigured {
+                    " (MISCONFIGURED)"
+                } else {
+                    ""
+                }
             ));
             misconfigured
         };
@@ -182,6 +190,8 @@ impl Sim {
         .refresh_margin(p.margin)
         .backoff(p.backoff_base, p.backoff_max)
         .lock_ttl(p.lock_ttl)
+        // When `TokenManagerBuilder::refresh_timeout` lands: `.refresh_timeout(p.refresh_timeout)`
+        // (check 6b assumes its 30 s default).
         .build();
         Slot {
             inst,
@@ -272,7 +282,10 @@ impl Sim {
                 }
             }
             w.clock.changed.notify_waiters();
-            w.log(format!("step {step}: CLOCK JUMP {} {hours} h", if back { "back" } else { "forward" }));
+            w.log(format!(
+                "step {step}: CLOCK JUMP {} {hours} h",
+                if back { "back" } else { "forward" }
+            ));
             drop(w);
             for slot in &mut self.slots {
                 if let Some(r) = &mut slot.refresher {
@@ -303,7 +316,14 @@ impl Sim {
             let crash = f.crashes > 0.0 && (f.restarts == 0.0 || self.rng.bool());
             let i = self.rng.usize(..self.slots.len());
             self.restart(i, crash, i == 0);
-            lock(&self.world).log(format!("step {step}: slot {i} {}", if crash { "CRASHED and restarted" } else { "restarted" }));
+            lock(&self.world).log(format!(
+                "step {step}: slot {i} {}",
+                if crash {
+                    "CRASHED and restarted"
+                } else {
+                    "restarted"
+                }
+            ));
         }
         if roll(self, f.reauthorize) {
             let key = self.keys[self.rng.usize(..self.keys.len())].clone();
@@ -326,6 +346,9 @@ impl Sim {
         self.advance(dt).await;
     }
 
+    /// Replaces slot `i`'s instance. A graceful restart drops the handle and lets its tasks
+    /// finish (once `TokenManager::drain` lands, call it first); a crash makes the old
+    /// instance's store and provider connections fail from now on.
     fn restart(&mut self, i: usize, crash: bool, healthy: bool) {
         let old = self.slots[i].inst;
         {
@@ -387,7 +410,10 @@ impl Sim {
             async move {
                 let call = async {
                     match name {
-                        "access_token" => manager.access_token(&key).await.map(|t| t.secret().to_owned()),
+                        "access_token" => manager
+                            .access_token(&key)
+                            .await
+                            .map(|t| t.secret().to_owned()),
                         "token" => manager
                             .token(&key)
                             .await
@@ -406,7 +432,8 @@ impl Sim {
                     match tokio::time::timeout(after, call).await {
                         Ok(r) => r,
                         Err(_) => {
-                            lock(&world).log(format!("op m{inst} {name} {key} timed out (dropped)"));
+                            lock(&world)
+                                .log(format!("op m{inst} {name} {key} timed out (dropped)"));
                             return;
                         }
                     }
@@ -416,7 +443,18 @@ impl Sim {
                 lock(&world).caller_result(op_id, inst, &key, name, inc, &result);
             }
         };
-        lock(&world).log(format!("op {desc} starts{}", if cancel { if timeout { " (timeout)" } else { " (will abort)" } } else { "" }));
+        lock(&world).log(format!(
+            "op {desc} starts{}",
+            if cancel {
+                if timeout {
+                    " (timeout)"
+                } else {
+                    " (will abort)"
+                }
+            } else {
+                ""
+            }
+        ));
         let handle = tokio::spawn(task);
         self.ops.push(Op {
             inst,
@@ -446,30 +484,37 @@ impl Sim {
                 w.violate(Inv::Answered, msg);
             }
         }
-        self.ops.retain(|op| !op.handle.is_finished() || op.reported);
+        self.ops
+            .retain(|op| !op.handle.is_finished() || op.reported);
         // Invariant 7: starts in any window shorter than a minute stay within the cap.
         let cap = w.params.per_minute as u64;
         let clock_now = w.now();
         for slot in &mut self.slots {
-            let Some(r) = &mut slot.refresher else { continue };
+            let Some(r) = &mut slot.refresher else {
+                continue;
+            };
             if !r.handle.is_running() {
                 let msg = format!("m{} refresher stopped by itself", slot.inst);
                 w.violate(Inv::Sanity, msg);
             }
             let started = r.handle.progress().started;
-            for (at, count) in &r.samples {
+            let over = r.samples.iter().find_map(|(at, count)| {
                 let span = clock_now.duration_since(*at).unwrap_or_default();
-                if span < Duration::from_secs(60) && started - count > cap {
-                    let msg = format!(
-                        "m{} refresher started {} refreshes within {span:?} (cap {cap}/min)",
-                        slot.inst,
-                        started - count
-                    );
-                    w.violate(Inv::RateCap, msg);
-                    break;
-                }
+                (span < Duration::from_secs(60) && started - count > cap)
+                    .then(|| (span, started - count))
+            });
+            if let Some((span, n)) = over {
+                let msg = format!(
+                    "m{} refresher started {n} refreshes within {span:?} (cap {cap}/min)",
+                    slot.inst
+                );
+                w.violate(Inv::RateCap, msg);
+                // Once per excess.
+                r.samples.clear();
             }
-            r.samples.retain(|(at, _)| clock_now.duration_since(*at).unwrap_or_default() < Duration::from_secs(60));
+            r.samples.retain(|(at, _)| {
+                clock_now.duration_since(*at).unwrap_or_default() < Duration::from_secs(60)
+            });
             r.samples.push((clock_now, started));
         }
     }
@@ -485,7 +530,9 @@ impl Sim {
         for i in 0..self.slots.len() {
             let misconfigured = {
                 let w = lock(&self.world);
-                w.instances.get(&self.slots[i].inst).is_some_and(|x| x.misconfigured)
+                w.instances
+                    .get(&self.slots[i].inst)
+                    .is_some_and(|x| x.misconfigured)
             };
             if misconfigured {
                 self.restart(i, false, true);
@@ -513,10 +560,15 @@ impl Sim {
         for _round in 0..6 {
             for key in &targets {
                 for slot in &self.slots {
-                    if healed.get(&(slot.inst, key.clone())).copied().unwrap_or(false) {
+                    if healed
+                        .get(&(slot.inst, key.clone()))
+                        .copied()
+                        .unwrap_or(false)
+                    {
                         continue;
                     }
-                    let result = tokio::time::timeout(self.bound, slot.manager.access_token(key)).await;
+                    let result =
+                        tokio::time::timeout(self.bound, slot.manager.access_token(key)).await;
                     let mut w = lock(&self.world);
                     let good = match &result {
                         Ok(Ok(at)) => {
@@ -547,8 +599,13 @@ impl Sim {
         self.check_step();
         let mut w = lock(&self.world);
         for key in &targets {
-            let Some(g) = w.grants.get(key).cloned() else { continue };
-            let stored = w.records.get(key).map(|r| (record_rt(&r.value), r.value.state().clone()));
+            let Some(g) = w.grants.get(key).cloned() else {
+                continue;
+            };
+            let stored = w
+                .records
+                .get(key)
+                .map(|r| (record_rt(&r.value), r.value.state().clone()));
             let stuck: Vec<String> = self
                 .slots
                 .iter()
@@ -557,13 +614,19 @@ impl Sim {
                     format!(
                         "m{}: {}",
                         s.inst,
-                        last_error.get(&(s.inst, key.clone())).cloned().unwrap_or_default()
+                        last_error
+                            .get(&(s.inst, key.clone()))
+                            .cloned()
+                            .unwrap_or_default()
                     )
                 })
                 .collect();
             let store_ok = matches!(&stored, Some((Some((inc, idx)), tokenkeeper::GrantState::Active)) if *inc == g.inc && *idx == g.latest);
             if !g.alive {
-                let msg = format!("{key} was recoverable at heal start, then died ({:?})", g.death);
+                let msg = format!(
+                    "{key} was recoverable at heal start, then died ({:?})",
+                    g.death
+                );
                 w.violate(Inv::Heal, msg);
             } else if !stuck.is_empty() || !store_ok {
                 let msg = format!(

@@ -19,6 +19,19 @@
 //! Switches `KNOWN_DEFECT_*` below tolerate defects of today's engine: each one switches
 //! off the check that finds it and the fault that provokes it. Set one to `false` once the
 //! engine fix is merged.
+//!
+//! # How it works
+//!
+//! Each schedule runs on its own current-thread runtime with paused tokio time; the
+//! managers' clock is a `ManualClock` moved along with tokio time (second by second) plus
+//! the clock jumps, woken in a fixed order (`clock.rs`). One `fastrand::Rng` seeded from the
+//! schedule drives the drivers, another the faults, and `fastrand::seed` fixes the engine's
+//! jitter. The model (`world.rs`) names tokens `rt.<key>.<incarnation>.<index>` and knows
+//! which ones each manager instance received and which ones the store ever held, so the
+//! checks can tell "presented a spent token it could not know was spent" (a lost reply) from
+//! "presented a spent token although the successor was in the store or in its own hands"
+//! (a bug). Two calls for one grant in flight at once are allowed only if the first one's
+//! lease has expired (lease semantics; the CAS version fences it), never within one manager.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -119,9 +132,8 @@ fn configuration() -> (Menu, Checks) {
     let strict = env::<u8>("SIM_STRICT") == Some(1);
     let fixed = std::env::var("SIM_FIX").unwrap_or_default();
     // A defect is tolerated if its switch says so, unless this run treats it as fixed.
-    let tolerate = |switch: bool, name: &str| {
-        switch && !strict && !fixed.split(',').any(|f| f.trim() == name)
-    };
+    let tolerate =
+        |switch: bool, name: &str| switch && !strict && !fixed.split(',').any(|f| f.trim() == name);
     if tolerate(KNOWN_DEFECT_NO_REFRESH_TIMEOUT, "NO_REFRESH_TIMEOUT") {
         menu.hang_forever = false;
         menu.hang_long = false;
@@ -130,25 +142,43 @@ fn configuration() -> (Menu, Checks) {
     if tolerate(KNOWN_DEFECT_PANIC_NO_BACKOFF, "PANIC_NO_BACKOFF") {
         menu.panic = false;
     }
-    if tolerate(KNOWN_DEFECT_NO_ROTATION_LOST_REASON, "NO_ROTATION_LOST_REASON") {
+    if tolerate(
+        KNOWN_DEFECT_NO_ROTATION_LOST_REASON,
+        "NO_ROTATION_LOST_REASON",
+    ) {
         checks.disable(Inv::RotationLostReason);
     }
-    if tolerate(KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION, "CONFLICT_RELOAD_DROPS_ROTATION") {
+    if tolerate(
+        KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION,
+        "CONFLICT_RELOAD_DROPS_ROTATION",
+    ) {
         menu.load_fails_after_conflict = false;
     }
-    if tolerate(KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE, "BACKOFF_LOST_ON_SAVE_FAILURE") {
+    if tolerate(
+        KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE,
+        "BACKOFF_LOST_ON_SAVE_FAILURE",
+    ) {
         menu.faults_on_backoff_saves = false;
     }
-    if tolerate(KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE, "MARK_DEAD_STORE_FAILURE") {
+    if tolerate(
+        KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE,
+        "MARK_DEAD_STORE_FAILURE",
+    ) {
         menu.faults_on_dead_saves = false;
     }
-    if tolerate(KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE, "UNSAVED_DROPPED_ON_METADATA_WRITE") {
+    if tolerate(
+        KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE,
+        "UNSAVED_DROPPED_ON_METADATA_WRITE",
+    ) {
         menu.unsaved_rotations = false;
     }
     if tolerate(KNOWN_DEFECT_RATE_CAP_BYPASS, "RATE_CAP_BYPASS") {
         checks.disable(Inv::RateCap);
     }
-    if tolerate(KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF, "SHARED_MISCONFIG_BACKOFF") {
+    if tolerate(
+        KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF,
+        "SHARED_MISCONFIG_BACKOFF",
+    ) {
         menu.misconfigured_instance = false;
     }
     (menu, checks)
@@ -180,8 +210,14 @@ fn quiet_injected_panics() {
 fn report(outcome: &driver::Outcome, tail: usize) -> String {
     let mut out = String::new();
     let first = &outcome.violations[0];
+    let mut vars = String::new();
+    for name in ["SIM_STRICT", "SIM_FIX", "SIM_STEPS"] {
+        if let Ok(v) = std::env::var(name) {
+            vars += &format!("{name}={v} ");
+        }
+    }
     out += &format!(
-        "seed {} violates [{}]: {}\n  replay: SIM_SEED={} cargo test --test simulation -- --nocapture\n  last steps:\n",
+        "seed {} violates [{}]: {}\n  replay: {vars}SIM_SEED={} cargo test --test simulation -- --nocapture\n  last steps:\n",
         outcome.seed,
         first.inv.label(),
         first.msg,
@@ -194,6 +230,9 @@ fn report(outcome: &driver::Outcome, tail: usize) -> String {
     out
 }
 
+/// A failed schedule: its seed, its violations, and its report.
+type Failed = (u64, Vec<(Inv, String)>, Option<String>);
+
 #[test]
 fn schedules() {
     quiet_injected_panics();
@@ -205,18 +244,16 @@ fn schedules() {
             println!("{line}");
         }
         println!("trace hash {:016x}", outcome.hash);
-        assert!(
-            outcome.violations.is_empty(),
-            "{}",
-            report(&outcome, 60)
-        );
+        assert!(outcome.violations.is_empty(), "{}", report(&outcome, 60));
         return;
     }
     let count = env("SIM_SCHEDULES").unwrap_or(SCHEDULES);
     let base = env("SIM_SEED_BASE").unwrap_or(0u64);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8) as u64;
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8) as u64;
     let started = Instant::now();
-    let results: Vec<(u64, Vec<(Inv, String)>, Option<String>)> = std::thread::scope(|s| {
+    let results: Vec<Failed> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
@@ -276,7 +313,11 @@ fn schedules() {
         for (inv, seeds) in &by_inv {
             let seed = seeds[0];
             let (_, invs, _) = results.iter().find(|r| r.0 == seed).expect("listed");
-            let msg = invs.iter().find(|(i, _)| i == inv).map(|(_, m)| m.clone()).unwrap_or_default();
+            let msg = invs
+                .iter()
+                .find(|(i, _)| i == inv)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_default();
             eprintln!("  first [{}] seed {seed}: {msg}", inv.label());
         }
         return;

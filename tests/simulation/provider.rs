@@ -28,7 +28,10 @@ impl Drop for Guard {
 #[async_trait]
 impl Provider for SimProvider {
     async fn refresh(&self, request: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        let presented = request.tokens.refresh_token().map(|t| t.secret().to_owned());
+        let presented = request
+            .tokens
+            .refresh_token()
+            .map(|t| t.secret().to_owned());
         let plan = lock(&self.world).provider_enter(self.inst, request.key, presented.as_deref());
         let _guard = Guard {
             world: self.world.clone(),

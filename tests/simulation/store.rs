@@ -58,20 +58,31 @@ impl TokenStore for SimStore {
         // Faults switched off for saves a known defect cannot survive (see main.rs).
         let rotation = !dead
             && rt.is_some_and(|(inc, idx)| {
-                w.stored_max.get(&(key.clone(), inc)).is_none_or(|max| idx > *max)
+                w.stored_max
+                    .get(&(key.clone(), inc))
+                    .is_none_or(|max| idx > *max)
             });
         let failed_before = if rotation {
-            w.rotation_save_failures.get(&(inst, key.clone())).copied().unwrap_or(0)
+            w.rotation_save_failures
+                .get(&(inst, key.clone()))
+                .copied()
+                .unwrap_or(0)
         } else {
             0
         };
         let spared = (dead && !w.faults.faults_on_dead_saves)
             || (backoff && !w.faults.faults_on_backoff_saves)
             || (failed_before >= 2 && !w.faults.unsaved_rotations);
-        let p = if spared { 0.0 } else { w.faults.save_fails_before_write };
+        let p = if spared {
+            0.0
+        } else {
+            w.faults.save_fails_before_write
+        };
         if w.chance(p) {
             if rotation {
-                *w.rotation_save_failures.entry((inst, key.clone())).or_insert(0) += 1;
+                *w.rotation_save_failures
+                    .entry((inst, key.clone()))
+                    .or_insert(0) += 1;
             }
             w.log(format!("store m{inst}: save {key} FAILS before writing"));
             return Err(StoreError::new("sim: save failed"));
@@ -82,7 +93,9 @@ impl TokenStore for SimStore {
         }
         let Some(version) = w.store_save(key, record, expected) else {
             if rotation {
-                *w.rotation_save_failures.entry((inst, key.clone())).or_insert(0) += 1;
+                *w.rotation_save_failures
+                    .entry((inst, key.clone()))
+                    .or_insert(0) += 1;
             }
             w.log(format!("store m{inst}: save {key} conflict"));
             let spare_reload = dead && !w.faults.faults_on_dead_saves;
@@ -93,7 +106,11 @@ impl TokenStore for SimStore {
         };
         w.rotation_save_failures.remove(&(inst, key.clone()));
         let shown = rt.map_or("none".to_owned(), |(a, b)| format!("{a}.{b}"));
-        let p = if spared { 0.0 } else { w.faults.save_fails_after_write };
+        let p = if spared {
+            0.0
+        } else {
+            w.faults.save_fails_after_write
+        };
         let after = w.chance(p);
         w.log(format!(
             "store m{inst}: saved {key} v{version} rt={shown}{}{}",

@@ -259,13 +259,7 @@ pub fn record_rt(record: &GrantRecord) -> Option<(u32, u32)> {
 }
 
 impl World {
-    pub fn new(
-        seed: u64,
-        checks: Checks,
-        params: Params,
-        faults: Faults,
-        clock: SimClock,
-    ) -> Self {
+    pub fn new(seed: u64, checks: Checks, params: Params, faults: Faults, clock: SimClock) -> Self {
         Self {
             seed,
             checks,
@@ -399,7 +393,12 @@ impl World {
     }
 
     /// Takes the lease if free or expired.
-    pub fn try_lease(&mut self, key: &TokenKey, owner: usize, ttl: Duration) -> Result<u64, SystemTime> {
+    pub fn try_lease(
+        &mut self,
+        key: &TokenKey,
+        owner: usize,
+        ttl: Duration,
+    ) -> Result<u64, SystemTime> {
         let now = self.now();
         if let Some(lease) = self.leases.get(key) {
             if lease.expires > now {
@@ -495,21 +494,20 @@ impl World {
     }
 
     /// A call arrives: check invariants 1, 2, 5, 5b; decide the server's behaviour.
-    pub fn provider_enter(
-        &mut self,
-        inst: usize,
-        key: &TokenKey,
-        presented: Option<&str>,
-    ) -> Plan {
+    pub fn provider_enter(&mut self, inst: usize, key: &TokenKey, presented: Option<&str>) -> Plan {
         let now = self.now();
         self.next_call += 1;
         let id = self.next_call;
         self.provider_calls += 1;
-        let presented = presented.and_then(parse_token).map(|(_, inc, idx)| (inc, idx));
+        let presented = presented
+            .and_then(parse_token)
+            .map(|(_, inc, idx)| (inc, idx));
         let state = self.inst_state(inst);
         if state == InstState::Crashed {
             // A dead process sends nothing.
-            self.log(format!("call#{id} m{inst} {key}: from a crashed instance, not sent"));
+            self.log(format!(
+                "call#{id} m{inst} {key}: from a crashed instance, not sent"
+            ));
             return Plan {
                 id,
                 delay: Delay::Now,
@@ -572,7 +570,10 @@ impl World {
             if p.0 == refused.0 && p.1 <= refused.1 {
                 self.violate(
                     Inv::Hammer,
-                    format!("m{inst} presented rt {}.{} of {key} again after invalid_grant for {}.{}", p.0, p.1, refused.0, refused.1),
+                    format!(
+                        "m{inst} presented rt {}.{} of {key} again after invalid_grant for {}.{}",
+                        p.0, p.1, refused.0, refused.1
+                    ),
                 );
             }
         }
@@ -682,7 +683,8 @@ impl World {
                 return (
                     Delay::Now,
                     Reply::Fail(
-                        ProviderError::reauthorize(InvalidationReason::InvalidGrant).with_status(400),
+                        ProviderError::reauthorize(InvalidationReason::InvalidGrant)
+                            .with_status(400),
                         Fail::InvalidGrant(presented),
                     ),
                     "REVOKED out of band: invalid_grant".into(),
@@ -723,7 +725,8 @@ impl World {
         match fault {
             F::Lost => {
                 if let Reply::Tokens { inc, idx } = reply {
-                    self.lost.insert((key.clone(), inc, idx), self.calls[&id].inst);
+                    self.lost
+                        .insert((key.clone(), inc, idx), self.calls[&id].inst);
                 }
                 (Delay::Now, Reply::Lost, format!("{what}, REPLY LOST"))
             }
@@ -804,7 +807,11 @@ impl World {
     }
 
     /// The reply reaches the client (or not, if its process died meanwhile).
-    pub fn provider_reply(&mut self, id: u64, reply: &Reply) -> Result<TokenResponse, ProviderError> {
+    pub fn provider_reply(
+        &mut self,
+        id: u64,
+        reply: &Reply,
+    ) -> Result<TokenResponse, ProviderError> {
         let now = self.now();
         let Some(call) = self.calls.get_mut(&id) else {
             return Err(ProviderError::unavailable(UnavailableCause::Network));
@@ -815,7 +822,10 @@ impl World {
         match reply {
             Reply::Tokens { inc, idx } if !crashed => {
                 let (inc, idx) = (*inc, *idx);
-                let seen = self.delivered.entry((inst, key.clone(), inc)).or_insert(idx);
+                let seen = self
+                    .delivered
+                    .entry((inst, key.clone(), inc))
+                    .or_insert(idx);
                 *seen = (*seen).max(idx);
                 self.holds.retain(|(_, k), _| k != &key);
                 self.log(format!("call#{id} m{inst} {key}: delivered {inc}.{idx}"));
@@ -827,12 +837,16 @@ impl World {
             }
             Reply::Tokens { inc, idx } => {
                 self.lost.insert((key.clone(), *inc, *idx), inst);
-                self.log(format!("call#{id} m{inst} {key}: reply to a crashed instance, lost"));
+                self.log(format!(
+                    "call#{id} m{inst} {key}: reply to a crashed instance, lost"
+                ));
                 Err(ProviderError::unavailable(UnavailableCause::Network))
             }
             Reply::Lost => {
                 self.hold(inst, &key, now, Fail::Transient("lost reply"));
-                self.log(format!("call#{id} m{inst} {key}: network error (reply lost)"));
+                self.log(format!(
+                    "call#{id} m{inst} {key}: network error (reply lost)"
+                ));
                 Err(ProviderError::unavailable(UnavailableCause::Network))
             }
             Reply::Fail(e, fail) => {
@@ -882,7 +896,10 @@ impl World {
                 self.lost.insert((call.key.clone(), inc, idx), call.inst);
             }
             self.hold(call.inst, &call.key, now, Fail::Transient("timeout"));
-            self.log(format!("call#{id} m{} {}: dropped by the client", call.inst, call.key));
+            self.log(format!(
+                "call#{id} m{} {}: dropped by the client",
+                call.inst, call.key
+            ));
         }
     }
 
@@ -904,10 +921,16 @@ impl World {
             Ok(at) => {
                 let ok = parse_token(at).is_some_and(|(k, _, _)| k == key.as_str());
                 if !ok {
-                    found.push((Inv::Sanity, format!("m{inst} {op} {key} got a foreign token")));
+                    found.push((
+                        Inv::Sanity,
+                        format!("m{inst} {op} {key} got a foreign token"),
+                    ));
                 }
                 self.last_seen.insert((inst, key.clone()), at.clone());
-                lines.push(format!("op m{inst} {op} {key} -> ok {}", at.split_once('.').map_or("", |s| s.1)));
+                lines.push(format!(
+                    "op m{inst} {op} {key} -> ok {}",
+                    at.split_once('.').map_or("", |s| s.1)
+                ));
             }
             Err(e) => {
                 lines.push(format!("op m{inst} {op} {key} -> err {e}"));
@@ -1011,7 +1034,9 @@ impl World {
             let age = now - call.started;
             self.violate(
                 Inv::CallTimeout,
-                format!("call#{id} m{inst} {key} in flight for {age:?}, beyond the refresh timeout"),
+                format!(
+                    "call#{id} m{inst} {key} in flight for {age:?}, beyond the refresh timeout"
+                ),
             );
         }
     }
