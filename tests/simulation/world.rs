@@ -43,6 +43,8 @@ pub enum Inv {
     Heal,
     /// 5: backoff after a failed call, `Retry-After` honoured.
     Backoff,
+    /// 5d: a backoff holds every manager sharing the store, not only the one that failed.
+    SharedBackoff,
     /// 5b: a refresh token answered `invalid_grant` is never presented again by that manager.
     Hammer,
     /// 5c: a correctly configured manager is never held by another's misconfiguration.
@@ -66,6 +68,7 @@ impl Inv {
             Inv::RotationLostReason => "3b death after a lost rotation says RotationLost",
             Inv::Heal => "4 heal brings every recoverable grant back",
             Inv::Backoff => "5 backoff after a failed call",
+            Inv::SharedBackoff => "5d backoff shared through the store",
             Inv::Hammer => "5b no refresh token re-presented after invalid_grant",
             Inv::ForeignMisconfig => "5c no misconfiguration backoff shared with healthy managers",
             Inv::Answered => "6 every caller answered in bounded time",
@@ -223,6 +226,9 @@ pub struct World {
     /// Who presented the spent token that killed an incarnation.
     pub killed_by: BTreeMap<(TokenKey, u32), usize>,
     pub holds: BTreeMap<(usize, TokenKey), Hold>,
+    /// The last backoff of a grant from a correctly configured instance, binding every
+    /// instance (it is persisted in the shared record).
+    pub shared_holds: BTreeMap<TokenKey, (usize, Hold)>,
     /// The last token each instance got `invalid_grant` for.
     pub refused: BTreeMap<(usize, TokenKey), (u32, u32)>,
     pub instances: BTreeMap<usize, Instance>,
@@ -283,6 +289,7 @@ impl World {
             lost: BTreeMap::new(),
             killed_by: BTreeMap::new(),
             holds: BTreeMap::new(),
+            shared_holds: BTreeMap::new(),
             refused: BTreeMap::new(),
             instances: BTreeMap::new(),
             violations: Vec::new(),
@@ -450,6 +457,7 @@ impl World {
             },
         );
         self.holds.retain(|(_, k), _| k != key);
+        self.shared_holds.remove(key);
         self.delivered.insert((APP, key.clone(), inc), 0);
         self.log(format!("authorized {key} incarnation {inc}"));
         TokenSet::new(AccessToken::new(token_name("at", key, inc, 0)))
@@ -561,6 +569,21 @@ impl World {
                     Inv::Backoff,
                     format!(
                         "m{inst} called for {key} {} after a failure ({}) that needs at least {:?}",
+                        waited, hold.why, hold.min
+                    ),
+                );
+            }
+        }
+        if let Some((by, hold)) = self.shared_holds.get(key).cloned() {
+            if by != inst && now < hold.since + hold.min {
+                let waited = match now.duration_since(hold.since) {
+                    Ok(d) => format!("{d:?}"),
+                    Err(e) => format!("-{:?} (clock set back)", e.duration()),
+                };
+                self.violate(
+                    Inv::SharedBackoff,
+                    format!(
+                        "m{inst} called for {key} {} after m{by}'s failure ({}) that needs at least {:?}",
                         waited, hold.why, hold.min
                     ),
                 );
@@ -828,6 +851,7 @@ impl World {
                     .or_insert(idx);
                 *seen = (*seen).max(idx);
                 self.holds.retain(|(_, k), _| k != &key);
+                self.shared_holds.remove(&key);
                 self.log(format!("call#{id} m{inst} {key}: delivered {inc}.{idx}"));
                 Ok(
                     TokenResponse::new(AccessToken::new(token_name("at", &key, inc, idx)))
@@ -874,14 +898,18 @@ impl World {
                 return;
             }
         };
-        self.holds.insert(
-            (inst, key.clone()),
-            Hold {
-                since: now,
-                min,
-                why,
-            },
-        );
+        let hold = Hold {
+            since: now,
+            min,
+            why,
+        };
+        // A misconfigured instance's backoff must not bind others (5c); a crashed one cannot
+        // persist its backoff.
+        let misconfigured = self.instances.get(&inst).is_some_and(|i| i.misconfigured);
+        if !misconfigured && self.inst_state(inst) != InstState::Crashed {
+            self.shared_holds.insert(key.clone(), (inst, hold.clone()));
+        }
+        self.holds.insert((inst, key.clone()), hold);
     }
 
     /// The call's future is gone (answered, or dropped by the client).
