@@ -21,6 +21,8 @@ pub struct Menu {
     pub keys_fails: bool,
     /// `lock` fails.
     pub lock_fails: bool,
+    /// Store calls take time (up to seconds) before they act: other tasks run meanwhile.
+    pub store_latency: bool,
     /// A peer re-saves the same record just before a save: a conflict on metadata only.
     pub extra_conflict: bool,
     /// The provider never answers (it may or may not have rotated).
@@ -76,6 +78,7 @@ impl Menu {
             save_fails_after_write: true,
             keys_fails: true,
             lock_fails: true,
+            store_latency: true,
             extra_conflict: true,
             hang_forever: true,
             hang_long: true,
@@ -109,6 +112,7 @@ pub struct Faults {
     pub save_fails_after_write: f64,
     pub keys_fails: f64,
     pub lock_fails: f64,
+    pub store_latency: f64,
     pub extra_conflict: f64,
     pub hang_forever: f64,
     pub hang_long: f64,
@@ -154,6 +158,7 @@ impl Faults {
             save_fails_after_write: pick(menu.save_fails_after_write, 0.2),
             keys_fails: pick(menu.keys_fails, 0.3),
             lock_fails: pick(menu.lock_fails, 0.1),
+            store_latency: pick(menu.store_latency, 0.3),
             extra_conflict: pick(menu.extra_conflict, 0.3),
             hang_forever: pick(menu.hang_forever, 0.05),
             hang_long: pick(menu.hang_long, 0.08),

@@ -17,6 +17,19 @@ pub struct SimStore {
 }
 
 impl SimStore {
+    /// A slow store call: waits before acting (the operation itself stays atomic).
+    async fn latency(&self) {
+        let delay = {
+            let mut w = lock(&self.world);
+            let p = w.faults.store_latency;
+            w.chance(p)
+                .then(|| Duration::from_millis(w.rng.u64(1..=3_000)))
+        };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+    }
+
     fn down(&self) -> Result<(), StoreError> {
         if lock(&self.world).inst_state(self.inst) == InstState::Crashed {
             return Err(StoreError::new("sim: process crashed"));
@@ -28,9 +41,10 @@ impl SimStore {
 #[async_trait]
 impl TokenStore for SimStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+        self.latency().await;
         self.down()?;
         let mut w = lock(&self.world);
-        let after_conflict = w.conflicted.remove(&self.inst);
+        let after_conflict = w.conflicted.contains(&(self.inst, key.clone()));
         let mut p = w.faults.load_fails;
         if after_conflict && !w.faults.load_fails_after_conflict {
             p = 0.0;
@@ -48,13 +62,21 @@ impl TokenStore for SimStore {
         record: &GrantRecord,
         expected: Option<Version>,
     ) -> Result<Cas, StoreError> {
+        let dead = !matches!(record.state(), tokenkeeper::GrantState::Active);
+        let backoff = !dead && record.retry_not_before().is_some();
+        let spare_latency = {
+            let w = lock(&self.world);
+            (dead && !w.faults.faults_on_dead_saves)
+                || (backoff && !w.faults.faults_on_backoff_saves)
+        };
+        if !spare_latency {
+            self.latency().await;
+        }
         self.down()?;
         let mut w = lock(&self.world);
         let inst = self.inst;
-        w.conflicted.remove(&inst);
+        w.conflicted.remove(&(inst, key.clone()));
         let rt = crate::world::record_rt(record);
-        let dead = !matches!(record.state(), tokenkeeper::GrantState::Active);
-        let backoff = !dead && record.retry_not_before().is_some();
         // Faults switched off for saves a known defect cannot survive (see main.rs).
         let rotation = !dead
             && rt.is_some_and(|(inc, idx)| {
@@ -100,7 +122,7 @@ impl TokenStore for SimStore {
             w.log(format!("store m{inst}: save {key} conflict"));
             let spare_reload = dead && !w.faults.faults_on_dead_saves;
             if !spare_reload {
-                w.conflicted.insert(inst);
+                w.conflicted.insert((inst, key.clone()));
             }
             return Ok(Cas::Conflict);
         };
@@ -124,11 +146,13 @@ impl TokenStore for SimStore {
     }
 
     async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+        self.latency().await;
         self.down()?;
         Ok(lock(&self.world).records.remove(key).is_some())
     }
 
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        self.latency().await;
         self.down()?;
         let mut w = lock(&self.world);
         let p = w.faults.keys_fails;
@@ -146,6 +170,7 @@ impl TokenStore for SimStore {
         key: &TokenKey,
         ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        self.latency().await;
         self.down()?;
         {
             let mut w = lock(&self.world);

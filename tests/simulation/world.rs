@@ -33,6 +33,9 @@ pub fn lock(world: &Shared) -> MutexGuard<'_, World> {
 pub enum Inv {
     /// 1: at most one provider call per grant in flight.
     OneCall,
+    /// 1b: a manager whose lease expired (while it waited on the store) does not call while
+    /// the lease's new holder calls.
+    CallAfterLeaseExpiry,
     /// 2: no spent refresh token presented that the client could know was spent.
     SpentToken,
     /// 3: no grant declared dead while the model says it is alive and recoverable.
@@ -63,6 +66,7 @@ impl Inv {
     pub fn label(self) -> &'static str {
         match self {
             Inv::OneCall => "1 one provider call per grant in flight",
+            Inv::CallAfterLeaseExpiry => "1b no call after the own lease expired",
             Inv::SpentToken => "2 no knowably spent refresh token presented",
             Inv::FalseDeath => "3 no false death",
             Inv::RotationLostReason => "3b death after a lost rotation says RotationLost",
@@ -132,6 +136,8 @@ pub struct Call {
     pub replied: bool,
     /// The token index the reply would deliver, if the server rotated.
     pub delivers: Option<(u32, u32)>,
+    /// The incarnation of the refresh token presented.
+    pub presented_inc: Option<u32>,
     pub overdue_reported: bool,
 }
 
@@ -208,8 +214,8 @@ pub struct World {
     pub leases: BTreeMap<TokenKey, Lease>,
     /// Locks are released when dropped (a session lock), not only by `release` or expiry.
     pub session_locks: bool,
-    /// Instances whose last store operation was a save that lost its compare-and-swap.
-    pub conflicted: std::collections::BTreeSet<usize>,
+    /// (Instance, grant) whose last store operation was a save that lost its compare-and-swap.
+    pub conflicted: std::collections::BTreeSet<(usize, TokenKey)>,
     /// Failed or conflicting saves in a row of a rotated record, per (instance, grant).
     pub rotation_save_failures: BTreeMap<(usize, TokenKey), u32>,
     next_lease: u64,
@@ -533,10 +539,9 @@ impl World {
             .filter(|l| l.owner == inst && l.expires > now)
             .map(|l| l.id);
         if lease.is_none() {
-            self.violate(
-                Inv::OneCall,
-                format!("m{inst} called the provider for {key} without holding its lease"),
-            );
+            // Its lease expired while it waited (a slow store, a clock jump): lease semantics,
+            // not a violation by itself; a concurrent call is checked below.
+            self.log(format!("m{inst} calls for {key} with its lease expired"));
         }
         let others: Vec<(u64, Call)> = self
             .calls
@@ -551,9 +556,17 @@ impl World {
                     format!("m{inst}: second call for {key} while its call#{other} is in flight"),
                 );
             } else if self.lease_valid(key, call.lease) {
+                let (inv, what) = if lease.is_none() {
+                    (Inv::CallAfterLeaseExpiry, "with its own lease expired")
+                } else {
+                    (Inv::OneCall, "holding a lease too")
+                };
                 self.violate(
-                    Inv::OneCall,
-                    format!("m{inst} calls for {key} while m{} holds the lease and call#{other} is in flight", call.inst),
+                    inv,
+                    format!(
+                        "m{inst} calls for {key} {what} while m{} holds the lease and call#{other} is in flight",
+                        call.inst
+                    ),
                 );
             }
         }
@@ -628,6 +641,7 @@ impl World {
                 started: Instant::now(),
                 replied: false,
                 delivers: None,
+                presented_inc: presented.map(|p| p.0),
                 overdue_reported: false,
             },
         );
@@ -840,7 +854,7 @@ impl World {
             return Err(ProviderError::unavailable(UnavailableCause::Network));
         };
         call.replied = true;
-        let (inst, key) = (call.inst, call.key.clone());
+        let (inst, key, presented_inc) = (call.inst, call.key.clone(), call.presented_inc);
         let crashed = self.inst_state(inst) == InstState::Crashed;
         match reply {
             Reply::Tokens { inc, idx } if !crashed => {
@@ -867,25 +881,38 @@ impl World {
                 Err(ProviderError::unavailable(UnavailableCause::Network))
             }
             Reply::Lost => {
-                self.hold(inst, &key, now, Fail::Transient("lost reply"));
+                self.hold(
+                    inst,
+                    &key,
+                    presented_inc,
+                    now,
+                    Fail::Transient("lost reply"),
+                );
                 self.log(format!(
                     "call#{id} m{inst} {key}: network error (reply lost)"
                 ));
                 Err(ProviderError::unavailable(UnavailableCause::Network))
             }
             Reply::Fail(e, fail) => {
-                self.hold(inst, &key, now, *fail);
+                self.hold(inst, &key, presented_inc, now, *fail);
                 self.log(format!("call#{id} m{inst} {key}: answered {e}"));
                 Err(e.clone())
             }
             Reply::Panic => {
-                self.hold(inst, &key, now, Fail::Transient("panic"));
+                self.hold(inst, &key, presented_inc, now, Fail::Transient("panic"));
                 Err(ProviderError::unavailable(UnavailableCause::Internal))
             }
         }
     }
 
-    fn hold(&mut self, inst: usize, key: &TokenKey, now: SystemTime, fail: Fail) {
+    fn hold(
+        &mut self,
+        inst: usize,
+        key: &TokenKey,
+        presented_inc: Option<u32>,
+        now: SystemTime,
+        fail: Fail,
+    ) {
         let half = self.params.backoff_base / 2;
         let (min, why) = match fail {
             Fail::Transient(why) => (half, why),
@@ -904,12 +931,15 @@ impl World {
             why,
         };
         // A misconfigured instance's backoff must not bind others (5c); a crashed one cannot
-        // persist its backoff.
+        // persist its backoff; a failure of a superseded grant does not bind its successor.
         let misconfigured = self.instances.get(&inst).is_some_and(|i| i.misconfigured);
-        if !misconfigured && self.inst_state(inst) != InstState::Crashed {
+        let current = self.grants.get(key).map(|g| g.inc) == presented_inc;
+        if !misconfigured && current && self.inst_state(inst) != InstState::Crashed {
             self.shared_holds.insert(key.clone(), (inst, hold.clone()));
         }
-        self.holds.insert((inst, key.clone()), hold);
+        if current {
+            self.holds.insert((inst, key.clone()), hold);
+        }
     }
 
     /// The call's future is gone (answered, or dropped by the client).
@@ -923,7 +953,13 @@ impl World {
             if let Some((inc, idx)) = call.delivers {
                 self.lost.insert((call.key.clone(), inc, idx), call.inst);
             }
-            self.hold(call.inst, &call.key, now, Fail::Transient("timeout"));
+            self.hold(
+                call.inst,
+                &call.key,
+                call.presented_inc,
+                now,
+                Fail::Transient("timeout"),
+            );
             self.log(format!(
                 "call#{id} m{} {}: dropped by the client",
                 call.inst, call.key
