@@ -253,10 +253,14 @@ impl Sim {
                 let faults = std::mem::replace(&mut lock(&self.world).faults, Faults::none());
                 let result = manager.insert(key.clone(), tokens.clone()).await;
                 lock(&self.world).faults = faults;
+                lock(&self.world).reset_holds(key);
                 result.expect("insert without faults");
                 return;
             }
-            match manager.insert(key.clone(), tokens.clone()).await {
+            let result = manager.insert(key.clone(), tokens.clone()).await;
+            // A retried insert of the same grant replaces the record, backoff included.
+            lock(&self.world).reset_holds(key);
+            match result {
                 Ok(()) => return,
                 Err(e) => lock(&self.world).log(format!("insert {key} failed: {e}")),
             }

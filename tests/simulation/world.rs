@@ -472,6 +472,12 @@ impl World {
             .with_issued_at(now)
     }
 
+    /// An `insert` wrote (or may have written) a fresh record: no backoff binds any more.
+    pub fn reset_holds(&mut self, key: &TokenKey) {
+        self.holds.retain(|(_, k), _| k != key);
+        self.shared_holds.remove(key);
+    }
+
     fn knows(&self, inst: usize, key: &TokenKey, inc: u32) -> Option<u32> {
         let stored = self.stored_max.get(&(key.clone(), inc)).copied();
         let delivered = self.delivered.get(&(inst, key.clone(), inc)).copied();
