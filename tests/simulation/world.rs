@@ -330,19 +330,28 @@ impl World {
         pending.sort_by_key(|p| p.0);
         for (_, lines, violations) in pending {
             for line in lines {
-                self.append(line);
+                self.append_stamped(line);
             }
             self.violations.extend(violations);
         }
     }
 
-    fn append(&mut self, line: String) {
+    /// The time prefix of a trace line: tokio time since the start, clock seconds.
+    fn stamp(&self) -> String {
         let clock = self
             .now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let line = format!("[t+{}ms c={}] {}", self.elapsed_ms(), clock, line);
+        format!("[t+{}ms c={}]", self.elapsed_ms(), clock)
+    }
+
+    fn append(&mut self, line: String) {
+        let line = format!("{} {line}", self.stamp());
+        self.append_stamped(line);
+    }
+
+    fn append_stamped(&mut self, line: String) {
         line.hash(&mut self.hasher);
         self.trace.push(line);
     }
@@ -1036,6 +1045,9 @@ impl World {
                 violations.push(Violation { inv, msg });
             }
         }
+        // Stamped now: the lines reach the trace at the next flush.
+        let stamp = self.stamp();
+        let lines = lines.into_iter().map(|l| format!("{stamp} {l}")).collect();
         self.pending.push((op_id, lines, violations));
     }
 
