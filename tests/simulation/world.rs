@@ -138,6 +138,10 @@ pub struct Call {
     pub delivers: Option<(u32, u32)>,
     /// The incarnation of the refresh token presented.
     pub presented_inc: Option<u32>,
+    /// The refresh token presented.
+    pub presented: Option<(u32, u32)>,
+    /// This call is the one prompt retry allowed after a possibly lost reply.
+    pub retry: bool,
     pub overdue_reported: bool,
 }
 
@@ -145,6 +149,9 @@ pub struct Call {
 #[derive(Debug, Clone)]
 pub struct Hold {
     pub since: SystemTime,
+    /// The same instant in tokio (monotonic) time: a wait counts if it is long enough on
+    /// either clock, so clock jumps neither excuse nor fake a violation.
+    pub since_mono: Instant,
     pub min: Duration,
     pub why: &'static str,
 }
@@ -232,6 +239,9 @@ pub struct World {
     /// Who presented the spent token that killed an incarnation.
     pub killed_by: BTreeMap<(TokenKey, u32), usize>,
     pub holds: BTreeMap<(usize, TokenKey), Hold>,
+    /// After a possibly lost reply (network error, timeout), one prompt retry with the same
+    /// refresh token is allowed (providers with a reuse window answer it with the lost pair).
+    pub retry_allowed: BTreeMap<(usize, TokenKey), (u32, u32)>,
     /// The last backoff of a grant from a correctly configured instance, binding every
     /// instance (it is persisted in the shared record).
     pub shared_holds: BTreeMap<TokenKey, (usize, Hold)>,
@@ -295,6 +305,7 @@ impl World {
             lost: BTreeMap::new(),
             killed_by: BTreeMap::new(),
             holds: BTreeMap::new(),
+            retry_allowed: BTreeMap::new(),
             shared_holds: BTreeMap::new(),
             refused: BTreeMap::new(),
             instances: BTreeMap::new(),
@@ -587,8 +598,16 @@ impl World {
         }
 
         // Invariants 5 and 5b.
+        let prompt_retry = presented.is_some()
+            && self.retry_allowed.get(&(inst, key.clone())).copied() == presented;
+        if prompt_retry {
+            self.retry_allowed.remove(&(inst, key.clone()));
+        }
         if let Some(hold) = self.holds.get(&(inst, key.clone())).cloned() {
-            if now < hold.since + hold.min {
+            if now < hold.since + hold.min
+                && Instant::now() < hold.since_mono + hold.min
+                && !prompt_retry
+            {
                 let waited = match now.duration_since(hold.since) {
                     Ok(d) => format!("{d:?}"),
                     Err(e) => format!("-{:?} (clock set back)", e.duration()),
@@ -603,7 +622,10 @@ impl World {
             }
         }
         if let Some((by, hold)) = self.shared_holds.get(key).cloned() {
-            if by != inst && now < hold.since + hold.min {
+            if by != inst
+                && now < hold.since + hold.min
+                && Instant::now() < hold.since_mono + hold.min
+            {
                 let waited = match now.duration_since(hold.since) {
                     Ok(d) => format!("{d:?}"),
                     Err(e) => format!("-{:?} (clock set back)", e.duration()),
@@ -657,10 +679,17 @@ impl World {
                 replied: false,
                 delivers: None,
                 presented_inc: presented.map(|p| p.0),
+                presented,
+                retry: false,
                 overdue_reported: false,
             },
         );
 
+        if prompt_retry {
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.retry = true;
+            }
+        }
         let misconfigured = self.instances.get(&inst).is_some_and(|i| i.misconfigured);
         let (delay, reply, what) = if misconfigured {
             (
@@ -870,6 +899,7 @@ impl World {
         };
         call.replied = true;
         let (inst, key, presented_inc) = (call.inst, call.key.clone(), call.presented_inc);
+        let (presented, retry) = (call.presented, call.retry);
         let crashed = self.inst_state(inst) == InstState::Crashed;
         match reply {
             Reply::Tokens { inc, idx } if !crashed => {
@@ -880,6 +910,7 @@ impl World {
                     .or_insert(idx);
                 *seen = (*seen).max(idx);
                 self.holds.retain(|(_, k), _| k != &key);
+                self.retry_allowed.retain(|(_, k), _| k != &key);
                 self.shared_holds.remove(&key);
                 self.log(format!("call#{id} m{inst} {key}: delivered {inc}.{idx}"));
                 Ok(
@@ -896,6 +927,9 @@ impl World {
                 Err(ProviderError::unavailable(UnavailableCause::Network))
             }
             Reply::Lost => {
+                if let (Some(token), false) = (presented, retry) {
+                    self.retry_allowed.insert((inst, key.clone()), token);
+                }
                 self.hold(
                     inst,
                     &key,
@@ -942,6 +976,7 @@ impl World {
         };
         let hold = Hold {
             since: now,
+            since_mono: Instant::now(),
             min,
             why,
         };
@@ -967,6 +1002,10 @@ impl World {
             // The client gave up (a timeout): whatever the server did is lost to it.
             if let Some((inc, idx)) = call.delivers {
                 self.lost.insert((call.key.clone(), inc, idx), call.inst);
+            }
+            if let (Some(token), false) = (call.presented, call.retry) {
+                self.retry_allowed
+                    .insert((call.inst, call.key.clone()), token);
             }
             self.hold(
                 call.inst,
