@@ -95,6 +95,9 @@ pub(crate) struct Slot {
     /// Backoff caused by this process alone (its configuration, its network): never shared
     /// through the store, so it cannot hold back correctly configured peers.
     local: Mutex<Option<LocalHold>>,
+    /// The last failure handled here: its clock time and its monotonic instant, so a wall
+    /// clock set back cannot end (or stretch) the backoff it started.
+    failure_mono: Mutex<Option<(SystemTime, tokio::time::Instant)>>,
 }
 
 /// A record that must reach the store before anything else happens to the grant.
@@ -114,6 +117,7 @@ pub(crate) struct Pending {
 pub(crate) struct LocalHold {
     pub(crate) until: SystemTime,
     pub(crate) since: SystemTime,
+    pub(crate) mono: tokio::time::Instant,
     pub(crate) failures: u32,
     pub(crate) error: Error,
 }
@@ -126,6 +130,10 @@ pub(crate) struct Cached {
     pub(crate) retry_not_before: Option<SystemTime>,
     /// When the backoff started (to keep a clock set back from stretching it).
     pub(crate) failed_at: Option<SystemTime>,
+    /// The monotonic instant of that failure, when it was handled in this process.
+    pub(crate) failed_mono: Option<tokio::time::Instant>,
+    /// A backoff kept in this process only (see [`LocalHold`]).
+    pub(crate) local: Option<LocalHold>,
     pub(crate) last_error: Option<Error>,
     pub(crate) last_failure: Option<crate::store::StoredFailure>,
 }
@@ -411,12 +419,9 @@ impl TokenManager {
             // another process).
             _ => match inner.load(key, &slot).await {
                 Ok(c) => c,
-                // The store is unreachable: a death known here still stands (it may be the
-                // very record the store failed to take), and a dead grant is never retried.
-                Err(e) => match slot.cached.load_full() {
-                    Some(c) if c.dead.is_some() => c,
-                    _ => return Err(e),
-                },
+                // (A death the store has not taken yet comes back from `load` even while the
+                // store is unreachable; a stored one is the store's to confirm.)
+                Err(e) => return Err(e),
             },
         };
         if let Some(reason) = &cached.dead {
@@ -478,12 +483,19 @@ impl Cached {
         need: &Need,
         now: SystemTime,
     ) -> Option<Result<Arc<TokenSet>>> {
-        let until = self.retry_not_before.filter(|t| *t > now)?;
-        // A clock set back before the failure must not stretch the backoff by the jump: the
-        // backoff counts as over (one attempt, which starts a new backoff on failure).
-        if self.failed_at.is_some_and(|since| since > now) {
-            return None;
-        }
+        let shared = self
+            .retry_not_before
+            .and_then(|until| hold_until(until, self.failed_at, self.failed_mono, now));
+        let local = self
+            .local
+            .as_ref()
+            .and_then(|l| hold_until(l.until, Some(l.since), Some(l.mono), now).map(|u| (u, l)));
+        let (until, local_error) = match (shared, local) {
+            (None, None) => return None,
+            (Some(s), Some((l, hold))) if l >= s => (l, Some(&hold.error)),
+            (Some(s), _) => (s, None),
+            (None, Some((l, hold))) => (l, Some(&hold.error)),
+        };
         let usable = match need {
             Need::Expiring => !self.tokens.is_expired(now),
             Need::Rejected(_) | Need::Forced | Need::Scheduled { .. } | Need::Persist => false,
@@ -492,6 +504,9 @@ impl Cached {
             return Some(Ok(self.tokens.clone()));
         }
         let wait = until.duration_since(now).unwrap_or_default();
+        if let Some(error) = local_error {
+            return Some(Err(error.clone().with_retry_after(wait)));
+        }
         let error = match (&self.last_error, &self.last_failure) {
             (Some(e), _) => e.clone().with_retry_after(wait),
             (None, Some(failure)) => failure.to_error(key).with_retry_after(wait),
@@ -504,6 +519,27 @@ impl Cached {
             },
         };
         Some(Err(error))
+    }
+}
+
+/// When a backoff from `since` to `until` ends, seen at `now`, or `None` if it is over.
+///
+/// A clock set back before the failure must not stretch the backoff by the jump: its length
+/// then runs on the monotonic clock, from `mono` (the failure, if it happened here, or when
+/// this process first saw it); without `mono` the backoff counts as over.
+fn hold_until(
+    until: SystemTime,
+    since: Option<SystemTime>,
+    mono: Option<tokio::time::Instant>,
+    now: SystemTime,
+) -> Option<SystemTime> {
+    match since.filter(|since| *since > now) {
+        Some(since) => {
+            let length = until.duration_since(since).unwrap_or_default();
+            let elapsed = mono?.elapsed();
+            (elapsed < length).then(|| later(now, length - elapsed))
+        }
+        None => (until > now).then_some(until),
     }
 }
 
@@ -644,29 +680,39 @@ impl Inner {
         last_error: Option<Error>,
         authoritative: bool,
     ) -> Arc<Cached> {
-        let mut last_error = last_error.or_else(|| {
+        let last_error = last_error.or_else(|| {
             slot.cached
                 .load()
                 .as_ref()
                 .filter(|c| c.version == version)
                 .and_then(|c| c.last_error.clone())
         });
-        let mut retry_not_before = record.retry_not_before;
-        let mut failed_at = record.failed_at;
+        let retry_not_before = record.retry_not_before;
+        let failed_at = record.failed_at;
         let now = self.clock.now();
-        if let Some(local) = &*slot.local.lock().unwrap_or_else(|e| e.into_inner()) {
-            if local.until > now && retry_not_before.is_none_or(|t| t < local.until) {
-                retry_not_before = Some(local.until);
-                failed_at = Some(local.since);
-                last_error = Some(local.error.clone());
+        let local = slot.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mono = {
+            let mut mono = slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner());
+            // A backoff that started "in the future" (the clock was set back, or a peer's
+            // clock runs ahead) and was not started here: its full length runs from now on
+            // the monotonic clock, so the jump neither stretches nor ends it.
+            if let Some(at) = failed_at.filter(|at| *at > now) {
+                if mono.is_none_or(|(seen, _)| seen != at) {
+                    *mono = Some((at, tokio::time::Instant::now()));
+                }
             }
-        }
+            *mono
+        };
         let fresh = Arc::new(Cached {
             tokens: Arc::new(record.tokens.clone()),
             version,
             dead: record.dead_reason().cloned(),
             retry_not_before,
             failed_at,
+            failed_mono: mono
+                .filter(|(at, _)| Some(*at) == failed_at)
+                .map(|(_, instant)| instant),
+            local,
             last_error,
             last_failure: record.last_failure.clone(),
         });
@@ -853,6 +899,7 @@ pub(crate) async fn drain(inner: &Arc<Inner>, timeout: Duration) -> bool {
         biased;
         () = work => true,
         () = inner.clock.sleep_until(deadline) => false,
+        () = tokio::time::sleep(timeout) => false,
     }
 }
 

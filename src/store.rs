@@ -75,6 +75,10 @@ pub struct GrantRecord {
         with = "epoch_ms_opt"
     )]
     pub(crate) failed_at: Option<SystemTime>,
+    /// A refresh with this record's refresh token may have been executed by the provider
+    /// and its reply lost (a timeout, a dropped connection, a 502/504).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) reply_lost: bool,
 }
 
 /// The class of the last refresh failure, kept so that every manager sharing the store (and
@@ -167,6 +171,7 @@ impl GrantRecord {
             last_refresh: None,
             last_failure: None,
             failed_at: None,
+            reply_lost: false,
         }
     }
 

@@ -86,8 +86,9 @@ impl Inner {
     /// The store could not be reached: a death this process knows of stands, anything else is
     /// the store's error.
     fn unreachable(&self, key: &TokenKey, slot: &Slot, error: Error) -> Outcome {
-        match slot.cached.load().as_ref().and_then(|c| c.dead.clone()) {
-            Some(reason) => Err(dead(key, &reason)),
+        let pending = slot.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.as_ref().and_then(|p| p.record.dead_reason()) {
+            Some(reason) => Err(dead(key, reason)),
             None => Err(error),
         }
     }
@@ -187,8 +188,17 @@ impl Inner {
 
         self.lease_covers(key, lease)?;
         let mut result = self.call_provider(key, &record.tokens, now).await;
+        let mut record = record;
         if let Err(failure) = &result {
-            if reply_may_be_lost(failure) && self.lease_covers(key, lease).is_ok() {
+            if reply_may_be_lost(failure) {
+                // Remembered with the grant (for every process): a later refusal of this
+                // refresh token means the rotation was lost, not that the user revoked.
+                record.reply_lost = true;
+            }
+            if reply_may_be_lost(failure)
+                && self.lease_covers(key, lease).is_ok()
+                && self.still_current(key, &record).await
+            {
                 // The provider may have rotated and the reply been lost. Providers with a reuse
                 // window accept the same refresh token again: ask once more, promptly.
                 tracing::info!("reply lost; retrying once with the same refresh token");
@@ -254,6 +264,18 @@ impl Inner {
         }
     }
 
+    /// Whether the store still holds `record`'s refresh token (no new grant was inserted and no
+    /// peer refreshed meanwhile), so presenting it again is still this grant's business.
+    async fn still_current(&self, key: &TokenKey, record: &GrantRecord) -> bool {
+        match self.store.load(key).await {
+            Ok(Some(current)) => {
+                current.value.tokens.refresh_token() == record.tokens.refresh_token()
+                    && current.value.dead_reason().is_none()
+            }
+            _ => false,
+        }
+    }
+
     /// One provider call, on its own task: bounded by the refresh timeout, and a panic
     /// becomes a typed error instead of a hang.
     async fn call_provider(
@@ -271,10 +293,13 @@ impl Inner {
         });
         // The deadline is on the injected clock, like every other time the engine keeps.
         let deadline = later(self.clock.now(), self.config.refresh_timeout);
+        // It ends at whichever comes first of the deadline on the injected clock and the
+        // timeout on the monotonic clock: a wall clock set back cannot stretch it.
         let joined = tokio::select! {
             biased;
             joined = &mut call => Ok(joined),
             () = self.clock.sleep_until(deadline) => Err(()),
+            () = tokio::time::sleep(self.config.refresh_timeout) => Err(()),
         };
         match joined {
             Ok(Ok(result)) => result,
@@ -506,6 +531,8 @@ impl Inner {
             },
         );
         let now = self.clock.now();
+        *slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((now, tokio::time::Instant::now()));
         let shared = is_fact_about_the_grant(&error);
         let local_failures = slot
             .local
@@ -548,6 +575,7 @@ impl Inner {
                     *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
                         until: retry_at,
                         since: now,
+                        mono: tokio::time::Instant::now(),
                         failures,
                         error: error.clone(),
                     });
@@ -561,9 +589,17 @@ impl Inner {
             *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
                 until: retry_at,
                 since: now,
+                mono: tokio::time::Instant::now(),
                 failures,
                 error: error.clone(),
             });
+            let mut version = version;
+            if record.reply_lost {
+                // Only the fact that a reply was lost is shared, not the backoff.
+                if let Ok(Cas::Saved(v)) = self.store.save(key, &record, Some(version)).await {
+                    version = v;
+                }
+            }
             self.cache(slot, &record, version, Some(error.clone()), true)
         };
         self.emit(Event::RefreshFailed {
@@ -590,6 +626,15 @@ impl Inner {
         mut version: Version,
         reason: InvalidationReason,
     ) -> Outcome {
+        // A refusal of a refresh token whose reply was lost earlier: the rotation was lost.
+        let mut reason = match reason {
+            InvalidationReason::InvalidGrant | InvalidationReason::Superseded
+                if record.reply_lost =>
+            {
+                InvalidationReason::RotationLost
+            }
+            other => other,
+        };
         let failed_refresh = record.tokens.refresh_token().cloned();
         let mut current = record;
         let mut dead_record = current.clone();
@@ -636,6 +681,13 @@ impl Inner {
                         return Ok(cached.tokens.clone());
                     }
                     version = loaded.version;
+                    if loaded.value.reply_lost {
+                        if let InvalidationReason::InvalidGrant | InvalidationReason::Superseded =
+                            reason
+                        {
+                            reason = InvalidationReason::RotationLost;
+                        }
+                    }
                     current = loaded.value;
                 }
             }

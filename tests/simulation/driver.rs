@@ -190,8 +190,7 @@ impl Sim {
         .refresh_margin(p.margin)
         .backoff(p.backoff_base, p.backoff_max)
         .lock_ttl(p.lock_ttl)
-        // When `TokenManagerBuilder::refresh_timeout` lands: `.refresh_timeout(p.refresh_timeout)`
-        // (check 6b assumes its 30 s default).
+        .refresh_timeout(p.refresh_timeout)
         .build();
         Slot {
             inst,

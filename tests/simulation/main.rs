@@ -50,39 +50,39 @@ use world::Inv;
 /// minutes) holds every caller of that manager and grant, and its in-process flight, forever.
 /// Provoked by: `hang_forever`, `hang_long`. Checks: 6, 6b, 4. Fixed by
 /// `TokenManagerBuilder::refresh_timeout`.
-const KNOWN_DEFECT_NO_REFRESH_TIMEOUT: bool = true;
+const KNOWN_DEFECT_NO_REFRESH_TIMEOUT: bool = false;
 
 /// A panicking provider leaves no backoff: the next caller calls again at once.
 /// Provoked by: `panic`. Check: 5.
-const KNOWN_DEFECT_PANIC_NO_BACKOFF: bool = true;
+const KNOWN_DEFECT_PANIC_NO_BACKOFF: bool = false;
 
 /// `invalid_grant` right after a lost reply is reported as `InvalidGrant`, not
 /// `RotationLost`. Check: 3b (the fault stays on: a lost reply is otherwise handled).
-const KNOWN_DEFECT_NO_ROTATION_LOST_REASON: bool = true;
+const KNOWN_DEFECT_NO_ROTATION_LOST_REASON: bool = false;
 
 /// A misconfigured instance (`invalid_client`) writes its backoff and error into the shared
 /// record, so correctly configured managers answer `Misconfigured` and are held.
 /// Provoked by: `misconfigured_instance`. Check: 5c.
-const KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF: bool = true;
+const KNOWN_DEFECT_SHARED_MISCONFIG_BACKOFF: bool = false;
 
 /// A save that loses its compare-and-swap reloads the record with `?`
 /// (`src/manager/refresh.rs`, `save_refreshed`): if that load fails, the freshly rotated
 /// tokens are dropped (not kept as unsaved), the spent refresh token in the store is presented
 /// next, and reuse detection revokes the grant. Provoked by: a load failure right after a
 /// conflict. Checks: 2, then 4.
-const KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION: bool = true;
+const KNOWN_DEFECT_CONFLICT_RELOAD_DROPS_ROTATION: bool = false;
 
 /// The backoff after a failed refresh is lost when saving it fails or conflicts
 /// (`handle_failure` keeps it "in this process", but the next refresh reloads the store's
 /// record, which has no such backoff): the grant is retried at once, even inside a
 /// `Retry-After`. Provoked by: save faults and extra conflicts on backoff saves. Check: 5.
-const KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE: bool = true;
+const KNOWN_DEFECT_BACKOFF_LOST_ON_SAVE_FAILURE: bool = false;
 
 /// Marking a grant dead propagates store errors with `?` (`mark_dead`): if the save or the
 /// reload after its conflict fails, the death is neither persisted nor cached and the next
 /// caller presents the refused refresh token again. Provoked by: store faults on dead-record
 /// saves. Check: 5b.
-const KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE: bool = true;
+const KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE: bool = false;
 
 /// A rotated record whose saves all failed is kept in memory as "unsaved" with the version it
 /// replaces; before the next refresh it is saved only if the store is still at that version
@@ -91,7 +91,7 @@ const KNOWN_DEFECT_MARK_DEAD_STORE_FAILURE: bool = true;
 /// the spent refresh token is presented next and reuse detection revokes the grant. It should
 /// compare refresh tokens, as `save_refreshed` does. Provoked by: every save attempt of a
 /// rotation failing. Checks: 2, then 4.
-const KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE: bool = true;
+const KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE: bool = false;
 
 /// The refresher's per-minute cap is enforced only for checks taken from its queue
 /// (`start_due`); a check run on `Control::Done`, `Control::Changed` or a rescan goes from
@@ -99,7 +99,7 @@ const KNOWN_DEFECT_UNSAVED_DROPPED_ON_METADATA_WRITE: bool = true;
 /// failed without leaving a backoff (a store error) is started again as soon as the retry
 /// floor allows, whatever the cap. Rare (a few schedules in ten thousand, strict mode).
 /// Check: 7.
-const KNOWN_DEFECT_RATE_CAP_BYPASS: bool = true;
+const KNOWN_DEFECT_RATE_CAP_BYPASS: bool = false;
 
 /// A manager whose lease expired while it waited on the store (slow store, clock jump)
 /// still calls the provider, concurrently with the lease's new holder; with strict rotation
@@ -107,7 +107,7 @@ const KNOWN_DEFECT_RATE_CAP_BYPASS: bool = true;
 /// `RefreshLock` API cannot say whether a lease is still held, so the engine cannot check
 /// before calling (`src/manager/refresh.rs`, `run_refresh` → `refresh_locked`). A design
 /// gap more than a bug: fixing it needs e.g. `RefreshLock::valid_until`. Check: 1b.
-const KNOWN_DEFECT_CALL_AFTER_LEASE_EXPIRY: bool = true;
+const KNOWN_DEFECT_CALL_AFTER_LEASE_EXPIRY: bool = false;
 
 /// Which checks run. Disabled ones record nothing.
 #[derive(Debug, Clone, Copy)]

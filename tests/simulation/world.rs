@@ -241,7 +241,7 @@ pub struct World {
     pub holds: BTreeMap<(usize, TokenKey), Hold>,
     /// After a possibly lost reply (network error, timeout), one prompt retry with the same
     /// refresh token is allowed (providers with a reuse window answer it with the lost pair).
-    pub retry_allowed: BTreeMap<(usize, TokenKey), (u32, u32)>,
+    pub retry_allowed: BTreeMap<(usize, TokenKey), ((u32, u32), Instant)>,
     /// The last backoff of a grant from a correctly configured instance, binding every
     /// instance (it is persisted in the shared record).
     pub shared_holds: BTreeMap<TokenKey, (usize, Hold)>,
@@ -598,11 +598,17 @@ impl World {
         }
 
         // Invariants 5 and 5b.
+        // "Prompt": within 5 s of monotonic time of the failure (a store read may come first,
+        // and the store can be slow); an allowance the
+        // engine did not use then (its lease could not cover another call) expires.
         let prompt_retry = presented.is_some()
-            && self.retry_allowed.get(&(inst, key.clone())).copied() == presented;
-        if prompt_retry {
-            self.retry_allowed.remove(&(inst, key.clone()));
-        }
+            && self
+                .retry_allowed
+                .get(&(inst, key.clone()))
+                .is_some_and(|(token, at)| {
+                    Some(*token) == presented && Instant::now() <= *at + Duration::from_secs(5)
+                });
+        self.retry_allowed.remove(&(inst, key.clone()));
         if let Some(hold) = self.holds.get(&(inst, key.clone())).cloned() {
             if now < hold.since + hold.min
                 && Instant::now() < hold.since_mono + hold.min
@@ -621,8 +627,17 @@ impl World {
                 );
             }
         }
+        // A peer's backoff binds this manager once the store holds it (the engine shares a
+        // rate limit or a provider's 5xx; a failure whose backoff the store did not take, or
+        // one caused by the failing instance itself, stays with that instance).
+        let stored_backoff = self
+            .records
+            .get(key)
+            .and_then(|r| r.value.retry_not_before())
+            .is_some_and(|until| until > now);
         if let Some((by, hold)) = self.shared_holds.get(key).cloned() {
             if by != inst
+                && stored_backoff
                 && now < hold.since + hold.min
                 && Instant::now() < hold.since_mono + hold.min
             {
@@ -928,7 +943,8 @@ impl World {
             }
             Reply::Lost => {
                 if let (Some(token), false) = (presented, retry) {
-                    self.retry_allowed.insert((inst, key.clone()), token);
+                    self.retry_allowed
+                        .insert((inst, key.clone()), (token, Instant::now()));
                 }
                 self.hold(
                     inst,
@@ -1005,7 +1021,7 @@ impl World {
             }
             if let (Some(token), false) = (call.presented, call.retry) {
                 self.retry_allowed
-                    .insert((call.inst, call.key.clone()), token);
+                    .insert((call.inst, call.key.clone()), (token, Instant::now()));
             }
             self.hold(
                 call.inst,
