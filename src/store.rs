@@ -205,6 +205,14 @@ impl GrantRecord {
         self.last_refresh
     }
 
+    /// Whether a refresh with the current refresh token may have been executed by the
+    /// provider and its reply lost (a timeout, a dropped connection, a 502/504). A later
+    /// refusal of that refresh token is then reported as
+    /// [`RotationLost`](crate::InvalidationReason::RotationLost).
+    pub fn reply_lost(&self) -> bool {
+        self.reply_lost
+    }
+
     pub(crate) fn dead_reason(&self) -> Option<&InvalidationReason> {
         match &self.state {
             GrantState::ReauthorizationRequired { reason, .. } => Some(reason),

@@ -236,6 +236,8 @@ pub struct World {
     pub delivered: BTreeMap<(usize, TokenKey, u32), u32>,
     /// Replies lost, by the token index they carried, with the instance that sent the call.
     pub lost: BTreeMap<(TokenKey, u32, u32), usize>,
+    /// Refresh tokens the store recorded a possibly lost reply for (`GrantRecord::reply_lost`).
+    pub lost_marked: std::collections::BTreeSet<(TokenKey, u32, u32)>,
     /// Who presented the spent token that killed an incarnation.
     pub killed_by: BTreeMap<(TokenKey, u32), usize>,
     pub holds: BTreeMap<(usize, TokenKey), Hold>,
@@ -304,6 +306,7 @@ impl World {
             delivered: BTreeMap::new(),
             lost: BTreeMap::new(),
             killed_by: BTreeMap::new(),
+            lost_marked: Default::default(),
             holds: BTreeMap::new(),
             retry_allowed: BTreeMap::new(),
             shared_holds: BTreeMap::new(),
@@ -411,6 +414,9 @@ impl World {
             },
         );
         if let Some((inc, idx)) = record_rt(record) {
+            if record.reply_lost() {
+                self.lost_marked.insert((key.clone(), inc, idx));
+            }
             let max = self.stored_max.entry((key.clone(), inc)).or_insert(idx);
             *max = (*max).max(idx);
         }
@@ -607,7 +613,12 @@ impl World {
                 .get(&(inst, key.clone()))
                 .is_some_and(|(token, at)| {
                     Some(*token) == presented && Instant::now() <= *at + Duration::from_secs(5)
-                });
+                })
+            // A call after the backoff is an ordinary one (it may earn its own prompt retry).
+            && self
+                .holds
+                .get(&(inst, key.clone()))
+                .is_some_and(|h| Instant::now() < h.since_mono + h.min);
         self.retry_allowed.remove(&(inst, key.clone()));
         if let Some(hold) = self.holds.get(&(inst, key.clone())).cloned() {
             if now < hold.since + hold.min
@@ -1143,10 +1154,14 @@ impl World {
                 );
             }
             if g.death == Some(Death::ReuseAfterLostReply) && reason != "RotationLost" {
-                // Only when the manager that lost the reply is the one that found out.
+                // Only when the manager that lost the reply is the one that found out, and the
+                // store took its note of the lost reply (a store that refused it leaves the
+                // finder nothing to tell a lost rotation from a revocation).
                 let lost_by = self.lost.get(&(key.clone(), inc, g.latest)).copied();
                 let killer = self.killed_by.get(&(key.clone(), inc)).copied();
-                if lost_by.is_some() && lost_by == killer {
+                let marked =
+                    g.latest > 0 && self.lost_marked.contains(&(key.clone(), inc, g.latest - 1));
+                if lost_by.is_some() && lost_by == killer && marked {
                     self.violate(
                         Inv::RotationLostReason,
                         format!("{key} died after m{} lost the reply carrying {inc}.{}, but the store says {reason}", lost_by.unwrap_or(0), g.latest),
