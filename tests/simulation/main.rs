@@ -16,9 +16,10 @@
 //! SIM_SURVEY=1 cargo test --test simulation -- --nocapture       # count failures, don't fail
 //! ```
 //!
-//! Switches `KNOWN_DEFECT_*` below tolerate defects of today's engine: each one switches
-//! off the check that finds it and the fault that provokes it. Set one to `false` once the
-//! engine fix is merged.
+//! Switches `KNOWN_DEFECT_*` below record the defects this simulation found in the engine
+//! (issue 10); each one, set to `true`, switches off the check that finds it and the fault
+//! that provokes it. All are fixed and `false`: keep them so, and add one (set to `true`, with
+//! the seed) only to land a simulation change ahead of its engine fix.
 //!
 //! # How it works
 //!
