@@ -693,12 +693,14 @@ impl Inner {
         let local = slot.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mono = {
             let mut mono = slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner());
-            // A backoff that started "in the future" (the clock was set back, or a peer's
-            // clock runs ahead) and was not started here: its full length runs from now on
-            // the monotonic clock, so the jump neither stretches nor ends it.
-            if let Some(at) = failed_at.filter(|at| *at > now) {
+            // A failure first seen here is placed on the monotonic clock as far back as the
+            // injected clock says it happened (or now, if that is in the future), so a later
+            // jump of the injected clock cannot move it.
+            if let Some(at) = failed_at {
                 if mono.is_none_or(|(seen, _)| seen != at) {
-                    *mono = Some((at, tokio::time::Instant::now()));
+                    let ago = now.duration_since(at).unwrap_or_default();
+                    let here = tokio::time::Instant::now();
+                    *mono = Some((at, here.checked_sub(ago).unwrap_or(here)));
                 }
             }
             *mono

@@ -511,7 +511,8 @@ impl Inner {
                         record = salvaged;
                     }
                 }
-                Err(e) => return Err(e),
+                // Held pending (and reported); the failure still backs the grant off below.
+                Err(_) => {}
             }
         }
         let error = failure.into_error(key);

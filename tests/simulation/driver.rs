@@ -191,6 +191,8 @@ impl Sim {
         .backoff(p.backoff_base, p.backoff_max)
         .lock_ttl(p.lock_ttl)
         .refresh_timeout(p.refresh_timeout)
+        // An unreadable expiry: assume half the model's lifetime (the default is an hour).
+        .fallback_lifetime(p.lifetime / 2)
         .build();
         Slot {
             inst,

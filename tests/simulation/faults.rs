@@ -33,6 +33,9 @@ pub struct Menu {
     pub slow: bool,
     /// The provider rotates, then the reply is lost (a network error reaches the client).
     pub lost_reply: bool,
+    /// The reply is garbled: an unreadable `expires_in` beside the tokens, or no usable
+    /// access token beside a rotated refresh token (an error that carries it).
+    pub malformed_reply: bool,
     /// 503.
     pub server_error: bool,
     /// 429 with `Retry-After`.
@@ -84,6 +87,7 @@ impl Menu {
             hang_long: true,
             slow: true,
             lost_reply: true,
+            malformed_reply: true,
             server_error: true,
             rate_limited: true,
             revoked: true,
@@ -118,6 +122,7 @@ pub struct Faults {
     pub hang_long: f64,
     pub slow: f64,
     pub lost_reply: f64,
+    pub malformed_reply: f64,
     pub server_error: f64,
     pub rate_limited: f64,
     pub revoked: f64,
@@ -164,6 +169,7 @@ impl Faults {
             hang_long: pick(menu.hang_long, 0.08),
             slow: pick(menu.slow, 0.3),
             lost_reply: pick(menu.lost_reply, 0.1),
+            malformed_reply: pick(menu.malformed_reply, 0.15),
             server_error: pick(menu.server_error, 0.2),
             rate_limited: pick(menu.rate_limited, 0.15),
             revoked: pick(menu.revoked, 0.03),

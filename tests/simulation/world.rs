@@ -236,6 +236,8 @@ pub struct World {
     pub delivered: BTreeMap<(usize, TokenKey, u32), u32>,
     /// Replies lost, by the token index they carried, with the instance that sent the call.
     pub lost: BTreeMap<(TokenKey, u32, u32), usize>,
+    /// When the store last took a record with a backoff, per grant.
+    pub backoff_saved: BTreeMap<TokenKey, Instant>,
     /// Refresh tokens the store recorded a possibly lost reply for (`GrantRecord::reply_lost`).
     pub lost_marked: std::collections::BTreeSet<(TokenKey, u32, u32)>,
     /// Who presented the spent token that killed an incarnation.
@@ -307,6 +309,7 @@ impl World {
             lost: BTreeMap::new(),
             killed_by: BTreeMap::new(),
             lost_marked: Default::default(),
+            backoff_saved: BTreeMap::new(),
             holds: BTreeMap::new(),
             retry_allowed: BTreeMap::new(),
             shared_holds: BTreeMap::new(),
@@ -403,6 +406,20 @@ impl World {
     ) -> Option<Version> {
         if self.records.get(key).map(|r| r.version) != expected {
             return None;
+        }
+        let before = self
+            .records
+            .get(key)
+            .and_then(|r| r.value.retry_not_before());
+        match record.retry_not_before() {
+            // A new backoff (a peer re-saving the same record does not make an old one new).
+            Some(until) if before != Some(until) => {
+                self.backoff_saved.insert(key.clone(), Instant::now());
+            }
+            Some(_) => {}
+            None => {
+                self.backoff_saved.remove(key);
+            }
         }
         self.next_version += 1;
         let version = self.next_version;
@@ -647,8 +664,15 @@ impl World {
             .and_then(|r| r.value.retry_not_before())
             .is_some_and(|until| until > now);
         if let Some((by, hold)) = self.shared_holds.get(key).cloned() {
+            // …and it is this failure's backoff the store took, not an older one that a
+            // clock set back makes look current.
+            let stored_this = self
+                .backoff_saved
+                .get(key)
+                .is_some_and(|at| *at >= hold.since_mono);
             if by != inst
                 && stored_backoff
+                && stored_this
                 && now < hold.since + hold.min
                 && Instant::now() < hold.since_mono + hold.min
             {
@@ -938,12 +962,39 @@ impl World {
                 self.holds.retain(|(_, k), _| k != &key);
                 self.retry_allowed.retain(|(_, k), _| k != &key);
                 self.shared_holds.remove(&key);
+                let garble = self.chance(self.faults.malformed_reply);
+                let rt = RefreshToken::new(token_name("rt", &key, inc, idx));
+                let at = AccessToken::new(token_name("at", &key, inc, idx));
+                if garble && self.rng.bool() {
+                    // No usable access token, but the rotated refresh token rides in the error.
+                    self.log(format!(
+                        "call#{id} m{inst} {key}: delivered {inc}.{idx} in a GARBLED reply (no access token)"
+                    ));
+                    self.hold(
+                        inst,
+                        &key,
+                        presented_inc,
+                        now,
+                        Fail::Transient("garbled reply"),
+                    );
+                    return Err(
+                        ProviderError::unavailable(UnavailableCause::InvalidResponse)
+                            .with_status(200)
+                            .with_rotated_refresh_token(rt),
+                    );
+                }
+                if garble {
+                    self.log(format!(
+                        "call#{id} m{inst} {key}: delivered {inc}.{idx} with an UNREADABLE expires_in"
+                    ));
+                    return Ok(TokenResponse::new(at)
+                        .with_refresh_token(rt)
+                        .with_malformed_field("expires_in"));
+                }
                 self.log(format!("call#{id} m{inst} {key}: delivered {inc}.{idx}"));
-                Ok(
-                    TokenResponse::new(AccessToken::new(token_name("at", &key, inc, idx)))
-                        .with_refresh_token(RefreshToken::new(token_name("rt", &key, inc, idx)))
-                        .with_expires(Expiry::In(self.params.lifetime)),
-                )
+                Ok(TokenResponse::new(at)
+                    .with_refresh_token(rt)
+                    .with_expires(Expiry::In(self.params.lifetime)))
             }
             Reply::Tokens { inc, idx } => {
                 self.lost.insert((key.clone(), *inc, *idx), inst);
@@ -1011,7 +1062,14 @@ impl World {
         // persist its backoff; a failure of a superseded grant does not bind its successor.
         let misconfigured = self.instances.get(&inst).is_some_and(|i| i.misconfigured);
         let current = self.grants.get(key).map(|g| g.inc) == presented_inc;
-        if !misconfigured && current && self.inst_state(inst) != InstState::Crashed {
+        // The engine shares facts about the grant (a rate limit, the provider's 5xx); a
+        // timeout, a lost or garbled reply or a panic is the failing process's own.
+        let about_the_grant = matches!(fail, Fail::RateLimited(_) | Fail::Transient("503"));
+        if !misconfigured
+            && about_the_grant
+            && current
+            && self.inst_state(inst) != InstState::Crashed
+        {
             self.shared_holds.insert(key.clone(), (inst, hold.clone()));
         }
         if current {
