@@ -501,18 +501,17 @@ impl Inner {
         if let Some(rotated) = failure.rotated_refresh_token().cloned() {
             let mut salvaged = record.clone();
             salvaged.tokens = salvaged.tokens.with_refresh_token(rotated);
-            match self
+            // If the store refuses it, it is held pending (and reported); the failure still
+            // backs the grant off below.
+            if self
                 .save_refreshed(key, slot, salvaged.clone(), &record, version)
                 .await
+                .is_ok()
             {
-                Ok(_) => {
-                    if let Some(c) = slot.cached.load_full() {
-                        version = c.version;
-                        record = salvaged;
-                    }
+                if let Some(c) = slot.cached.load_full() {
+                    version = c.version;
+                    record = salvaged;
                 }
-                // Held pending (and reported); the failure still backs the grant off below.
-                Err(_) => {}
             }
         }
         let error = failure.into_error(key);
