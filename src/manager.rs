@@ -232,13 +232,30 @@ impl TokenManager {
 
     /// Stores a new grant for `key` (from an OAuth callback, or copied from a dashboard),
     /// replacing any previous one, dead or alive.
+    ///
+    /// Idempotent: inserting the same tokens again (a retry after a timeout, say) while the
+    /// grant they started is alive changes nothing, even if it was refreshed since, so a
+    /// retried insert never puts back a refresh token the provider has spent.
     pub async fn insert(&self, key: TokenKey, mut tokens: TokenSet) -> Result<()> {
         if tokens.issued_at().is_none() {
             tokens = tokens.with_issued_at(self.inner.clock.now());
         }
-        let record = GrantRecord::new(tokens);
+        let mut record = GrantRecord::new(tokens);
+        record.origin = Some(record.tokens.origin());
         loop {
             let current = self.inner.store.load(&key).await?;
+            if let Some(current) = current
+                .as_ref()
+                .filter(|c| c.value.origin == record.origin && c.value.dead_reason().is_none())
+            {
+                // This very grant was inserted already (a retry after an ambiguous failure)
+                // and may have been refreshed since: writing it again would put back a
+                // refresh token the provider has spent.
+                let slot = self.inner.slot(&key);
+                self.inner
+                    .cache(&slot, &current.value, current.version, None, false);
+                return Ok(());
+            }
             let was_dead = current
                 .as_ref()
                 .is_some_and(|c| c.value.dead_reason().is_some());

@@ -79,6 +79,10 @@ pub struct GrantRecord {
     /// and its reply lost (a timeout, a dropped connection, a 502/504).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) reply_lost: bool,
+    /// A digest of the tokens the grant was inserted with, kept across refreshes: a second
+    /// insert of the same tokens is recognised as a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) origin: Option<u64>,
 }
 
 /// The class of the last refresh failure, kept so that every manager sharing the store (and
@@ -172,6 +176,7 @@ impl GrantRecord {
             last_failure: None,
             failed_at: None,
             reply_lost: false,
+            origin: None,
         }
     }
 

@@ -263,6 +263,19 @@ impl TokenSet {
         }
     }
 
+    /// A digest naming the grant these tokens start (for idempotent inserts). Not a secret's
+    /// substitute: a 64-bit hash of high-entropy tokens.
+    pub(crate) fn origin(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.access_token.secret().hash(&mut hasher);
+        self.refresh_token
+            .as_ref()
+            .map(|t| t.secret())
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+
     /// Whether the refresh token is known to have expired at `now`.
     pub fn is_refresh_token_expired(&self, now: SystemTime) -> bool {
         matches!(self.refresh_expires_at, Some(at) if at <= now)

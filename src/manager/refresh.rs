@@ -229,6 +229,7 @@ impl Inner {
                 let expires_at = tokens.expires_at();
                 let mut fresh = GrantRecord::new(tokens);
                 fresh.last_refresh = Some(now);
+                fresh.origin = record.origin;
                 span.record("rotated", rotated);
                 let outcome = self
                     .save_refreshed(key, slot, fresh, &record, version)
