@@ -95,6 +95,9 @@ pub(crate) struct Slot {
     /// Backoff caused by this process alone (its configuration, its network): never shared
     /// through the store, so it cannot hold back correctly configured peers.
     local: Mutex<Option<LocalHold>>,
+    /// A refresh token the provider refused whose death the store could not be asked to
+    /// record (it changed, then failed): never presented again.
+    refused: Mutex<Option<(crate::token::RefreshToken, InvalidationReason)>>,
     /// The last failure handled here: its clock time and its monotonic instant, so a wall
     /// clock set back cannot end (or stretch) the backoff it started.
     failure_mono: Mutex<Option<(SystemTime, tokio::time::Instant)>>,

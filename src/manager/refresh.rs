@@ -151,6 +151,18 @@ impl Inner {
             span.record("outcome", "dead");
             return Err(dead(key, reason));
         }
+        let refused = slot
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((_, reason)) =
+            refused.filter(|(token, _)| record.tokens.refresh_token() == Some(token))
+        {
+            // The provider already refused this very refresh token: record the death now.
+            span.record("outcome", "dead");
+            return self.mark_dead(key, slot, record, version, reason).await;
+        }
         let now = self.clock.now();
         // Invariant 2: a peer may have refreshed while this task waited.
         if need.satisfied_by(&record.tokens, now, self.config.refresh_margin) {
@@ -670,7 +682,16 @@ impl Inner {
                     let loaded = match self.store.load(key).await {
                         Ok(Some(loaded)) => loaded,
                         Ok(None) => return Err(Error::NotFound { key: key.clone() }),
-                        Err(_) => break,
+                        // The store changed (a peer's rotation? a new grant?) and cannot say
+                        // how: not a death yet. The refused token is remembered here, so it is
+                        // never presented again; the next refresh decides once the store reads.
+                        Err(e) => {
+                            if let Some(token) = failed_refresh.clone() {
+                                *slot.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some((token, reason.clone()));
+                            }
+                            return Err(e.into());
+                        }
                     };
                     let cached = self.cache(slot, &loaded.value, loaded.version, None, true);
                     if let Some(reason) = &cached.dead {
