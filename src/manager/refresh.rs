@@ -390,13 +390,15 @@ impl Inner {
                 self.clear_pending(slot, Some(p.id));
                 return Ok(Some(current));
             }
-            match self.store.save(key, &p.record, Some(current.version)).await {
+            let mut record = p.record.clone();
+            keep_backoff(&mut record, &current.value);
+            match self.store.save(key, &record, Some(current.version)).await {
                 Ok(Cas::Saved(version)) => {
                     self.clear_pending(slot, Some(p.id));
                     tracing::info!("a record held since a failed save is now saved");
                     return Ok(Some(Versioned {
                         version,
-                        value: p.record,
+                        value: record,
                     }));
                 }
                 Ok(Cas::Conflict) => continue,
@@ -434,7 +436,7 @@ impl Inner {
         self: &Arc<Self>,
         key: &TokenKey,
         slot: &Arc<Slot>,
-        fresh: GrantRecord,
+        mut fresh: GrantRecord,
         base: &GrantRecord,
         mut expected: Version,
     ) -> Outcome {
@@ -462,6 +464,7 @@ impl Inner {
                                 && c.value.dead_reason().is_none() =>
                         {
                             expected = c.version;
+                            keep_backoff(&mut fresh, &c.value);
                         }
                         // A new grant was inserted, or a peer refreshed too: the store wins.
                         Some(c) => {
@@ -789,6 +792,18 @@ fn is_fact_about_the_grant(error: &Error) -> bool {
                 )
         }
         _ => false,
+    }
+}
+
+/// Writing `ours` over `theirs` (a metadata-only change by a peer) must not erase a backoff
+/// the peer recorded meanwhile (a provider's rate limit applies to the new tokens too).
+fn keep_backoff(ours: &mut GrantRecord, theirs: &GrantRecord) {
+    if theirs.retry_not_before > ours.retry_not_before {
+        ours.retry_not_before = theirs.retry_not_before;
+        ours.failed_at = theirs.failed_at;
+        ours.failures = theirs.failures;
+        ours.last_failure = theirs.last_failure.clone();
+        ours.last_error = theirs.last_error.clone();
     }
 }
 
