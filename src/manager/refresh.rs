@@ -208,8 +208,8 @@ impl Inner {
                 record.reply_lost = true;
             }
             if reply_may_be_lost(failure)
-                && self.lease_covers(key, lease).is_ok()
                 && self.still_current(key, &record).await
+                && self.lease_covers(key, lease).is_ok()
             {
                 // The provider may have rotated and the reply been lost. Providers with a reuse
                 // window accept the same refresh token again: ask once more, promptly.
