@@ -208,6 +208,7 @@ impl Inner {
                 record.reply_lost = true;
             }
             if reply_may_be_lost(failure)
+                && self.lease_covers(key, lease).is_ok()
                 && self.still_current(key, &record).await
                 && self.lease_covers(key, lease).is_ok()
             {
