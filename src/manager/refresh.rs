@@ -520,14 +520,19 @@ impl Inner {
             salvaged.tokens = salvaged.tokens.with_refresh_token(rotated);
             // If the store refuses it, it is held pending (and reported); the failure still
             // backs the grant off below.
-            if self
+            let saved = self
                 .save_refreshed(key, slot, salvaged.clone(), &record, version)
-                .await
-                .is_ok()
-            {
-                if let Some(c) = slot.cached.load_full() {
-                    version = c.version;
-                    record = salvaged;
+                .await;
+            if let Ok(tokens) = saved {
+                match slot.cached.load_full() {
+                    // Saved: the failure below applies to the salvaged record.
+                    Some(c) if c.tokens.refresh_token() == salvaged.tokens.refresh_token() => {
+                        version = c.version;
+                        record = salvaged;
+                    }
+                    // The store had moved on (a new grant, a peer's refresh): it wins, and this
+                    // failure concerns tokens that are gone.
+                    _ => return Ok(tokens),
                 }
             }
         }
@@ -670,6 +675,20 @@ impl Inner {
                         key: key.clone(),
                         error: e,
                     });
+                    // Before holding the death in memory, see whether the store moved on (a
+                    // new grant inserted meanwhile must not be answered as dead).
+                    if let Ok(Some(loaded)) = self.store.load(key).await {
+                        if loaded.value.tokens.refresh_token() != failed_refresh.as_ref()
+                            || loaded.value.dead_reason().is_some()
+                        {
+                            let cached =
+                                self.cache(slot, &loaded.value, loaded.version, None, true);
+                            return match &cached.dead {
+                                Some(reason) => Err(dead(key, reason)),
+                                None => Ok(cached.tokens.clone()),
+                            };
+                        }
+                    }
                     break;
                 }
             };
