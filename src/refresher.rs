@@ -572,10 +572,11 @@ impl Scheduler {
 
     /// When the per-minute cap is reached: the instant a start is allowed again.
     fn rate_blocked(&mut self, now: SystemTime) -> Option<SystemTime> {
+        let now = now.max(self.inner.clock.now());
         while self
             .starts
             .front()
-            .is_some_and(|t| later(*t, MINUTE) <= now || *t > now)
+            .is_some_and(|t| later(*t, MINUTE) <= now || *t > later(now, MINUTE))
         {
             // Starts older than a minute leave the window; starts "in the future" mean the
             // clock was set back, and must not block the refresher for that long.
@@ -585,6 +586,9 @@ impl Scheduler {
     }
 
     fn spawn_refresh(&mut self, key: TokenKey, record: GrantRecord, now: SystemTime) {
+        // The time the start really happens (store reads may have taken a while, and the clock
+        // may have jumped since `now` was read): the cap counts starts at this time.
+        let now = now.max(self.inner.clock.now());
         // Every start respects the per-minute cap, whichever path asked for it.
         if let Some(until) = self.rate_blocked(now) {
             self.plan(key, until);
