@@ -202,12 +202,11 @@ impl Inner {
         let mut result = self.call_provider(key, &record.tokens, now).await;
         let mut record = record;
         if let Err(failure) = &result {
-            if reply_may_be_lost(failure) {
-                // Remembered with the grant (for every process): a later refusal of this
-                // refresh token means the rotation was lost, not that the user revoked.
-                record.reply_lost = true;
-            }
-            if reply_may_be_lost(failure)
+            // Remembered with the grant (for every process): a later refusal of this refresh
+            // token means the rotation was lost, not that the user revoked.
+            let lost = reply_may_be_lost(failure);
+            record.reply_lost |= lost;
+            if lost
                 && self.lease_covers(key, lease).is_ok()
                 && self.still_current(key, &record).await
                 && self.lease_covers(key, lease).is_ok()
@@ -432,6 +431,16 @@ impl Inner {
         }
     }
 
+    /// The store holds a record this refresh did not write (a new grant, a peer's refresh or
+    /// death): it wins, and is what the callers get.
+    fn adopt(&self, key: &TokenKey, slot: &Slot, stored: &Versioned<GrantRecord>) -> Outcome {
+        let cached = self.cache(slot, &stored.value, stored.version, None, true);
+        match &cached.dead {
+            Some(reason) => Err(dead(key, reason)),
+            None => Ok(cached.tokens.clone()),
+        }
+    }
+
     /// Invariant 3: saves the refreshed record (compare-and-swap) before anyone sees it.
     async fn save_refreshed(
         self: &Arc<Self>,
@@ -469,11 +478,7 @@ impl Inner {
                         }
                         // A new grant was inserted, or a peer refreshed too: the store wins.
                         Some(c) => {
-                            let cached = self.cache(slot, &c.value, c.version, None, true);
-                            return match &cached.dead {
-                                Some(reason) => Err(dead(key, reason)),
-                                None => Ok(cached.tokens.clone()),
-                            };
+                            return self.adopt(key, slot, &c);
                         }
                         None => return Err(Error::NotFound { key: key.clone() }),
                     }
@@ -571,6 +576,15 @@ impl Inner {
         let delay = self.backoff(failures, error.retry_after(), rate_limited);
         let retry_at = later(now, delay);
         let error = error.with_retry_after(delay);
+        let hold_here = |until: SystemTime| {
+            *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
+                until,
+                since: now,
+                mono: tokio::time::Instant::now(),
+                failures,
+                error: error.clone(),
+            });
+        };
         let cached: Arc<Cached> = if shared {
             let mut held = record.clone();
             held.failures = failures;
@@ -594,13 +608,7 @@ impl Inner {
                 None => {
                     // The store did not take the backoff (a peer wrote first, or it failed):
                     // it still holds in this process, or the next call would retry at once.
-                    *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
-                        until: retry_at,
-                        since: now,
-                        mono: tokio::time::Instant::now(),
-                        failures,
-                        error: error.clone(),
-                    });
+                    hold_here(retry_at);
                     version
                 }
             };
@@ -608,13 +616,7 @@ impl Inner {
         } else {
             // This process's own problem (its configuration, its network, its provider code):
             // the backoff stays here and peers keep refreshing normally.
-            *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
-                until: retry_at,
-                since: now,
-                mono: tokio::time::Instant::now(),
-                failures,
-                error: error.clone(),
-            });
+            hold_here(retry_at);
             let mut version = version;
             if record.reply_lost {
                 // Only the fact that a reply was lost is shared, not the backoff.
@@ -681,12 +683,7 @@ impl Inner {
                         if loaded.value.tokens.refresh_token() != failed_refresh.as_ref()
                             || loaded.value.dead_reason().is_some()
                         {
-                            let cached =
-                                self.cache(slot, &loaded.value, loaded.version, None, true);
-                            return match &cached.dead {
-                                Some(reason) => Err(dead(key, reason)),
-                                None => Ok(cached.tokens.clone()),
-                            };
+                            return self.adopt(key, slot, &loaded);
                         }
                     }
                     break;
