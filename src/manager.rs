@@ -98,6 +98,10 @@ pub(crate) struct Slot {
     /// A refresh token the provider refused whose death the store could not be asked to
     /// record (it changed, then failed): never presented again.
     refused: Mutex<Option<(crate::token::RefreshToken, InvalidationReason)>>,
+    /// A refresh token whose reply this process may have lost (a timeout, a dropped
+    /// connection): if the provider later refuses it, the rotation was lost, even when the store
+    /// never took the fact (a conflict or an error when it was saved).
+    lost_reply: Mutex<Option<crate::token::RefreshToken>>,
     /// The last failure handled here: its clock time and its monotonic instant, so a wall
     /// clock set back cannot end (or stretch) the backoff it started.
     failure_mono: Mutex<Option<(SystemTime, tokio::time::Instant)>>,

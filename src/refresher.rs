@@ -270,9 +270,10 @@ pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHand
         starts: VecDeque::new(),
         started: 0,
         control: control.clone(),
+        progress: progress_tx,
         inner,
     };
-    let task = tokio::spawn(scheduler.run(shutdown_rx, control_rx, progress_tx));
+    let task = tokio::spawn(scheduler.run(shutdown_rx, control_rx));
     RefresherHandle {
         inner: handle_inner,
         shutdown_timeout,
@@ -300,6 +301,7 @@ struct Scheduler {
     started: u64,
     semaphore: Arc<Semaphore>,
     control: mpsc::UnboundedSender<Control>,
+    progress: watch::Sender<Progress>,
 }
 
 /// What to do with a grant at a check.
@@ -316,7 +318,6 @@ impl Scheduler {
         mut self,
         mut shutdown: watch::Receiver<bool>,
         mut control: mpsc::UnboundedReceiver<Control>,
-        progress: watch::Sender<Progress>,
     ) {
         let clock = self.inner.clock.clone();
         let mut next_rescan = clock.now();
@@ -327,7 +328,7 @@ impl Scheduler {
                 next_rescan = later(now, self.config.rescan_interval);
             }
             let blocked_until = self.start_due(now).await;
-            let _ = progress.send(Progress {
+            let _ = self.progress.send(Progress {
                 as_of: Some(now),
                 scheduled: self.planned.len(),
                 in_flight: self.in_flight.len(),
@@ -364,7 +365,7 @@ impl Scheduler {
                 break;
             }
         }
-        progress.send_modify(|p| p.stopped = true);
+        self.progress.send_modify(|p| p.stopped = true);
         tracing::debug!("background refresher stopped");
     }
 
@@ -600,6 +601,9 @@ impl Scheduler {
         };
         self.starts.push_back(now);
         self.started += 1;
+        // Published at once: a start must never look later than it was.
+        let started = self.started;
+        self.progress.send_modify(|p| p.started = started);
         self.last_attempt.insert(key.clone(), now);
         self.in_flight.insert(key.clone());
         let inner = self.inner.clone();

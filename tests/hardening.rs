@@ -1268,3 +1268,182 @@ async fn a_backoff_the_store_would_not_take_still_holds() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "Retry-After ignored");
     refresher.shutdown().await;
 }
+
+// ---- Found by the simulation ---------------------------------------------------------------
+
+fn manager_with(
+    provider: impl Provider,
+    store: Arc<FaultyStore>,
+    clock: Arc<ManualClock>,
+    configure: impl FnOnce(tokenkeeper::TokenManagerBuilder) -> tokenkeeper::TokenManagerBuilder,
+) -> TokenManager {
+    configure(TokenManager::builder(provider).store(store).clock(clock)).build()
+}
+
+/// Counts calls and answers every one with `reply`.
+fn always(
+    calls: &Arc<AtomicUsize>,
+    reply: impl Fn() -> ProviderError + Send + Sync + 'static,
+) -> impl Provider {
+    let calls = calls.clone();
+    let reply = Arc::new(reply);
+    provider_fn(move |_, _| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let reply = reply.clone();
+        async move { Err(reply()) }
+    })
+}
+
+// Seed 118468: a peer's later, shorter failure adopted from the store replaced this manager's
+// own Retry-After, and a clock set back then measured the peer's length instead.
+#[tokio::test(start_paused = true)]
+async fn a_peers_later_failure_does_not_cut_this_managers_own_retry_after_short() {
+    let clock = Arc::new(ManualClock::fixed());
+    let start = clock.now();
+    let store = Arc::new(FaultyStore::default());
+    let (limited, failing) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let short = |b: tokenkeeper::TokenManagerBuilder| {
+        b.backoff(Duration::from_secs(1), Duration::from_secs(2))
+    };
+    let m0 = manager_with(
+        always(&limited, || {
+            ProviderError::rate_limited(Some(Duration::from_secs(46))).with_status(429)
+        }),
+        store.clone(),
+        clock.clone(),
+        short,
+    );
+    let m1 = manager_with(
+        always(&failing, || {
+            ProviderError::unavailable(UnavailableCause::ServerError).with_status(503)
+        }),
+        store.clone(),
+        clock.clone(),
+        short,
+    );
+    m0.insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        m0.refresh_now(&key()).await,
+        Err(Error::RateLimited { .. })
+    ));
+    // The clock leaps three hours ahead: by it, m0's 46 s are long over, and m1 fails too.
+    clock.set(start + 3 * HOUR);
+    assert!(m1.refresh_now(&key()).await.is_err());
+    assert_eq!(failing.load(Ordering::SeqCst), 1);
+    // m0 reads m1's failure (a backoff of a second or two) from the store.
+    assert!(m0.refresh_now(&key()).await.is_err());
+    // Then the clock is set back before both failures; five real seconds pass.
+    clock.set(start - HOUR);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(m0.refresh_now(&key()).await.is_err());
+    assert_eq!(
+        limited.load(Ordering::SeqCst),
+        1,
+        "m0 called 5 s after being told to wait 46 s"
+    );
+    // Its own 46 s still end, in real time.
+    tokio::time::sleep(Duration::from_secs(42)).await;
+    assert!(m0.refresh_now(&key()).await.is_err());
+    assert_eq!(limited.load(Ordering::SeqCst), 2);
+}
+
+/// A `Strict` provider whose first call takes `first` of tokio time (and of `clock`'s, if
+/// given; else the clock stands still, as if set back by as much during the call).
+fn slow_first(
+    strict: &Arc<Strict>,
+    first: Duration,
+    clock: Option<Arc<ManualClock>>,
+) -> impl Provider {
+    let strict = strict.clone();
+    let slow = Arc::new(AtomicBool::new(true));
+    provider_fn(move |_, tokens: TokenSet| {
+        let (strict, slow, clock) = (strict.clone(), slow.clone(), clock.clone());
+        async move {
+            if slow.swap(false, Ordering::SeqCst) {
+                tokio::time::sleep(first).await;
+                if let Some(clock) = clock {
+                    clock.advance(first);
+                }
+            }
+            strict.refresh(&tokens)
+        }
+    })
+}
+
+// Seed 513821: the lease's budget was measured on the injected clock only; set back (here:
+// standing still) while a call ran, it let a prompt retry start after the store's lease had
+// run out, beside a peer holding the next lease.
+#[tokio::test(start_paused = true)]
+async fn a_lease_is_spent_by_real_time_even_when_the_clock_stands_still() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let strict = Arc::new(Strict::default());
+    strict.reuse_window.store(true, Ordering::SeqCst);
+    strict.lose.store(1, Ordering::SeqCst);
+    // A 40 s lease and a 30 s timeout leave 10 s in which a call may start.
+    let manager = manager_with(
+        slow_first(&strict, Duration::from_secs(20), None),
+        store.clone(),
+        clock.clone(),
+        |b| {
+            b.lock_ttl(Duration::from_secs(40))
+                .refresh_timeout(Duration::from_secs(30))
+        },
+    );
+    manager
+        .insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    // The first call's reply is lost 20 s into the lease: no retry may start under it.
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                cause: UnavailableCause::Network,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(strict.calls(), 1, "a call started after the lease's budget");
+}
+
+// Seed 102892: the fact that a reply was lost never reached the store (a conflict), so the
+// provider's later refusal of that token was reported as a plain `InvalidGrant`.
+#[tokio::test(start_paused = true)]
+async fn a_lost_reply_the_store_did_not_record_still_makes_the_death_rotation_lost() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let strict = Arc::new(Strict::default());
+    strict.lose.store(1, Ordering::SeqCst);
+    let manager = manager_with(
+        slow_first(&strict, Duration::from_secs(20), Some(clock.clone())),
+        store.clone(),
+        clock.clone(),
+        |b| {
+            b.lock_ttl(Duration::from_secs(40))
+                .refresh_timeout(Duration::from_secs(30))
+        },
+    );
+    manager
+        .insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    // The first reply is lost too late in the lease for a prompt retry, and the save
+    // recording the loss conflicts.
+    store.conflicts.store(1, Ordering::SeqCst);
+    assert!(manager.access_token(&key()).await.is_err());
+    assert!(!store.stored(&key()).reply_lost());
+    clock.advance(HOUR);
+    tokio::time::sleep(HOUR).await;
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert_eq!(
+        err.invalidation_reason(),
+        Some(&InvalidationReason::RotationLost),
+        "{err:?}"
+    );
+    assert_eq!(strict.calls(), 2);
+}

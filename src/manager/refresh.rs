@@ -32,6 +32,13 @@ pub(crate) fn later(t: SystemTime, d: Duration) -> SystemTime {
     t.checked_add(d.min(FAR)).unwrap_or(t)
 }
 
+/// When a provider call may no longer start under the refresh lock's lease.
+#[derive(Debug, Clone, Copy)]
+struct LeaseDeadline {
+    wall: SystemTime,
+    mono: tokio::time::Instant,
+}
+
 impl Inner {
     /// Runs on a spawned task; the single refresh of `key` in this process.
     pub(super) async fn run_refresh(
@@ -51,7 +58,7 @@ impl Inner {
         async {
             let started = Instant::now();
             // The lease counts from before the request: the store may start it any time after.
-            let asked = self.clock.now();
+            let asked = (self.clock.now(), tokio::time::Instant::now());
             let lock = match self.store.lock(key, self.config.lock_ttl).await {
                 Ok(lock) => lock,
                 // Without the lock no provider call is made; a pending death still stands.
@@ -96,20 +103,29 @@ impl Inner {
     /// The last instant a provider call may start under a lease taken at `asked`: the call
     /// (bounded by the refresh timeout) must end before the lease can run out, or another
     /// process could be let in while it runs and both present the same refresh token.
-    fn lease_deadline(&self, asked: SystemTime) -> SystemTime {
+    fn lease_deadline(&self, asked: (SystemTime, tokio::time::Instant)) -> LeaseDeadline {
         let (ttl, timeout) = (self.config.lock_ttl, self.config.refresh_timeout);
         let budget = if ttl > timeout {
             ttl - timeout
         } else {
             ttl / 2
         };
-        later(asked, budget)
+        LeaseDeadline {
+            wall: later(asked.0, budget),
+            mono: asked.1.checked_add(budget).unwrap_or(asked.1),
+        }
     }
 
     /// Refuses a provider call the lease may not cover (the store or the clock was slow).
-    fn lease_covers(&self, key: &TokenKey, lease: Option<SystemTime>) -> Result<(), Error> {
+    ///
+    /// The store measures the lease on its own clock, so the budget is spent when either the
+    /// injected clock or the monotonic clock says so: a wall clock set back must not stretch it.
+    fn lease_covers(&self, key: &TokenKey, lease: Option<LeaseDeadline>) -> Result<(), Error> {
         match lease {
-            Some(deadline) if self.clock.now() > deadline => {
+            Some(deadline)
+                if self.clock.now() > deadline.wall
+                    || tokio::time::Instant::now() > deadline.mono =>
+            {
                 tracing::warn!(
                     "the refresh lock's lease may run out before the provider answers; not calling"
                 );
@@ -130,7 +146,7 @@ impl Inner {
         key: &TokenKey,
         slot: &Arc<Slot>,
         need: Need,
-        lease: Option<SystemTime>,
+        lease: Option<LeaseDeadline>,
     ) -> Outcome {
         let span = tracing::Span::current();
         let loaded = match self.reconcile(key, slot).await {
@@ -206,6 +222,10 @@ impl Inner {
             // token means the rotation was lost, not that the user revoked.
             let lost = reply_may_be_lost(failure);
             record.reply_lost |= lost;
+            if lost {
+                *slot.lost_reply.lock().unwrap_or_else(|e| e.into_inner()) =
+                    record.tokens.refresh_token().cloned();
+            }
             if lost
                 && self.lease_covers(key, lease).is_ok()
                 && self.still_current(key, &record).await
@@ -603,15 +623,12 @@ impl Inner {
                     None
                 }
             };
-            let version = match saved {
-                Some(v) => v,
-                None => {
-                    // The store did not take the backoff (a peer wrote first, or it failed):
-                    // it still holds in this process, or the next call would retry at once.
-                    hold_here(retry_at);
-                    version
-                }
-            };
+            // The backoff also holds in this process, whatever the store does with it: if the
+            // store did not take it (a peer wrote first, or it failed) the next call would
+            // retry at once, and a peer's later failure adopted from the store must not replace
+            // this one's length when the clock is set back.
+            hold_here(retry_at);
+            let version = saved.unwrap_or(version);
             self.cache(slot, &held, version, Some(error.clone()), true)
         } else {
             // This process's own problem (its configuration, its network, its provider code):
@@ -650,10 +667,15 @@ impl Inner {
         mut version: Version,
         reason: InvalidationReason,
     ) -> Outcome {
-        // A refusal of a refresh token whose reply was lost earlier: the rotation was lost.
+        // A refusal of a refresh token whose reply was lost earlier (by anyone, or by this
+        // process even if the store never took the fact): the rotation was lost.
+        let lost_here = {
+            let lost = slot.lost_reply.lock().unwrap_or_else(|e| e.into_inner());
+            lost.is_some() && lost.as_ref() == record.tokens.refresh_token()
+        };
         let mut reason = match reason {
             InvalidationReason::InvalidGrant | InvalidationReason::Superseded
-                if record.reply_lost =>
+                if record.reply_lost || lost_here =>
             {
                 InvalidationReason::RotationLost
             }

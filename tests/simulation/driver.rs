@@ -278,14 +278,8 @@ impl Sim {
             self.offset += if back { -secs } else { secs };
             self.max_offset = self.max_offset.max(self.offset);
             self.sync_clock();
+            // (The store measures lease time on its own clock: the jump does not touch it.)
             let mut w = lock(&self.world);
-            if back {
-                // The store measures lease time itself: a wall-clock jump back does not
-                // stretch a lease.
-                for lease in w.leases.values_mut() {
-                    lease.expires -= Duration::from_secs(secs as u64);
-                }
-            }
             w.clock.changed.notify_waiters();
             w.log(format!(
                 "step {step}: CLOCK JUMP {} {hours} h",

@@ -163,8 +163,8 @@ impl TokenStore for SimStore {
         Ok(w.records.keys().cloned().collect())
     }
 
-    /// A lease: held until released or until `ttl` of clock time has passed, whichever is
-    /// first. After expiry a second holder gets in even if the first still runs.
+    /// A lease: held until released or until `ttl` has passed on the store's own clock,
+    /// whichever is first. After expiry a second holder gets in even if the first still runs.
     async fn lock(
         &self,
         key: &TokenKey,
@@ -196,11 +196,15 @@ impl TokenStore for SimStore {
                             id,
                         })));
                     }
-                    // Woken when the clock moves or a lease is released.
-                    Err(_) => w.clock.changed.clone(),
+                    // Woken when a lease is released or runs out.
+                    Err(expires) => (w.clock.changed.clone(), expires),
                 }
             };
-            changed.notified().await;
+            let (changed, expires) = changed;
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep_until(expires) => {}
+            }
         }
     }
 }

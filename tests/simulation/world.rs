@@ -160,7 +160,9 @@ pub struct Hold {
 pub struct Lease {
     pub id: u64,
     pub owner: usize,
-    pub expires: SystemTime,
+    /// On the store's own clock (a remote Redis or database): clock jumps on the
+    /// application's host, either way, neither end nor stretch it.
+    pub expires: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,8 +456,8 @@ impl World {
         key: &TokenKey,
         owner: usize,
         ttl: Duration,
-    ) -> Result<u64, SystemTime> {
-        let now = self.now();
+    ) -> Result<u64, Instant> {
+        let now = Instant::now();
         if let Some(lease) = self.leases.get(key) {
             if lease.expires > now {
                 return Err(lease.expires);
@@ -482,7 +484,7 @@ impl World {
     }
 
     fn lease_valid(&self, key: &TokenKey, id: Option<u64>) -> bool {
-        let now = self.now();
+        let now = Instant::now();
         match (self.leases.get(key), id) {
             (Some(lease), Some(id)) => lease.id == id && lease.expires > now,
             _ => false,
@@ -585,7 +587,7 @@ impl World {
         let lease = self
             .leases
             .get(key)
-            .filter(|l| l.owner == inst && l.expires > now)
+            .filter(|l| l.owner == inst && l.expires > Instant::now())
             .map(|l| l.id);
         if lease.is_none() {
             // Its lease expired while it waited (a slow store, a clock jump): lease semantics,
