@@ -3,7 +3,9 @@
 
 mod support;
 
-use std::collections::HashMap;
+use support::counting;
+use support::store::FaultyStore;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,10 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock, Rotation};
 use tokenkeeper::{
-    provider_fn, AccessToken, Cas, Clock, ConfigProblem, Error, Event, Expiry, GrantRecord,
-    InvalidationReason, Provider, ProviderError, RefreshLock, RefreshRequest, RefreshToken,
-    RefresherConfig, StoreError, TokenKey, TokenManager, TokenResponse, TokenSet, TokenStore,
-    UnavailableCause, Version, Versioned,
+    provider_fn, AccessToken, Cas, Clock, ConfigProblem, Error, Event, Expiry, InvalidationReason,
+    Provider, ProviderError, RefreshRequest, RefreshToken, RefresherConfig, TokenKey, TokenManager,
+    TokenResponse, TokenSet, TokenStore, UnavailableCause,
 };
 
 fn key() -> TokenKey {
@@ -101,161 +102,6 @@ impl Strict {
     }
 }
 
-/// A store with scripted faults and versions it can be made to forget (a restore from backup).
-/// Its refresh lock is a lease on tokio's clock.
-#[derive(Default)]
-struct FaultyStore {
-    records: Mutex<HashMap<TokenKey, Versioned<GrantRecord>>>,
-    next_version: Mutex<Version>,
-    fail_loads: AtomicBool,
-    fail_saves: AtomicBool,
-    /// The next saves answer `Conflict` without writing.
-    conflicts: AtomicUsize,
-    /// The next saves fail with an error, without writing.
-    save_failures: AtomicUsize,
-    leases: Arc<Mutex<HashMap<TokenKey, (u64, tokio::time::Instant)>>>,
-    lease_ids: AtomicUsize,
-    /// The next load moves this clock by this much (a store that stalls).
-    stall_next_load: Mutex<Option<(Arc<ManualClock>, Duration)>>,
-}
-
-impl FaultyStore {
-    fn snapshot(&self) -> HashMap<TokenKey, Versioned<GrantRecord>> {
-        self.records.lock().unwrap().clone()
-    }
-
-    /// Puts back an old snapshot, versions and all.
-    fn restore(&self, snapshot: HashMap<TokenKey, Versioned<GrantRecord>>) {
-        *self.records.lock().unwrap() = snapshot;
-        let max = self
-            .records
-            .lock()
-            .unwrap()
-            .values()
-            .map(|v| v.version)
-            .max()
-            .unwrap_or(0);
-        *self.next_version.lock().unwrap() = max;
-    }
-
-    fn stored(&self, key: &TokenKey) -> GrantRecord {
-        self.records.lock().unwrap()[key].value.clone()
-    }
-
-    fn stored_refresh_token(&self, key: &TokenKey) -> String {
-        self.stored(key)
-            .tokens()
-            .refresh_token()
-            .unwrap()
-            .secret()
-            .to_owned()
-    }
-}
-
-#[async_trait]
-impl TokenStore for FaultyStore {
-    async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
-        if self.fail_loads.load(Ordering::SeqCst) {
-            return Err(StoreError::new("connection refused"));
-        }
-        if let Some((clock, by)) = self.stall_next_load.lock().unwrap().take() {
-            clock.advance(by);
-        }
-        Ok(self.records.lock().unwrap().get(key).cloned())
-    }
-
-    async fn save(
-        &self,
-        key: &TokenKey,
-        record: &GrantRecord,
-        expected: Option<Version>,
-    ) -> Result<Cas, StoreError> {
-        if self.fail_saves.load(Ordering::SeqCst)
-            || self
-                .save_failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            return Err(StoreError::new("disk full"));
-        }
-        if self
-            .conflicts
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Ok(Cas::Conflict);
-        }
-        let mut records = self.records.lock().unwrap();
-        if records.get(key).map(|r| r.version) != expected {
-            return Ok(Cas::Conflict);
-        }
-        let mut next = self.next_version.lock().unwrap();
-        *next += 1;
-        records.insert(
-            key.clone(),
-            Versioned {
-                version: *next,
-                value: record.clone(),
-            },
-        );
-        Ok(Cas::Saved(*next))
-    }
-
-    async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
-        Ok(self.records.lock().unwrap().remove(key).is_some())
-    }
-
-    async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        Ok(self.records.lock().unwrap().keys().cloned().collect())
-    }
-
-    /// A lease: granted when free or when the holder's ttl ran out (the holder is not told).
-    async fn lock(
-        &self,
-        key: &TokenKey,
-        ttl: Duration,
-    ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
-        loop {
-            {
-                let now = tokio::time::Instant::now();
-                let mut leases = self.leases.lock().unwrap();
-                let free = leases.get(key).is_none_or(|(_, until)| *until <= now);
-                if free {
-                    let id = self.lease_ids.fetch_add(1, Ordering::SeqCst) as u64;
-                    leases.insert(key.clone(), (id, now + ttl));
-                    return Ok(Some(Box::new(LeaseGuard {
-                        leases: self.leases.clone(),
-                        key: key.clone(),
-                        id,
-                    })));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Releases the lease if it still holds it (a lease that ran out may belong to another).
-struct LeaseGuard {
-    leases: Arc<Mutex<HashMap<TokenKey, (u64, tokio::time::Instant)>>>,
-    key: TokenKey,
-    id: u64,
-}
-
-#[async_trait]
-impl RefreshLock for LeaseGuard {
-    async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        let mut leases = self.leases.lock().unwrap();
-        if leases
-            .get(&self.key)
-            .is_some_and(|(held, _)| *held == self.id)
-        {
-            leases.remove(&self.key);
-        }
-        Ok(())
-    }
-}
-
 fn manager(
     provider: impl Provider,
     store: Arc<FaultyStore>,
@@ -272,18 +118,11 @@ fn manager(
 #[tokio::test(start_paused = true)]
 async fn an_access_only_grant_is_served_until_it_expires_and_never_kept_alive() {
     let clock = Arc::new(ManualClock::fixed());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                Err(ProviderError::reauthorize(
-                    InvalidationReason::NoRefreshToken,
-                ))
-            }
-        })
-    };
+    let (calls, provider) = counting(|| async {
+        Err(ProviderError::reauthorize(
+            InvalidationReason::NoRefreshToken,
+        ))
+    });
     let manager = TokenManager::builder(provider).clock(clock.clone()).build();
     let mut rx = manager.subscribe();
     // A dashboard-minted token that lives 30 days, with no refresh token.
@@ -346,14 +185,8 @@ async fn an_access_only_grant_is_served_until_it_expires_and_never_kept_alive() 
 #[tokio::test(start_paused = true)]
 async fn an_access_only_grant_rejected_by_the_api_dies_at_once() {
     let clock = Arc::new(ManualClock::fixed());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Ok(TokenResponse::new(AccessToken::new("never"))) }
-        })
-    };
+    let (calls, provider) =
+        counting(|| async { Ok(TokenResponse::new(AccessToken::new("never"))) });
     let manager = TokenManager::builder(provider).clock(clock.clone()).build();
     let token = AccessToken::new("long-lived");
     manager
@@ -509,7 +342,7 @@ async fn a_peers_metadata_change_does_not_discard_an_unsaved_rotation() {
     let err = manager.access_token(&key()).await.unwrap_err();
     assert!(matches!(err, Error::Store(_)), "{err:?}");
     // Meanwhile a peer changes only metadata (it records a failure of its own).
-    let current = store.records.lock().unwrap()[&key()].clone();
+    let current = store.snapshot()[&key()].clone();
     store.fail_saves.store(false, Ordering::SeqCst);
     let resaved = store
         .save(&key(), &current.value, Some(current.version))
@@ -530,14 +363,8 @@ async fn a_peers_metadata_change_does_not_discard_an_unsaved_rotation() {
 async fn a_dead_grant_the_store_cannot_record_is_not_hammered() {
     let clock = Arc::new(ManualClock::fixed());
     let store = Arc::new(FaultyStore::default());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(ProviderError::reauthorize(InvalidationReason::Revoked)) }
-        })
-    };
+    let (calls, provider) =
+        counting(|| async { Err(ProviderError::reauthorize(InvalidationReason::Revoked)) });
     let manager = manager(provider, store.clone(), clock.clone());
     let mut rx = manager.subscribe();
     manager
@@ -589,14 +416,7 @@ async fn a_dead_grant_the_store_cannot_record_is_not_hammered() {
 #[tokio::test(start_paused = true)]
 async fn a_hanging_provider_times_out_and_backs_off() {
     let clock = Arc::new(ManualClock::fixed());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            std::future::pending::<Result<TokenResponse, ProviderError>>()
-        })
-    };
+    let (calls, provider) = counting(std::future::pending::<Result<TokenResponse, ProviderError>>);
     let manager = TokenManager::builder(provider)
         .clock(clock.clone())
         .refresh_timeout(Duration::from_secs(10))
@@ -831,14 +651,8 @@ async fn a_misconfigured_instance_keeps_its_backoff_to_itself() {
 #[tokio::test(start_paused = true)]
 async fn a_misconfigured_instance_does_not_retry_before_its_backoff() {
     let clock = Arc::new(ManualClock::fixed());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let wrong_secret = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(ProviderError::misconfigured(ConfigProblem::InvalidClient)) }
-        })
-    };
+    let (calls, wrong_secret) =
+        counting(|| async { Err(ProviderError::misconfigured(ConfigProblem::InvalidClient)) });
     let manager = manager(wrong_secret, Arc::default(), clock.clone());
     manager
         .insert(key(), expired_grant(&clock, "rt-0"))
@@ -862,18 +676,11 @@ async fn a_misconfigured_instance_does_not_retry_before_its_backoff() {
 async fn the_per_minute_cap_holds_for_the_startup_scan_and_for_inserts() {
     let clock = Arc::new(ManualClock::fixed());
     let store = Arc::new(FaultyStore::default());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                Ok(TokenResponse::new(AccessToken::new("at"))
-                    .with_refresh_token(RefreshToken::new("rt"))
-                    .with_expires(Expiry::In(DAY)))
-            }
-        })
-    };
+    let (calls, provider) = counting(|| async {
+        Ok(TokenResponse::new(AccessToken::new("at"))
+            .with_refresh_token(RefreshToken::new("rt"))
+            .with_expires(Expiry::In(DAY)))
+    });
     let manager = manager(provider, store.clone(), clock.clone());
     for n in 0..20 {
         manager
@@ -912,17 +719,10 @@ async fn the_per_minute_cap_holds_for_the_startup_scan_and_for_inserts() {
 #[tokio::test(start_paused = true)]
 async fn a_panicking_provider_answers_every_waiter_with_a_typed_error_and_backs_off() {
     let clock = Arc::new(ManualClock::fixed());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                panic!("provider bug")
-            }
-        })
-    };
+    let (calls, provider) = counting(|| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        panic!("provider bug")
+    });
     let manager = manager(provider, Arc::default(), clock.clone());
     manager
         .insert(key(), expired_grant(&clock, "rt-0"))
@@ -953,16 +753,9 @@ async fn a_panicking_provider_answers_every_waiter_with_a_typed_error_and_backs_
 #[tokio::test(start_paused = true)]
 async fn extreme_settings_saturate_instead_of_panicking_or_inverting() {
     let clock = Arc::new(ManualClock::fixed());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                Err(ProviderError::unavailable(UnavailableCause::ServerError).with_status(503))
-            }
-        })
-    };
+    let (calls, provider) = counting(|| async {
+        Err(ProviderError::unavailable(UnavailableCause::ServerError).with_status(503))
+    });
     let builder = || {
         TokenManager::builder(provider.clone())
             .clock(clock.clone())
@@ -1238,16 +1031,9 @@ async fn no_provider_call_starts_that_the_lease_may_not_cover() {
 async fn a_backoff_the_store_would_not_take_still_holds() {
     let clock = Arc::new(ManualClock::fixed());
     let store = Arc::new(FaultyStore::default());
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = calls.clone();
-        provider_fn(move |_, _| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                Err(ProviderError::rate_limited(Some(Duration::from_secs(600))).with_status(429))
-            }
-        })
-    };
+    let (calls, provider) = counting(|| async {
+        Err(ProviderError::rate_limited(Some(Duration::from_secs(600))).with_status(429))
+    });
     let manager = manager(provider, store.clone(), clock.clone());
     manager
         .insert(key(), expired_grant(&clock, "rt-0"))
@@ -1280,20 +1066,6 @@ fn manager_with(
     configure(TokenManager::builder(provider).store(store).clock(clock)).build()
 }
 
-/// Counts calls and answers every one with `reply`.
-fn always(
-    calls: &Arc<AtomicUsize>,
-    reply: impl Fn() -> ProviderError + Send + Sync + 'static,
-) -> impl Provider {
-    let calls = calls.clone();
-    let reply = Arc::new(reply);
-    provider_fn(move |_, _| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        let reply = reply.clone();
-        async move { Err(reply()) }
-    })
-}
-
 // Seed 118468: a peer's later, shorter failure adopted from the store replaced this manager's
 // own Retry-After, and a clock set back then measured the peer's length instead.
 #[tokio::test(start_paused = true)]
@@ -1301,26 +1073,17 @@ async fn a_peers_later_failure_does_not_cut_this_managers_own_retry_after_short(
     let clock = Arc::new(ManualClock::fixed());
     let start = clock.now();
     let store = Arc::new(FaultyStore::default());
-    let (limited, failing) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let short = |b: tokenkeeper::TokenManagerBuilder| {
         b.backoff(Duration::from_secs(1), Duration::from_secs(2))
     };
-    let m0 = manager_with(
-        always(&limited, || {
-            ProviderError::rate_limited(Some(Duration::from_secs(46))).with_status(429)
-        }),
-        store.clone(),
-        clock.clone(),
-        short,
-    );
-    let m1 = manager_with(
-        always(&failing, || {
-            ProviderError::unavailable(UnavailableCause::ServerError).with_status(503)
-        }),
-        store.clone(),
-        clock.clone(),
-        short,
-    );
+    let (limited, rate_limited) = counting(|| async {
+        Err(ProviderError::rate_limited(Some(Duration::from_secs(46))).with_status(429))
+    });
+    let (failing, unavailable) = counting(|| async {
+        Err(ProviderError::unavailable(UnavailableCause::ServerError).with_status(503))
+    });
+    let m0 = manager_with(rate_limited, store.clone(), clock.clone(), short);
+    let m1 = manager_with(unavailable, store.clone(), clock.clone(), short);
     m0.insert(key(), expired_grant(&clock, "rt-0"))
         .await
         .unwrap();

@@ -16,7 +16,7 @@ use tokenkeeper::{
 use tokio::sync::Notify;
 
 mod support;
-use support::store::ScriptedStore;
+use support::store::FaultyStore;
 
 fn key() -> TokenKey {
     TokenKey::from("acct-1")
@@ -86,7 +86,7 @@ async fn one_refresh_for_a_thousand_concurrent_callers() {
     let rotating = Arc::new(Rotating::default());
     // A store without a refresh lock: the manager's own single-flight must do it alone.
     let manager = TokenManager::builder(rotating.provider())
-        .store(ScriptedStore::default())
+        .store(FaultyStore::without_lock())
         .clock(clock.clone())
         .build();
     manager
@@ -591,7 +591,7 @@ async fn expiry_counts_from_the_response_not_the_request() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_save_keeps_the_rotated_token_and_saves_it_before_refreshing_again() {
     let clock = Arc::new(ManualClock::fixed());
-    let store = Arc::new(ScriptedStore::default());
+    let store = Arc::new(FaultyStore::without_lock());
     let rotating = Arc::new(Rotating::default());
     let manager = TokenManager::builder(rotating.provider())
         .store(store.clone())

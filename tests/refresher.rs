@@ -6,7 +6,7 @@
 
 mod support;
 
-use support::store::ScriptedStore;
+use support::store::FaultyStore;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -442,7 +442,7 @@ async fn grants_added_by_another_process_are_picked_up_by_the_rescan() {
 #[tokio::test]
 async fn an_idle_scheduler_sleeps_instead_of_polling_grants() {
     let clock = Arc::new(ManualClock::fixed());
-    let store = Arc::new(ScriptedStore::default());
+    let store = Arc::new(FaultyStore::without_lock());
     let manager = TokenManager::builder(Flaky::new())
         .store(store.clone())
         .clock(clock.clone())
@@ -567,7 +567,7 @@ async fn status_shows_the_refreshers_plan() {
 #[tokio::test]
 async fn a_failing_store_becomes_events_and_the_scheduler_carries_on() {
     let clock = Arc::new(ManualClock::fixed());
-    let store = Arc::new(ScriptedStore::default());
+    let store = Arc::new(FaultyStore::without_lock());
     let provider = Flaky::new();
     let manager = TokenManager::builder(provider.clone())
         .store(store.clone())

@@ -7,13 +7,16 @@ pub mod encoding;
 pub mod harness;
 pub mod store;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokenkeeper::testing::{FakeAuthServer, IssuedGrant};
 use tokenkeeper::{
-    AccessToken, ClientSecret, ConfigProblem, Event, HttpReply, InvalidationReason, OAuth2Provider,
-    Provider, ProviderError, RefreshRequest, RefreshToken, TokenResponse, TokenSet,
+    provider_fn, AccessToken, ClientSecret, ConfigProblem, Event, HttpReply, InvalidationReason,
+    OAuth2Provider, Provider, ProviderError, RefreshRequest, RefreshToken, TokenResponse, TokenSet,
     XoxodayClassifier, DEFAULT_BODY_LIMIT,
 };
 use tokio::sync::broadcast::Receiver;
@@ -35,6 +38,21 @@ pub fn oauth2_provider(server: &FakeAuthServer) -> OAuth2Provider {
         .client_secret(ClientSecret::new(server.client_secret()))
         .build()
         .expect("valid provider configuration")
+}
+
+/// A provider that counts its calls and answers each with `answer()`; the count is shared.
+pub fn counting<F, Fut>(answer: F) -> (Arc<AtomicUsize>, impl Provider + Clone)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<TokenResponse, ProviderError>> + Send + 'static,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let provider = provider_fn(move |_, _| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        answer()
+    });
+    (calls, provider)
 }
 
 /// Every event received so far, without waiting.
