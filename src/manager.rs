@@ -713,18 +713,16 @@ impl Inner {
         });
         let retry_not_before = record.retry_not_before;
         let failed_at = record.failed_at;
-        let now = self.clock.now();
         let local = slot.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mono = {
             let mut mono = slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner());
-            // A failure first seen here is placed on the monotonic clock as far back as the
-            // injected clock says it happened (or now, if that is in the future), so a later
-            // jump of the injected clock cannot move it.
+            // A peer's failure first seen here is placed on the monotonic clock now: how long
+            // ago it really happened is unknown (the injected clock may have jumped since), so
+            // if the clock is later set back before it, its backoff runs its whole length from
+            // here rather than from a guess that could end it early.
             if let Some(at) = failed_at {
                 if mono.is_none_or(|(seen, _)| seen != at) {
-                    let ago = now.duration_since(at).unwrap_or_default();
-                    let here = tokio::time::Instant::now();
-                    *mono = Some((at, here.checked_sub(ago).unwrap_or(here)));
+                    *mono = Some((at, tokio::time::Instant::now()));
                 }
             }
             *mono

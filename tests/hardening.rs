@@ -1210,3 +1210,39 @@ async fn a_lost_reply_the_store_did_not_record_still_makes_the_death_rotation_lo
     );
     assert_eq!(strict.calls(), 2);
 }
+
+// Seed 200322: a manager that first read a peer's backoff while the clock ran hours ahead
+// dated it hours back on the monotonic clock, so when the clock was then set back before the
+// failure, it took the backoff for long over and called.
+#[tokio::test(start_paused = true)]
+async fn a_peers_backoff_first_seen_after_a_clock_leap_still_holds_when_the_clock_goes_back() {
+    let clock = Arc::new(ManualClock::fixed());
+    let start = clock.now();
+    let store = Arc::new(FaultyStore::default());
+    let (calls, provider) = counting(|| async {
+        Err(ProviderError::rate_limited(Some(Duration::from_secs(120))).with_status(429))
+    });
+    let m0 = manager(provider.clone(), store.clone(), clock.clone());
+    let m1 = manager(provider, store.clone(), clock.clone());
+    let grant = TokenSet::new(AccessToken::new("at-0"))
+        .with_refresh_token(RefreshToken::new("rt-0"))
+        .with_expires_at(start + DAY);
+    m0.insert(key(), grant).await.unwrap();
+    assert!(m0.refresh_now(&key()).await.is_err());
+    // Two hours ahead, m1 reads the grant (and the backoff, over by this clock).
+    clock.set(start + 2 * HOUR);
+    assert_eq!(m1.access_token(&key()).await.unwrap().secret(), "at-0");
+    // Ten real seconds later the clock is set back before the failure.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    clock.set(start - 2 * HOUR);
+    assert!(m1.refresh_now(&key()).await.is_err());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "called 10 s into a 120 s Retry-After"
+    );
+    // The backoff ends after its length, counted from when m1 first saw it.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(m1.refresh_now(&key()).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
