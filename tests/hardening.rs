@@ -1246,3 +1246,75 @@ async fn a_peers_backoff_first_seen_after_a_clock_leap_still_holds_when_the_cloc
     assert!(m1.refresh_now(&key()).await.is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+// Seed 606348: a death held in memory (the store refused it) was answered to a caller even
+// though, by the time its save failed again, a new grant had been inserted.
+#[tokio::test(start_paused = true)]
+async fn a_held_death_gives_way_to_a_grant_inserted_while_its_save_failed() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let (calls, provider) =
+        counting(|| async { Err(ProviderError::reauthorize(InvalidationReason::InvalidGrant)) });
+    let manager = manager(provider, store.clone(), clock.clone());
+    manager
+        .insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    store.save_failures.store(1, Ordering::SeqCst);
+    let err = manager.access_token(&key()).await.unwrap_err();
+    assert!(err.is_reauth_required(), "{err:?}");
+    // The user reconnects through another instance just as this one retries saving the death.
+    let fresh = TokenSet::new(AccessToken::new("at-new"))
+        .with_refresh_token(RefreshToken::new("rt-new"))
+        .with_expires_at(clock.now() + HOUR);
+    *store.peer_write_before_failure.lock().unwrap() =
+        Some((key(), tokenkeeper::GrantRecord::new(fresh)));
+    store.save_failures.store(1, Ordering::SeqCst);
+    assert_eq!(
+        manager.access_token(&key()).await.unwrap().secret(),
+        "at-new"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(store.stored_refresh_token(&key()), "rt-new");
+}
+
+// Seed 319060: the prompt retry after a lost reply ignored a peer's rate limit that the
+// clock, set back during the call, had put back in force.
+#[tokio::test(start_paused = true)]
+async fn the_prompt_retry_after_a_lost_reply_respects_a_backoff_in_force() {
+    let clock = Arc::new(ManualClock::fixed());
+    let start = clock.now();
+    let store = Arc::new(FaultyStore::default());
+    let (_, rate_limited) = counting(|| async {
+        Err(ProviderError::rate_limited(Some(Duration::from_secs(120))).with_status(429))
+    });
+    let strict = Arc::new(Strict::default());
+    strict.reuse_window.store(true, Ordering::SeqCst);
+    strict.lose.store(1, Ordering::SeqCst);
+    let setback = {
+        let (strict, clock) = (strict.clone(), clock.clone());
+        provider_fn(move |_, tokens: TokenSet| {
+            let (strict, clock) = (strict.clone(), clock.clone());
+            async move {
+                // During the first call the clock is set back before the peer's failure.
+                if strict.calls() == 0 {
+                    clock.set(start - 2 * HOUR);
+                }
+                strict.refresh(&tokens)
+            }
+        })
+    };
+    let peer = manager(rate_limited, store.clone(), clock.clone());
+    let this = manager(setback, store.clone(), clock.clone());
+    // Expired long before anything the clock does below.
+    let grant = TokenSet::new(AccessToken::new("at-0"))
+        .with_refresh_token(RefreshToken::new("rt-0"))
+        .with_expires_at(start - 10 * HOUR);
+    peer.insert(key(), grant).await.unwrap();
+    assert!(peer.refresh_now(&key()).await.is_err());
+    // Two hours on, the peer's 120 s are over by the clock: this manager calls.
+    clock.set(start + 2 * HOUR);
+    let answer = this.access_token(&key()).await;
+    assert_eq!(strict.calls(), 1, "retried into a rate limit in force");
+    assert!(answer.is_err(), "{answer:?}");
+}

@@ -228,7 +228,7 @@ impl Inner {
             }
             if lost
                 && self.lease_covers(key, lease).is_ok()
-                && self.still_current(key, &record).await
+                && self.still_current(key, slot, &record).await
                 && self.lease_covers(key, lease).is_ok()
             {
                 // The provider may have rotated and the reply been lost. Providers with a reuse
@@ -299,11 +299,20 @@ impl Inner {
 
     /// Whether the store still holds `record`'s refresh token (no new grant was inserted and no
     /// peer refreshed meanwhile), so presenting it again is still this grant's business.
-    async fn still_current(&self, key: &TokenKey, record: &GrantRecord) -> bool {
+    async fn still_current(&self, key: &TokenKey, slot: &Slot, record: &GrantRecord) -> bool {
         match self.store.load(key).await {
             Ok(Some(current)) => {
-                current.value.tokens.refresh_token() == record.tokens.refresh_token()
-                    && current.value.dead_reason().is_none()
+                if current.value.tokens.refresh_token() != record.tokens.refresh_token()
+                    || current.value.dead_reason().is_some()
+                {
+                    return false;
+                }
+                // A backoff the store holds binds the retry too, by the rules every call
+                // follows (a clock set back may have put a peer's rate limit back in force).
+                let current = self.cache(slot, &current.value, current.version, None, true);
+                current
+                    .held_by_backoff(key, &Need::Forced, self.clock.now())
+                    .is_none()
             }
             _ => false,
         }
@@ -427,7 +436,22 @@ impl Inner {
                         key: key.clone(),
                         error: e.clone(),
                     });
-                    return self.pending_death_or(Some(p), e);
+                    // Before answering with the held record, see whether the store moved on
+                    // meanwhile (a new grant inserted, a peer's refresh): then it is obsolete.
+                    match self.store.load(key).await {
+                        Ok(None) => {
+                            self.clear_pending(slot, Some(p.id));
+                            return Ok(None);
+                        }
+                        Ok(Some(current))
+                            if current.value.tokens.refresh_token() != p.spent.as_ref()
+                                || current.value.dead_reason().is_some() =>
+                        {
+                            self.clear_pending(slot, Some(p.id));
+                            return Ok(Some(current));
+                        }
+                        _ => return self.pending_death_or(Some(p), e),
+                    }
                 }
             }
         }

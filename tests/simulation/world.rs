@@ -633,11 +633,12 @@ impl World {
                 .is_some_and(|(token, at)| {
                     Some(*token) == presented && Instant::now() <= *at + Duration::from_secs(5)
                 })
-            // A call after the backoff is an ordinary one (it may earn its own prompt retry).
+            // A call after the backoff is an ordinary one (it may earn its own prompt retry);
+            // the backoff is over once either clock says so (as for invariant 5 below).
             && self
                 .holds
                 .get(&(inst, key.clone()))
-                .is_some_and(|h| Instant::now() < h.since_mono + h.min);
+                .is_some_and(|h| now < h.since + h.min && Instant::now() < h.since_mono + h.min);
         self.retry_allowed.remove(&(inst, key.clone()));
         if let Some(hold) = self.holds.get(&(inst, key.clone())).cloned() {
             if now < hold.since + hold.min

@@ -31,6 +31,8 @@ pub struct FaultyStore {
     pub conflicts: AtomicUsize,
     /// The next saves fail with an error, without writing.
     pub save_failures: AtomicUsize,
+    /// A peer's write that lands just before the next save that fails (by `save_failures`).
+    pub peer_write_before_failure: Mutex<Option<(TokenKey, GrantRecord)>>,
     leases: Arc<Mutex<HashMap<TokenKey, (u64, tokio::time::Instant)>>>,
     lease_ids: AtomicUsize,
     /// The next load moves this clock by this much (a store that stalls).
@@ -97,12 +99,23 @@ impl TokenStore for FaultyStore {
         record: &GrantRecord,
         expected: Option<Version>,
     ) -> Result<Cas, StoreError> {
-        if self.fail_saves.load(Ordering::SeqCst)
-            || self
-                .save_failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
+        let scripted_failure = self
+            .save_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if scripted_failure {
+            if let Some((key, record)) = self.peer_write_before_failure.lock().unwrap().take() {
+                let mut next = self.next_version.lock().unwrap();
+                *next += 1;
+                let version = *next;
+                let value = record;
+                self.records
+                    .lock()
+                    .unwrap()
+                    .insert(key, Versioned { version, value });
+            }
+        }
+        if scripted_failure || self.fail_saves.load(Ordering::SeqCst) {
             return Err(StoreError::new("disk full"));
         }
         if self
