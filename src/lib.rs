@@ -96,6 +96,7 @@
 
 mod authorized;
 mod clock;
+mod connect;
 mod error;
 mod event;
 mod manager;
@@ -109,6 +110,11 @@ mod token;
 pub use authorized::TokenMiddleware;
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
 pub use clock::{Clock, Sleep, SystemClock};
+pub use connect::{
+    Authorization, AuthorizeErrorCode, CallbackParams, Completed, ConnectError, Connector,
+    ConnectorBuilder, MemoryPendingStore, PendingAttempt, PendingStore, StartOptions,
+    StorePendingStore, Taken, DEFAULT_ATTEMPT_TTL,
+};
 pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
@@ -138,12 +144,21 @@ pub mod testing;
 
 // The traits must stay dyn-compatible and the handles shareable across threads.
 const _: () = {
-    fn _object_safe(_: &dyn TokenStore, _: &dyn Provider, _: &dyn Clock, _: &dyn Classifier) {}
+    fn _object_safe(
+        _: &dyn TokenStore,
+        _: &dyn Provider,
+        _: &dyn Clock,
+        _: &dyn Classifier,
+        _: &dyn PendingStore,
+    ) {
+    }
     fn _assert_send_sync<T: Send + Sync + 'static>() {}
     fn _assert_impls() {
         _assert_send_sync::<TokenManager>();
         _assert_send_sync::<Error>();
         _assert_send_sync::<Event>();
+        _assert_send_sync::<Connector>();
+        _assert_send_sync::<ConnectError>();
         _assert_send_sync::<OAuth2Provider>();
         _assert_send_sync::<MemoryStore>();
         _assert_send_sync::<FileStore>();

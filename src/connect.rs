@@ -1,0 +1,734 @@
+//! Getting a grant: the authorization-code flow with PKCE and state, and reconnect links.
+//!
+//! A [`Connector`] sends the user to the provider's consent screen
+//! ([`start`](Connector::start)), completes the callback ([`complete`](Connector::complete):
+//! state check, code exchange with the PKCE verifier, classification of the token endpoint's
+//! reply) and stores the new grant with [`TokenManager::insert`]. A grant that died gets a
+//! fresh authorization URL bound to its key from [`reconnect_url`](Connector::reconnect_url);
+//! completing it replaces the dead grant and emits [`Event::Recovered`](crate::Event::Recovered).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use oauth2::basic::BasicClient;
+use oauth2::{AuthUrl, CsrfToken, EndpointNotSet, EndpointSet, PkceCodeChallenge, RedirectUrl};
+
+use crate::error::{ConfigProblem, Error, SharedError, StoreError, UnavailableCause};
+use crate::manager::TokenManager;
+use crate::provider::{ClientAuth, OAuth2Provider};
+use crate::token::{AccessToken, ClientSecret, TokenKey, TokenSet};
+
+mod callback;
+mod error;
+mod pending;
+
+pub use self::callback::CallbackParams;
+pub use self::error::{AuthorizeErrorCode, ConnectError};
+pub use self::pending::{
+    MemoryPendingStore, PendingAttempt, PendingStore, StorePendingStore, Taken,
+};
+
+type AuthClient =
+    BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet>;
+
+/// How long an authorization attempt waits for its callback by default: 10 minutes.
+pub const DEFAULT_ATTEMPT_TTL: Duration = Duration::from_secs(600);
+
+/// Obtains grants for a [`TokenManager`] through the OAuth 2.0 authorization-code flow
+/// (RFC 6749 §4.1) with PKCE (RFC 7636, `S256`) and a single-use `state`.
+///
+/// Why: a grant has to come from somewhere, and it has to come again when it dies (a revoked
+/// app, a password reset, a refresh token that expired). The flow is easy to get subtly
+/// wrong — a state not checked, or checked but reusable; a verifier kept in a cookie; a
+/// pending attempt only the instance that started it can finish; a token endpoint's
+/// `invalid_client` shown to the user as "try again" — so it lives here, next to the grants.
+///
+/// How: [`start`](Self::start) returns the URL to send the user to and remembers the attempt
+/// (state → PKCE verifier, key, redirect URI, expiry) in a [`PendingStore`];
+/// [`complete`](Self::complete) takes the callback's query string, checks and consumes the
+/// state, exchanges the code and [inserts](TokenManager::insert) the grant.
+/// [`reconnect_url`](Self::reconnect_url) is `start` for a grant that needs re-authorization.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
+/// use tokenkeeper::{ClientSecret, Connector, OAuth2Provider, StartOptions, TokenKey, TokenManager};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let clock = Arc::new(ManualClock::fixed());
+/// let server = FakeAuthServer::start(FakeConfig::standard(), clock.clone()).await;
+/// let provider = OAuth2Provider::builder(server.client_id(), server.token_url())
+///     .client_secret(ClientSecret::new(server.client_secret()))
+///     .build()?;
+/// let manager = TokenManager::builder(provider).clock(clock.clone()).build();
+/// let connector = Connector::builder(&manager, server.client_id(), server.authorize_url(),
+///         server.token_url(), "http://127.0.0.1:3000/callback")
+///     .client_secret(ClientSecret::new(server.client_secret()))
+///     .scopes(["offline_access"])
+///     .build()?;
+///
+/// // Your `/connect` route redirects the browser to this URL…
+/// let key = TokenKey::from("customer-42");
+/// let authorization = connector.start(key.clone(), StartOptions::new()).await?;
+/// // …the user consents, and the provider redirects to your `/callback` route:
+/// let callback = server.follow_authorization(authorization.url()).await?;
+/// let completed = connector.complete(callback.as_str()).await?;
+/// assert_eq!(completed.key, key);
+/// assert!(server.is_access_token_valid(manager.access_token(&key).await?.secret()));
+/// # Ok(()) }
+/// ```
+///
+/// # Security
+///
+/// The state is 128 random bits, the verifier 256; the challenge method is always `S256`.
+/// An attempt completes at most once, within its lifetime
+/// ([`attempt_ttl`](ConnectorBuilder::attempt_ttl), 10 minutes by default, on the manager's
+/// [`Clock`](crate::Clock)); replays, forgeries and late callbacks get typed errors and store
+/// nothing. The code and the verifier are never logged or put in an error, and `Debug` of
+/// every type here redacts them.
+///
+/// The state ties a callback to an attempt, not to a browser. If your app has user sessions,
+/// check that [`Completed::key`] belongs to the user whose session the callback arrived in
+/// before telling them "connected", and only serve [`start`](Self::start) and
+/// [`reconnect_url`](Self::reconnect_url) to signed-in users allowed to act for that key.
+#[derive(Clone)]
+pub struct Connector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    manager: TokenManager,
+    client: AuthClient,
+    redirect: RedirectUrl,
+    exchange: OAuth2Provider,
+    scopes: Vec<String>,
+    params: Vec<(String, String)>,
+    pending: Arc<dyn PendingStore>,
+    ttl: Duration,
+    /// When expired attempts were last pruned.
+    pruned_at: Mutex<Option<SystemTime>>,
+}
+
+impl Connector {
+    /// Starts building a connector for `manager`: the client id, the provider's authorization
+    /// and token endpoints, and the redirect URI registered for your callback route.
+    pub fn builder(
+        manager: &TokenManager,
+        client_id: impl Into<String>,
+        auth_url: impl Into<String>,
+        token_url: impl Into<String>,
+        redirect_uri: impl Into<String>,
+    ) -> ConnectorBuilder {
+        ConnectorBuilder {
+            manager: manager.clone(),
+            client_id: client_id.into(),
+            auth_url: auth_url.into(),
+            token_url: token_url.into(),
+            redirect_uri: redirect_uri.into(),
+            client_secret: None,
+            auth: ClientAuth::default(),
+            scopes: Vec::new(),
+            params: Vec::new(),
+            pending: None,
+            ttl: DEFAULT_ATTEMPT_TTL,
+            http: None,
+            timeout: Some(Duration::from_secs(30)),
+        }
+    }
+
+    /// The manager new grants go to.
+    pub fn manager(&self) -> &TokenManager {
+        &self.inner.manager
+    }
+
+    /// Starts an authorization attempt for grant `key`: returns the URL to send the user's
+    /// browser to, and remembers the attempt until its callback (or its expiry).
+    ///
+    /// The URL carries `response_type=code`, the client id, the redirect URI, the scopes, a
+    /// fresh `state`, an `S256` PKCE challenge, and the extra parameters of the builder and
+    /// of `options`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError::Store`] if the pending store fails;
+    /// [`ConnectError::Misconfigured`] for a redirect URI in `options` that does not parse.
+    pub async fn start(
+        &self,
+        key: TokenKey,
+        options: StartOptions,
+    ) -> Result<Authorization, ConnectError> {
+        let inner = &self.inner;
+        let now = inner.manager.clock().now();
+        self.prune_now_and_then(now).await;
+        let redirect = match options.redirect_uri {
+            None => inner.redirect.clone(),
+            Some(uri) => RedirectUrl::new(uri).map_err(|e| ConnectError::Misconfigured {
+                key: Some(key.clone()),
+                problem: ConfigProblem::Endpoint,
+                status: None,
+                source: Some(Arc::new(e)),
+            })?,
+        };
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = inner
+            .client
+            .authorize_url(CsrfToken::new_random)
+            .set_pkce_challenge(challenge)
+            .set_redirect_uri(Cow::Borrowed(&redirect));
+        for scope in options.scopes.as_ref().unwrap_or(&inner.scopes) {
+            request = request.add_scope(oauth2::Scope::new(scope.clone()));
+        }
+        for (name, value) in inner.params.iter().chain(&options.params) {
+            request = request.add_extra_param(name.as_str(), value.as_str());
+        }
+        let (url, state) = request.url();
+        let expires_at = now + options.ttl.unwrap_or(inner.ttl);
+        let attempt = PendingAttempt::new(
+            key.clone(),
+            verifier.secret().as_str(),
+            redirect.as_str(),
+            expires_at,
+        );
+        inner.pending.put(state.secret(), attempt).await?;
+        tracing::debug!(key = %key, "authorization attempt started");
+        Ok(Authorization {
+            url: url.into(),
+            state: state.secret().clone(),
+            key,
+            expires_at,
+        })
+    }
+
+    /// An authorization URL that reconnects the grant `key` (one that needs
+    /// re-authorization, typically after
+    /// [`Event::ReauthorizationRequired`](crate::Event::ReauthorizationRequired)): completing
+    /// it replaces the grant and emits [`Event::Recovered`](crate::Event::Recovered).
+    ///
+    /// It is [`start`](Self::start) with the connector's defaults, for a key that has a grant.
+    /// Like any attempt it expires after [`attempt_ttl`](ConnectorBuilder::attempt_ttl), so an
+    /// email or a dashboard button should link to a route of your app that calls this and
+    /// redirects, not to the URL itself (which would also let whoever holds the email connect
+    /// their own account in the user's place).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
+    /// # use tokenkeeper::{ClientSecret, Connector, Event, OAuth2Provider, TokenManager};
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let clock = Arc::new(ManualClock::fixed());
+    /// # let server = FakeAuthServer::start(FakeConfig::standard(), clock.clone()).await;
+    /// # let provider = OAuth2Provider::builder(server.client_id(), server.token_url())
+    /// #     .client_secret(ClientSecret::new(server.client_secret())).build()?;
+    /// # let manager = TokenManager::builder(provider).clock(clock.clone()).build();
+    /// # let connector = Connector::builder(&manager, server.client_id(), server.authorize_url(),
+    /// #     server.token_url(), "http://127.0.0.1:3000/callback")
+    /// #     .client_secret(ClientSecret::new(server.client_secret())).build()?;
+    /// # let issued = server.issue_grant();
+    /// # let key = tokenkeeper::TokenKey::from("customer-42");
+    /// # manager.insert(key.clone(), server.token_set(&issued)).await?;
+    /// # server.revoke(&issued.grant);
+    /// let mut events = manager.subscribe();
+    /// # let _ = manager.refresh_now(&key).await; // the grant turns out to be dead
+    /// if let Ok(Event::ReauthorizationRequired { key, reason }) = events.recv().await {
+    ///     let link = connector.reconnect_url(&key).await?;
+    ///     // Email the user a link to your app's `/reconnect` route, which redirects to
+    ///     // `link.url()`; after consent the callback completes it as usual:
+    /// #   let callback = server.follow_authorization(link.url()).await?;
+    /// #   connector.complete(callback.as_str()).await?;
+    /// #   let _ = reason;
+    /// }
+    /// assert!(manager.access_token(&key).await.is_ok());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError::NotFound`] if no grant is stored under `key` (use
+    /// [`start`](Self::start) for a first connection); [`ConnectError::Store`].
+    pub async fn reconnect_url(&self, key: &TokenKey) -> Result<Authorization, ConnectError> {
+        match self.inner.manager.status(key).await {
+            Ok(_) => {}
+            Err(Error::NotFound { key }) => return Err(ConnectError::NotFound { key }),
+            Err(Error::Store(e)) => return Err(ConnectError::Store(e)),
+            Err(other) => return Err(ConnectError::Store(StoreError::new(other))),
+        }
+        self.start(key.clone(), StartOptions::new()).await
+    }
+
+    /// Completes an attempt from its callback: the query string the provider redirected the
+    /// browser with (`code=…&state=…`, or `error=…&state=…`), with or without the leading
+    /// `?`, or the whole callback URL, or [`CallbackParams`] your web framework parsed.
+    ///
+    /// In order: the state must name a pending attempt (else
+    /// [`UnknownState`](ConnectError::UnknownState)); the attempt is consumed, once (a replay
+    /// gets [`AlreadyUsed`](ConnectError::AlreadyUsed)); it must not have expired
+    /// ([`Expired`](ConnectError::Expired)); an `error=` callback becomes
+    /// [`Denied`](ConnectError::Denied); the code is exchanged with the attempt's verifier and
+    /// redirect URI, and the token endpoint's refusal is classified like a refresh's
+    /// (`invalid_grant` → [`CodeRejected`](ConnectError::CodeRejected), `invalid_client` →
+    /// [`Misconfigured`](ConnectError::Misconfigured), …); the grant is then
+    /// [inserted](TokenManager::insert), replacing any previous grant for the key.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConnectError`]. Whatever the error, nothing was stored and the attempt cannot be
+    /// completed again: the user starts over.
+    pub async fn complete(
+        &self,
+        callback: impl Into<CallbackParams>,
+    ) -> Result<Completed, ConnectError> {
+        let inner = &self.inner;
+        let params: CallbackParams = callback.into();
+        if let Some(problem) = params.problem {
+            return Err(ConnectError::InvalidCallback { key: None, problem });
+        }
+        let Some(state) = params.state.as_deref() else {
+            return Err(ConnectError::InvalidCallback {
+                key: None,
+                problem: "the callback has no state",
+            });
+        };
+        let attempt = match inner.pending.take(state).await? {
+            Taken::Attempt(attempt) => attempt,
+            Taken::Used { key } => return Err(ConnectError::AlreadyUsed { key }),
+            Taken::Unknown => return Err(ConnectError::UnknownState),
+        };
+        let key = attempt.key().clone();
+        let now = inner.manager.clock().now();
+        if now >= attempt.expires_at() {
+            return Err(ConnectError::Expired { key });
+        }
+        if let Some(error) = params.error.as_deref() {
+            let error = AuthorizeErrorCode::parse(error);
+            tracing::debug!(key = %key, error = %error, "authorization refused");
+            return Err(ConnectError::Denied {
+                key,
+                error,
+                description: params
+                    .error_description
+                    .as_deref()
+                    .map(|d| error::sanitize(d, 256)),
+            });
+        }
+        let Some(code) = params.code.as_ref() else {
+            return Err(ConnectError::InvalidCallback {
+                key: Some(key),
+                problem: "the callback has neither a code nor an error",
+            });
+        };
+        let redirect = RedirectUrl::new(attempt.redirect_uri().to_owned()).map_err(|e| {
+            ConnectError::Misconfigured {
+                key: Some(key.clone()),
+                problem: ConfigProblem::Endpoint,
+                status: None,
+                source: Some(Arc::new(e)),
+            }
+        })?;
+        let response = inner
+            .exchange
+            .exchange_code(code, attempt.verifier(), &redirect, now)
+            .await
+            .map_err(|e| {
+                let status = e.status();
+                exchange_error(e.into_error(&key), status)
+            })?;
+        let tokens = TokenSet::new(AccessToken::new("")).apply(response, now);
+        let recovered = matches!(
+            inner.manager.status(&key).await,
+            Ok(status) if status.needs_reauthorization()
+        );
+        let completed = Completed {
+            key: key.clone(),
+            recovered,
+            expires_at: tokens.expires_at(),
+            scopes: tokens.scopes().map(<[String]>::to_vec),
+            has_refresh_token: tokens.refresh_token().is_some(),
+        };
+        inner
+            .manager
+            .insert(key.clone(), tokens)
+            .await
+            .map_err(|e| match e {
+                Error::Store(e) => ConnectError::Store(e),
+                other => ConnectError::Store(StoreError::new(other)),
+            })?;
+        tracing::debug!(key = %key, recovered, "authorization completed");
+        Ok(completed)
+    }
+
+    /// Prunes expired attempts at most once per attempt lifetime; a failure only delays it.
+    async fn prune_now_and_then(&self, now: SystemTime) {
+        let inner = &self.inner;
+        let due = {
+            let mut pruned_at = inner.pruned_at.lock().unwrap_or_else(|e| e.into_inner());
+            let due = pruned_at.is_none_or(|at| now < at || now >= at + inner.ttl);
+            if due {
+                *pruned_at = Some(now);
+            }
+            due
+        };
+        if due {
+            if let Err(e) = inner.pending.prune(now).await {
+                tracing::warn!(error = %e, "pruning expired authorization attempts failed");
+            }
+        }
+    }
+}
+
+/// A token endpoint's refusal of a code, as the caller should act on it.
+fn exchange_error(error: Error, status: Option<u16>) -> ConnectError {
+    match error {
+        Error::ReauthorizationRequired { key, .. } => ConnectError::CodeRejected { key, status },
+        Error::RateLimited { key, retry_after } => ConnectError::RateLimited { key, retry_after },
+        Error::Unavailable {
+            key,
+            cause,
+            status,
+            retry_after,
+            source,
+        } => ConnectError::Unavailable {
+            key,
+            cause,
+            status,
+            retry_after,
+            source,
+        },
+        Error::Misconfigured {
+            key,
+            problem,
+            status,
+            source,
+        } => ConnectError::Misconfigured {
+            key,
+            problem,
+            status,
+            source,
+        },
+        Error::NotFound { key } => ConnectError::Unavailable {
+            key,
+            cause: UnavailableCause::Internal,
+            status,
+            retry_after: None,
+            source: None,
+        },
+        Error::Store(e) => ConnectError::Store(e),
+    }
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("client_id", &self.inner.client.client_id().as_str())
+            .field("auth_url", &self.inner.client.auth_uri().as_str())
+            .field("redirect_uri", &self.inner.redirect.as_str())
+            .field("scopes", &self.inner.scopes)
+            .field("attempt_ttl", &self.inner.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Connector`]; see [`Connector::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tokenkeeper::{provider_fn, AccessToken, ClientSecret, Connector, MemoryStore,
+///     StorePendingStore, TokenManager, TokenResponse};
+/// # let manager = TokenManager::builder(provider_fn(|_, _| async {
+/// #     Ok(TokenResponse::new(AccessToken::new("a")))
+/// # })).build();
+/// let connector = Connector::builder(
+///         &manager,
+///         "my-client-id",
+///         "https://auth.example.com/oauth2/authorize",
+///         "https://auth.example.com/oauth2/token",
+///         "https://app.example.com/oauth/callback",
+///     )
+///     .client_secret(ClientSecret::new("my-client-secret"))
+///     .scopes(["offline_access", "contacts"])
+///     .auth_param("access_type", "offline") // Google-style servers
+///     .auth_param("prompt", "consent")
+///     .pending_store(StorePendingStore::new(MemoryStore::new())) // shared by your instances
+///     .attempt_ttl(Duration::from_secs(600))
+///     .build()?;
+/// # let _ = connector;
+/// # Ok::<(), tokenkeeper::Error>(())
+/// ```
+pub struct ConnectorBuilder {
+    manager: TokenManager,
+    client_id: String,
+    auth_url: String,
+    token_url: String,
+    redirect_uri: String,
+    client_secret: Option<ClientSecret>,
+    auth: ClientAuth,
+    scopes: Vec<String>,
+    params: Vec<(String, String)>,
+    pending: Option<Arc<dyn PendingStore>>,
+    ttl: Duration,
+    http: Option<reqwest::Client>,
+    timeout: Option<Duration>,
+}
+
+impl fmt::Debug for ConnectorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectorBuilder")
+            .field("client_id", &self.client_id)
+            .field("auth_url", &self.auth_url)
+            .field("token_url", &self.token_url)
+            .field("redirect_uri", &self.redirect_uri)
+            .field("client_secret", &self.client_secret)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectorBuilder {
+    /// The client secret (omit for public clients, which authenticate with PKCE alone).
+    pub fn client_secret(mut self, secret: ClientSecret) -> Self {
+        self.client_secret = Some(secret);
+        self
+    }
+
+    /// How the client authenticates to the token endpoint (default [`ClientAuth::Basic`]).
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The scopes requested by default (include the provider's scope for a refresh token,
+    /// `offline_access` on many servers).
+    pub fn scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// An extra parameter on every authorization URL, such as `access_type=offline` and
+    /// `prompt=consent` (Google-style servers only issue a refresh token with them).
+    pub fn auth_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.push((name.into(), value.into()));
+        self
+    }
+
+    /// Where pending attempts are kept (default: a [`MemoryPendingStore`], which only the
+    /// instance that started an attempt can complete; use a [`StorePendingStore`] when
+    /// callbacks may reach another instance).
+    pub fn pending_store(mut self, store: impl PendingStore) -> Self {
+        self.pending = Some(Arc::new(store));
+        self
+    }
+
+    /// How long an attempt waits for its callback (default [`DEFAULT_ATTEMPT_TTL`], 10
+    /// minutes), measured on the manager's [`Clock`](crate::Clock).
+    pub fn attempt_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The HTTP client for the code exchange (default: one that never follows redirects;
+    /// see [`OAuth2ProviderBuilder::http_client`](crate::OAuth2ProviderBuilder::http_client)).
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// Timeout of the code exchange request (default 30 s; `None` leaves it to the client).
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Builds the connector.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misconfigured`] if a URL does not parse or the default HTTP client cannot be
+    /// built.
+    pub fn build(self) -> Result<Connector, Error> {
+        let misconfigured = |e: SharedError| Error::Misconfigured {
+            key: None,
+            problem: ConfigProblem::Endpoint,
+            status: None,
+            source: Some(e),
+        };
+        let auth_url = AuthUrl::new(self.auth_url).map_err(|e| misconfigured(Arc::new(e)))?;
+        let redirect =
+            RedirectUrl::new(self.redirect_uri).map_err(|e| misconfigured(Arc::new(e)))?;
+        let mut exchange = OAuth2Provider::builder(self.client_id.clone(), self.token_url)
+            .client_auth(self.auth)
+            .timeout(self.timeout);
+        if let Some(secret) = self.client_secret {
+            exchange = exchange.client_secret(secret);
+        }
+        if let Some(http) = self.http {
+            exchange = exchange.http_client(http);
+        }
+        let client = BasicClient::new(oauth2::ClientId::new(self.client_id)).set_auth_uri(auth_url);
+        Ok(Connector {
+            inner: Arc::new(Inner {
+                manager: self.manager,
+                client,
+                redirect,
+                exchange: exchange.build()?,
+                scopes: self.scopes,
+                params: self.params,
+                pending: self
+                    .pending
+                    .unwrap_or_else(|| Arc::new(MemoryPendingStore::new())),
+                ttl: self.ttl,
+                pruned_at: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+/// Options of one authorization attempt; the default uses the connector's settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use tokenkeeper::StartOptions;
+/// let options = StartOptions::new()
+///     .scopes(["offline_access", "contacts", "campaigns"]) // instead of the defaults
+///     .param("login_hint", "user@example.com")
+///     .ttl(Duration::from_secs(300));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    scopes: Option<Vec<String>>,
+    params: Vec<(String, String)>,
+    redirect_uri: Option<String>,
+    ttl: Option<Duration>,
+}
+
+impl StartOptions {
+    /// The connector's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests these scopes instead of the connector's default scopes.
+    pub fn scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = Some(scopes.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// An extra authorization URL parameter for this attempt (after the connector's).
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.push((name.into(), value.into()));
+        self
+    }
+
+    /// Another registered redirect URI for this attempt (the exchange repeats it).
+    pub fn redirect_uri(mut self, uri: impl Into<String>) -> Self {
+        self.redirect_uri = Some(uri.into());
+        self
+    }
+
+    /// How long this attempt waits for its callback, instead of the connector's
+    /// [`attempt_ttl`](ConnectorBuilder::attempt_ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// A started authorization attempt: where to send the user.
+///
+/// `Debug` shows the URL without its query and redacts the state.
+///
+/// ```
+/// # use tokenkeeper::{provider_fn, AccessToken, Connector, StartOptions, TokenKey,
+/// #     TokenManager, TokenResponse};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let manager = TokenManager::builder(provider_fn(|_, _| async {
+/// #     Ok(TokenResponse::new(AccessToken::new("a")))
+/// # })).build();
+/// # let connector = Connector::builder(&manager, "id", "https://auth.example.com/authorize",
+/// #     "https://auth.example.com/token", "https://app.example.com/callback").build()?;
+/// let authorization = connector.start(TokenKey::from("customer-42"), StartOptions::new()).await?;
+/// assert!(authorization.url().starts_with("https://auth.example.com/authorize?"));
+/// assert!(authorization.url().contains("code_challenge_method=S256"));
+/// // Respond with `302 Found` and `Location: {authorization.url()}`.
+/// # Ok(()) }
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Authorization {
+    url: String,
+    state: String,
+    key: TokenKey,
+    expires_at: SystemTime,
+}
+
+impl Authorization {
+    /// The authorization URL to redirect the user's browser to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The attempt's `state` (already in the URL; the callback brings it back). Apps that
+    /// also bind the attempt to a browser can keep it in the session and compare it with the
+    /// callback's.
+    pub fn state(&self) -> &str {
+        &self.state
+    }
+
+    /// The grant the attempt is for.
+    pub fn key(&self) -> &TokenKey {
+        &self.key
+    }
+
+    /// When the attempt expires, on the manager's clock.
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+}
+
+impl fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let endpoint = self.url.split(['?', '#']).next().unwrap_or_default();
+        f.debug_struct("Authorization")
+            .field("url", &endpoint)
+            .field("state", &"[redacted]")
+            .field("key", &self.key)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A completed authorization: the grant is stored in the manager.
+///
+/// ```
+/// # fn show(completed: tokenkeeper::Completed) {
+/// if completed.recovered {
+///     println!("{} is reconnected", completed.key);
+/// }
+/// if !completed.has_refresh_token {
+///     println!("no refresh token: request the provider's offline scope");
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Completed {
+    /// The grant, now stored.
+    pub key: TokenKey,
+    /// Whether it replaced a grant that needed re-authorization
+    /// ([`Event::Recovered`](crate::Event::Recovered) was sent).
+    pub recovered: bool,
+    /// When the new access token expires, if the provider said.
+    pub expires_at: Option<SystemTime>,
+    /// The scopes granted, if the provider said (they may be fewer than requested).
+    pub scopes: Option<Vec<String>>,
+    /// Whether the provider issued a refresh token (without one the grant cannot be renewed).
+    pub has_refresh_token: bool,
+}
