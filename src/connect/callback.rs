@@ -135,7 +135,11 @@ mod tests {
 
     #[test]
     fn repeated_parameters_are_a_problem() {
-        assert!(CallbackParams::from("state=a&state=b&code=c").problem.is_some());
-        assert!(CallbackParams::from("state=a&code=b&code=c").problem.is_some());
+        assert!(CallbackParams::from("state=a&state=b&code=c")
+            .problem
+            .is_some());
+        assert!(CallbackParams::from("state=a&code=b&code=c")
+            .problem
+            .is_some());
     }
 }

@@ -313,7 +313,10 @@ impl StorePendingStore {
     fn record(attempt: &PendingAttempt, used: bool) -> GrantRecord {
         let mut fields = Map::new();
         fields.insert("key".into(), Value::from(attempt.key.as_str()));
-        fields.insert("redirect_uri".into(), Value::from(attempt.redirect_uri.as_str()));
+        fields.insert(
+            "redirect_uri".into(),
+            Value::from(attempt.redirect_uri.as_str()),
+        );
         if used {
             fields.insert("used".into(), Value::Bool(true));
         }
@@ -365,7 +368,11 @@ impl fmt::Debug for StorePendingStore {
 impl PendingStore for StorePendingStore {
     async fn put(&self, state: &str, attempt: PendingAttempt) -> Result<(), StoreError> {
         let key = Self::key(state);
-        match self.store.save(&key, &Self::record(&attempt, false), None).await? {
+        match self
+            .store
+            .save(&key, &Self::record(&attempt, false), None)
+            .await?
+        {
             Cas::Saved(_) => Ok(()),
             // A state is random and never reused: a record there already is a collision.
             Cas::Conflict => Err(StoreError::new(
@@ -441,7 +448,10 @@ mod tests {
                 key: TokenKey::from("k")
             }
         );
-        store.put("s2", attempt(at + Duration::from_secs(1))).await.unwrap();
+        store
+            .put("s2", attempt(at + Duration::from_secs(1)))
+            .await
+            .unwrap();
         assert_eq!(store.prune(at).await.unwrap(), 1, "only the expired one");
         assert_eq!(store.take("s1").await.unwrap(), Taken::Unknown);
         assert!(matches!(store.take("s2").await.unwrap(), Taken::Attempt(_)));
@@ -467,7 +477,10 @@ mod tests {
     async fn concurrent_takes_have_one_winner() {
         let store = Arc::new(StorePendingStore::new(MemoryStore::new()));
         store
-            .put("s", attempt(SystemTime::UNIX_EPOCH + Duration::from_secs(9)))
+            .put(
+                "s",
+                attempt(SystemTime::UNIX_EPOCH + Duration::from_secs(9)),
+            )
             .await
             .unwrap();
         let tasks: Vec<_> = (0..8)

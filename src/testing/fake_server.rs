@@ -1,6 +1,7 @@
 //! The fake OAuth authorization server: [`FakeAuthServer`] and its script.
 
 mod api;
+mod authorize;
 mod config;
 mod grant;
 mod record;
@@ -84,6 +85,7 @@ pub struct FakeAuthServer {
     config: FakeConfig,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
+    codes: Arc<Mutex<authorize::Codes>>,
 }
 
 impl FakeAuthServer {
@@ -93,12 +95,23 @@ impl FakeAuthServer {
     pub async fn start(config: FakeConfig, clock: Arc<dyn Clock>) -> Self {
         let server = MockServer::start().await;
         let state = Arc::new(Mutex::new(State::new(config.clone())));
+        let codes = Arc::new(Mutex::new(authorize::Codes::new(&config)));
         Mock::given(method("POST"))
             .and(path(config.preset.token_path()))
             .respond_with(TokenEndpoint {
-                preset: config.preset,
+                config: config.clone(),
                 clock: Arc::clone(&clock),
                 state: Arc::clone(&state),
+                codes: Arc::clone(&codes),
+            })
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(authorize::path(config.preset)))
+            .respond_with(authorize::AuthorizeEndpoint {
+                config: config.clone(),
+                clock: Arc::clone(&clock),
+                codes: Arc::clone(&codes),
             })
             .mount(&server)
             .await;
@@ -124,6 +137,7 @@ impl FakeAuthServer {
             config,
             clock,
             state,
+            codes,
         }
     }
 
@@ -354,23 +368,30 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// The wiremock responder behind the token endpoint.
 struct TokenEndpoint {
-    preset: Preset,
+    config: FakeConfig,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
+    codes: Arc<Mutex<authorize::Codes>>,
 }
 
 impl Respond for TokenEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let parsed = wire::parse(self.preset, request);
-        let mut state = lock(&self.state);
+        let preset = self.config.preset;
         let now = self.clock.now();
+        if let Some(reply) =
+            authorize::exchange(&self.config, &self.codes, &self.state, now, request)
+        {
+            return reply;
+        }
+        let parsed = wire::parse(preset, request);
+        let mut state = lock(&self.state);
         let handled = state.handle(parsed, now);
-        let reply = handled.reply.render(self.preset, now);
+        let reply = handled.reply.render(preset, now);
         state.log.push(RecordedRefresh {
             at: now,
             grant: handled.grant,
             outcome: handled.outcome,
-            status: handled.reply.status(self.preset),
+            status: handled.reply.status(preset),
             reply_lost: handled.reply_lost,
         });
         match state.delay {

@@ -1,0 +1,336 @@
+//! The authorization-code flow on the fake server: the `/authorize` endpoint and the token
+//! endpoint's `grant_type=authorization_code` (RFC 6749 §4.1, RFC 7636 PKCE).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use wiremock::{Request, Respond, ResponseTemplate};
+
+use super::state::State;
+use super::wire::{self, ClientAuth, Reply, TokenReply};
+use super::{FakeAuthServer, FakeConfig, GrantId, Preset, RevocationReason};
+use crate::error::BoxError;
+use crate::Clock;
+
+/// How long an authorization code can be exchanged by default.
+const DEFAULT_CODE_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Codes issued by `/authorize`, scripted refusals and counters.
+pub(super) struct Codes {
+    codes: HashMap<String, Code>,
+    refusals: VecDeque<(String, String)>,
+    lifetime: Duration,
+    rng: fastrand::Rng,
+    serial: u64,
+    authorizations: usize,
+    exchanges: usize,
+    grants: Vec<GrantId>,
+}
+
+/// One authorization code and what it is bound to.
+struct Code {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    scope: Option<String>,
+    expires_at: SystemTime,
+    /// Once exchanged (successfully or not), the grant it produced, if any.
+    used: Option<Option<GrantId>>,
+}
+
+impl Codes {
+    pub(super) fn new(config: &FakeConfig) -> Self {
+        Self {
+            codes: HashMap::new(),
+            refusals: VecDeque::new(),
+            lifetime: DEFAULT_CODE_LIFETIME,
+            rng: fastrand::Rng::with_seed(config.seed ^ 0x636f_6465),
+            serial: 0,
+            authorizations: 0,
+            exchanges: 0,
+            grants: Vec::new(),
+        }
+    }
+}
+
+fn lock(codes: &Mutex<Codes>) -> MutexGuard<'_, Codes> {
+    codes
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The authorization endpoint's path for `preset`: beside its token endpoint.
+pub(super) fn path(preset: Preset) -> &'static str {
+    match preset {
+        Preset::Standard => "/oauth2/authorize",
+        Preset::ConstantContact => "/oauth2/default/v1/authorize",
+        Preset::Xoxoday => "/chef/v1/oauth/authorize",
+    }
+}
+
+/// The authorization-code flow.
+impl FakeAuthServer {
+    /// The authorization endpoint's full URL (`GET`).
+    ///
+    /// The user consents at once (no login page): the endpoint answers `302 Found` with
+    /// `Location: <redirect_uri>?code=…&state=…`. The code is single-use, expires after
+    /// [`set_code_lifetime`](Self::set_code_lifetime) (5 minutes by default) on the server's
+    /// clock, and is bound to the client id, the redirect URI and the PKCE challenge, which
+    /// the token endpoint checks (`grant_type=authorization_code`; a wrong verifier, redirect
+    /// URI or client, an expired or unknown code: `400 invalid_grant`). A code presented a
+    /// second time is refused and the grant it produced is revoked
+    /// ([`RevocationReason::ReuseDetected`]), as RFC 6749 §4.1.2 recommends.
+    ///
+    /// Requests the server cannot redirect (unknown `client_id`, a missing or non-HTTP
+    /// `redirect_uri`) get `400` with a text page. Errors it can redirect
+    /// (`response_type` other than `code`, a missing `S256` PKCE challenge, a scripted
+    /// refusal) go back as `error=…&error_description=…&state=…`. The code flow is for the
+    /// form-based presets (Standard, Constant Contact-style); the Xoxoday-style token endpoint
+    /// does not take codes.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// let server = FakeAuthServer::start(FakeConfig::standard(), Arc::new(ManualClock::fixed())).await;
+    /// let url = format!(
+    ///     "{}?response_type=code&client_id={}&redirect_uri=http://app/cb&state=xyz\
+    ///      &code_challenge=E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM&code_challenge_method=S256",
+    ///     server.authorize_url(),
+    ///     server.client_id(),
+    /// );
+    /// let callback = server.follow_authorization(&url).await?;
+    /// assert!(callback.starts_with("http://app/cb?code="));
+    /// assert!(callback.ends_with("&state=xyz"));
+    /// assert_eq!(server.authorizations(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn authorize_url(&self) -> String {
+        format!("{}{}", self.server.uri(), path(self.config.preset))
+    }
+
+    /// The next authorization request is refused by the user: redirected back with
+    /// `error=access_denied&error_description=The+user+denied+access.` (and the state).
+    /// Refusals queue up with [`refuse_next_authorization`](Self::refuse_next_authorization).
+    pub fn deny_next_authorization(&self) {
+        self.refuse_next_authorization("access_denied", "The user denied access.");
+    }
+
+    /// The next authorization request is redirected back with `error` and
+    /// `error_description` (`invalid_scope`, `server_error`, `consent_required`, …).
+    pub fn refuse_next_authorization(&self, error: &str, description: &str) {
+        lock(&self.codes)
+            .refusals
+            .push_back((error.to_owned(), description.to_owned()));
+    }
+
+    /// How long a code can be exchanged after it was issued, on the server's clock.
+    pub fn set_code_lifetime(&self, lifetime: Duration) {
+        lock(&self.codes).lifetime = lifetime;
+    }
+
+    /// Requests to the authorization endpoint so far, whatever their outcome.
+    pub fn authorizations(&self) -> usize {
+        lock(&self.codes).authorizations
+    }
+
+    /// Code exchanges (`grant_type=authorization_code`) at the token endpoint so far, whatever
+    /// their outcome. They are not in [`refresh_calls`](Self::refresh_calls) or
+    /// [`requests`](Self::requests).
+    pub fn code_exchanges(&self) -> usize {
+        lock(&self.codes).exchanges
+    }
+
+    /// The grants created by code exchanges, oldest first.
+    pub fn authorized_grants(&self) -> Vec<GrantId> {
+        lock(&self.codes).grants.clone()
+    }
+
+    /// Plays the browser's part of an authorization: `GET url` (an authorization URL of this
+    /// server) without following the redirect, and returns where it points (the callback URL,
+    /// with `code` and `state`, or `error`).
+    ///
+    /// # Errors
+    ///
+    /// If the request fails or the answer is not a redirect.
+    pub async fn follow_authorization(&self, url: &str) -> Result<String, BoxError> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let reply = client.get(url).send().await?;
+        let status = reply.status();
+        reply
+            .headers()
+            .get("location")
+            .filter(|_| status.is_redirection())
+            .and_then(|location| location.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("the authorization endpoint answered {status}").into())
+    }
+}
+
+/// The wiremock responder behind the authorization endpoint.
+pub(super) struct AuthorizeEndpoint {
+    pub(super) config: FakeConfig,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) codes: Arc<Mutex<Codes>>,
+}
+
+impl Respond for AuthorizeEndpoint {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let now = self.clock.now();
+        let mut codes = lock(&self.codes);
+        codes.authorizations += 1;
+        let params: HashMap<String, String> = request.url.query_pairs().into_owned().collect();
+        let param = |name: &str| params.get(name).map(String::as_str);
+        if param("client_id") != Some(self.config.client_id.as_str()) {
+            return page(400, "Unknown client_id.");
+        }
+        let Some(mut redirect) = param("redirect_uri")
+            .and_then(|uri| reqwest::Url::parse(uri).ok())
+            .filter(|uri| matches!(uri.scheme(), "http" | "https"))
+        else {
+            return page(400, "Missing or invalid redirect_uri.");
+        };
+        let redirect_uri = param("redirect_uri").unwrap_or_default().to_owned();
+        let state = param("state");
+        let refusal = if param("response_type") != Some("code") {
+            Some((
+                "unsupported_response_type".to_owned(),
+                "Only response_type=code is supported.".to_owned(),
+            ))
+        } else if param("code_challenge").is_none() {
+            Some((
+                "invalid_request".to_owned(),
+                "PKCE code_challenge is required.".to_owned(),
+            ))
+        } else if param("code_challenge_method") != Some("S256") {
+            Some((
+                "invalid_request".to_owned(),
+                "code_challenge_method must be S256.".to_owned(),
+            ))
+        } else {
+            codes.refusals.pop_front()
+        };
+        {
+            let mut query = redirect.query_pairs_mut();
+            match refusal {
+                Some((error, description)) => {
+                    query
+                        .append_pair("error", &error)
+                        .append_pair("error_description", &description);
+                }
+                None => {
+                    codes.serial += 1;
+                    let random: String = (0..24).map(|_| codes.rng.alphanumeric()).collect();
+                    let code = format!("code{}-{random}", codes.serial);
+                    let lifetime = codes.lifetime;
+                    codes.codes.insert(
+                        code.clone(),
+                        Code {
+                            client_id: self.config.client_id.clone(),
+                            redirect_uri,
+                            challenge: param("code_challenge").unwrap_or_default().to_owned(),
+                            scope: param("scope").map(str::to_owned),
+                            expires_at: now + lifetime,
+                            used: None,
+                        },
+                    );
+                    query.append_pair("code", &code);
+                }
+            }
+            if let Some(state) = state {
+                query.append_pair("state", state);
+            }
+        }
+        ResponseTemplate::new(302).insert_header("location", redirect.as_str())
+    }
+}
+
+fn page(status: u16, text: &'static str) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .insert_header("content-type", "text/plain; charset=utf-8")
+        .set_body_string(text)
+}
+
+const INVALID_GRANT: &str = r#"{"error":"invalid_grant","error_description":"The authorization code is invalid, expired, already used, or was issued to another client, redirect URI or PKCE challenge."}"#;
+
+/// Answers a token request if it is a code exchange (`None`: not one, the refresh handling
+/// takes it). Only form-based presets take codes.
+pub(super) fn exchange(
+    config: &FakeConfig,
+    codes: &Mutex<Codes>,
+    state: &Mutex<State>,
+    now: SystemTime,
+    request: &Request,
+) -> Option<ResponseTemplate> {
+    if config.preset == Preset::Xoxoday {
+        return None;
+    }
+    let (mut params, client) = wire::form_params(config.preset, request).ok()?;
+    if params.get("grant_type").map(String::as_str) != Some("authorization_code") {
+        return None;
+    }
+    let mut codes = lock(codes);
+    codes.exchanges += 1;
+    let client_id = match &client {
+        ClientAuth::Basic { id, secret } if client_matches(config, id, Some(secret)) => id,
+        ClientAuth::Params { id, secret } if client_matches(config, id, secret.as_ref()) => id,
+        _ => {
+            let used_basic = client.used_basic();
+            return Some(Reply::InvalidClient { used_basic }.render(config.preset, now));
+        }
+    };
+    let Some(value) = params.remove("code") else {
+        return Some(wire::json(
+            400,
+            r#"{"error":"invalid_request","error_description":"The code parameter is missing."}"#,
+        ));
+    };
+    let Some(code) = codes.codes.get_mut(&value) else {
+        return Some(wire::json(400, INVALID_GRANT));
+    };
+    if let Some(issued) = code.used {
+        // RFC 6749 §4.1.2: a code used twice revokes what it produced.
+        if let Some(grant) = issued {
+            super::lock(state).revoke(grant, RevocationReason::ReuseDetected);
+        }
+        return Some(wire::json(400, INVALID_GRANT));
+    }
+    code.used = Some(None);
+    let verifier = params.remove("code_verifier").unwrap_or_default();
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(Sha256::digest(verifier.as_bytes()));
+    let bound = code.client_id == *client_id
+        && params.get("redirect_uri") == Some(&code.redirect_uri)
+        && challenge == code.challenge
+        && now < code.expires_at;
+    if !bound {
+        return Some(wire::json(400, INVALID_GRANT));
+    }
+    let scope = code.scope.clone().or_else(|| config.scope.clone());
+    let issued = super::lock(state).issue_grant(now);
+    code.used = Some(Some(issued.grant));
+    codes.grants.push(issued.grant);
+    let reply = Reply::Tokens(TokenReply {
+        access_token: issued.access_token,
+        refresh_token: Some(issued.refresh_token),
+        expires_in: issued.expires_in,
+        access_expires_at: issued.access_expires_at,
+        refresh_expires_at: issued.refresh_expires_at,
+        scope,
+        numeric_expiries: config.numeric_expiries,
+    });
+    Some(reply.render(config.preset, now))
+}
+
+fn client_matches(config: &FakeConfig, id: &str, secret: Option<&String>) -> bool {
+    id == config.client_id
+        && secret.map_or(config.public_client, |secret| {
+            *secret == config.client_secret
+        })
+}
