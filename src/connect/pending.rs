@@ -275,9 +275,10 @@ impl PendingStore for MemoryPendingStore {
 /// their store for a grant.
 ///
 /// ```
+/// use std::sync::Arc;
 /// use tokenkeeper::{MemoryStore, StorePendingStore};
-/// // Shared by every manager built on clones of `shared`.
-/// let shared = MemoryStore::new();
+/// // In production, a store every instance reaches (Redis, a shared directory…).
+/// let shared = Arc::new(MemoryStore::new());
 /// let pending = StorePendingStore::new(shared.clone());
 /// # let _ = pending;
 /// ```
@@ -464,7 +465,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_store_is_single_use_and_hides_the_state() {
-        let backing = MemoryStore::new();
+        let backing = Arc::new(MemoryStore::new());
         let store = StorePendingStore::new(backing.clone());
         single_use(&store).await;
         for key in backing.keys().await.unwrap() {

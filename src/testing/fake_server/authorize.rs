@@ -12,7 +12,6 @@ use wiremock::{Request, Respond, ResponseTemplate};
 use super::state::State;
 use super::wire::{self, ClientAuth, Reply, TokenReply};
 use super::{FakeAuthServer, FakeConfig, GrantId, Preset, RevocationReason};
-use crate::error::BoxError;
 use crate::Clock;
 
 /// How long an authorization code can be exchanged by default.
@@ -95,7 +94,7 @@ impl FakeAuthServer {
     /// use std::sync::Arc;
     /// use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
     ///
-    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let server = FakeAuthServer::start(FakeConfig::standard(), Arc::new(ManualClock::fixed())).await;
     /// let url = format!(
     ///     "{}?response_type=code&client_id={}&redirect_uri=http://app/cb&state=xyz\
@@ -156,12 +155,18 @@ impl FakeAuthServer {
     ///
     /// # Errors
     ///
-    /// If the request fails or the answer is not a redirect.
-    pub async fn follow_authorization(&self, url: &str) -> Result<String, BoxError> {
+    /// If the request fails or the answer is not a redirect (an [`std::io::Error`], so that
+    /// `?` works in any test).
+    pub async fn follow_authorization(&self, url: &str) -> std::io::Result<String> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        let reply = client.get(url).send().await?;
+            .build()
+            .map_err(std::io::Error::other)?;
+        let reply = client
+            .get(url)
+            .send()
+            .await
+            .map_err(std::io::Error::other)?;
         let status = reply.status();
         reply
             .headers()
@@ -169,7 +174,9 @@ impl FakeAuthServer {
             .filter(|_| status.is_redirection())
             .and_then(|location| location.to_str().ok())
             .map(str::to_owned)
-            .ok_or_else(|| format!("the authorization endpoint answered {status}").into())
+            .ok_or_else(|| {
+                std::io::Error::other(format!("the authorization endpoint answered {status}"))
+            })
     }
 }
 
