@@ -51,6 +51,9 @@
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
 //! - The background refresher ([`TokenManager::start_refresher`]) refreshes grants in use
 //!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
+//! - A [`Connector`] obtains grants through the authorization-code flow (PKCE, single-use
+//!   state, pending attempts in a [`PendingStore`] that other instances can share) and
+//!   re-obtains dead ones from a reconnect URL bound to the grant's key.
 //! - [`AuthorizedClient`] (and `TokenMiddleware` for `reqwest-middleware`) sends API requests
 //!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
 //!   over across several grants for one resource.
