@@ -566,3 +566,71 @@ async fn no_secret_in_debug_display_or_traces() {
         }
     }
 }
+
+#[tokio::test]
+async fn token_endpoint_outages_and_rate_limits_are_retryable() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let f = fixture().await;
+    let token_endpoint = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("<html>down</html>"))
+        .up_to_n_times(1)
+        .mount(&token_endpoint)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "30")
+                .set_body_string(r#"{"error":"slow_down"}"#),
+        )
+        .mount(&token_endpoint)
+        .await;
+    let connector = Connector::builder(
+        &f.manager,
+        f.server.client_id(),
+        f.server.authorize_url(),
+        token_endpoint.uri(),
+        REDIRECT,
+    )
+    .client_secret(ClientSecret::new(f.server.client_secret()))
+    .build()
+    .unwrap();
+
+    let mut errors = Vec::new();
+    for _ in 0..2 {
+        let authorization = connector
+            .start(TokenKey::from("a"), StartOptions::new())
+            .await
+            .unwrap();
+        let callback = f
+            .server
+            .follow_authorization(authorization.url())
+            .await
+            .unwrap();
+        errors.push(connector.complete(callback.as_str()).await.unwrap_err());
+    }
+    assert!(
+        matches!(
+            &errors[0],
+            ConnectError::Unavailable {
+                status: Some(503),
+                ..
+            }
+        ),
+        "{:?}",
+        errors[0]
+    );
+    assert!(
+        matches!(&errors[1], ConnectError::RateLimited { .. }),
+        "{:?}",
+        errors[1]
+    );
+    assert_eq!(errors[1].retry_after(), Some(Duration::from_secs(30)));
+    assert!(errors.iter().all(ConnectError::is_retryable));
+    assert!(matches!(
+        f.manager.status(&TokenKey::from("a")).await,
+        Err(Error::NotFound { .. })
+    ));
+}

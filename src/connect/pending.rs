@@ -475,6 +475,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn file_store_is_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StorePendingStore::new(crate::store::FileStore::open(dir.path()).unwrap());
+        single_use(&store).await;
+    }
+
+    #[tokio::test]
     async fn concurrent_takes_have_one_winner() {
         let store = Arc::new(StorePendingStore::new(MemoryStore::new()));
         store

@@ -341,3 +341,143 @@ fn client_matches(config: &FakeConfig, id: &str, secret: Option<&String>) -> boo
             *secret == config.client_secret
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use sha2::{Digest, Sha256};
+
+    use super::super::{FakeAuthServer, FakeConfig};
+    use crate::testing::ManualClock;
+
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const REDIRECT: &str = "http://app.example/cb";
+
+    fn challenge(verifier: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier))
+    }
+
+    async fn server() -> (FakeAuthServer, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::fixed());
+        let server = FakeAuthServer::start(FakeConfig::constant_contact(), clock.clone()).await;
+        (server, clock)
+    }
+
+    fn authorize_url(server: &FakeAuthServer, extra: &str) -> String {
+        format!(
+            "{}?response_type=code&client_id={}&redirect_uri={REDIRECT}&state=st&scope=a%20b\
+             &code_challenge={}&code_challenge_method=S256{extra}",
+            server.authorize_url(),
+            server.client_id(),
+            challenge(VERIFIER),
+        )
+    }
+
+    async fn code(server: &FakeAuthServer) -> String {
+        let location = server
+            .follow_authorization(&authorize_url(server, ""))
+            .await
+            .unwrap();
+        let url = reqwest::Url::parse(&location).unwrap();
+        let code = url.query_pairs().find(|(n, _)| n == "code").unwrap().1;
+        code.into_owned()
+    }
+
+    /// Exchanges `code`; returns the status and the body.
+    async fn exchange(
+        server: &FakeAuthServer,
+        code: &str,
+        verifier: &str,
+        redirect: &str,
+    ) -> (u16, serde_json::Value) {
+        let reply = reqwest::Client::new()
+            .post(server.token_url())
+            .basic_auth(server.client_id(), Some(server.client_secret()))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("code_verifier", verifier),
+                ("redirect_uri", redirect),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_code_exchanges_once_for_a_grant_in_the_presets_format() {
+        let (server, _clock) = server().await;
+        let code = code(&server).await;
+        let (status, body) = exchange(&server, &code, VERIFIER, REDIRECT).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["scope"], "a b");
+        assert!(server.is_access_token_valid(body["access_token"].as_str().unwrap()));
+        assert_eq!(server.authorized_grants().len(), 1);
+        assert_eq!(server.refresh_calls(), 0, "exchanges are not refreshes");
+
+        let (status, body) = exchange(&server, &code, VERIFIER, REDIRECT).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+        assert_eq!(server.code_exchanges(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_code_is_bound_to_verifier_redirect_and_lifetime() {
+        let (server, clock) = server().await;
+        let wrong_verifier = "x".repeat(43);
+        let cases: [(&str, &str, u64); 3] = [
+            (&wrong_verifier, REDIRECT, 0),
+            (VERIFIER, "http://app.example/other", 0),
+            (VERIFIER, REDIRECT, 301),
+        ];
+        for (verifier, redirect, wait) in cases {
+            let code = code(&server).await;
+            clock.advance(Duration::from_secs(wait));
+            let (status, body) = exchange(&server, &code, verifier, redirect).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (400, Some("invalid_grant"))
+            );
+            // A refused code is spent: the right verifier cannot be tried afterwards.
+            let (status, _) = exchange(&server, &code, VERIFIER, REDIRECT).await;
+            assert_eq!(status, 400);
+        }
+        assert!(server.authorized_grants().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_refused_with_or_without_a_redirect() {
+        let (server, _clock) = server().await;
+        let unknown_client = authorize_url(&server, "").replace("client_id=", "client_id=x");
+        assert!(server.follow_authorization(&unknown_client).await.is_err());
+        let no_redirect = authorize_url(&server, "").replace("redirect_uri=", "redirect=");
+        assert!(server.follow_authorization(&no_redirect).await.is_err());
+
+        let plain = authorize_url(&server, "").replace("method=S256", "method=plain");
+        let location = server.follow_authorization(&plain).await.unwrap();
+        assert!(location.starts_with(&format!("{REDIRECT}?error=invalid_request&")));
+        assert!(location.ends_with("&state=st"));
+
+        server.refuse_next_authorization("consent_required", "Ask again.");
+        let location = server
+            .follow_authorization(&authorize_url(&server, ""))
+            .await
+            .unwrap();
+        assert_eq!(
+            location,
+            format!("{REDIRECT}?error=consent_required&error_description=Ask+again.&state=st")
+        );
+        assert_eq!(server.authorizations(), 4);
+    }
+}
