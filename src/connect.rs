@@ -34,6 +34,10 @@ type AuthClient =
     BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet>;
 
 /// How long an authorization attempt waits for its callback by default: 10 minutes.
+///
+/// ```
+/// assert_eq!(tokenkeeper::DEFAULT_ATTEMPT_TTL.as_secs(), 600);
+/// ```
 pub const DEFAULT_ATTEMPT_TTL: Duration = Duration::from_secs(600);
 
 /// Obtains grants for a [`TokenManager`] through the OAuth 2.0 authorization-code flow

@@ -24,6 +24,27 @@ use crate::token::TokenKey;
 ///   [`Store`](Self::Store): transient; see [`is_retryable`](Self::is_retryable).
 ///
 /// No variant carries a code, a PKCE verifier, a token or a client secret.
+///
+/// ```
+/// # use tokenkeeper::{provider_fn, AccessToken, TokenManager, TokenResponse};
+/// use tokenkeeper::{ConnectError, Connector};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let manager = TokenManager::builder(provider_fn(|_, _| async {
+/// #     Ok(TokenResponse::new(AccessToken::new("a")))
+/// # })).build();
+/// # let connector = Connector::builder(&manager, "id", "https://auth.example.com/authorize",
+/// #     "https://auth.example.com/token", "https://app.example.com/callback").build()?;
+/// // A callback nobody started (a forgery, or an attempt another instance kept to itself):
+/// let page = match connector.complete("code=stolen&state=made-up").await {
+///     Ok(done) => format!("{} connected", done.key),
+///     Err(ConnectError::Denied { .. }) => "You declined; connect again any time.".to_owned(),
+///     Err(e) if e.is_retryable() => "The provider is busy; try again shortly.".to_owned(),
+///     Err(ConnectError::Misconfigured { .. }) => "Our fault; we are on it.".to_owned(),
+///     Err(_) => "That link did not work; please connect again.".to_owned(),
+/// };
+/// assert_eq!(page, "That link did not work; please connect again.");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
@@ -170,6 +191,12 @@ impl From<StoreError> for ConnectError {
 
 /// An authorization endpoint's `error` code (RFC 6749 §4.1.2.1, OpenID Connect Core
 /// §3.1.2.6), with the codes nobody standardised kept as they came.
+///
+/// ```
+/// use tokenkeeper::AuthorizeErrorCode;
+/// assert_eq!(AuthorizeErrorCode::parse("access_denied"), AuthorizeErrorCode::AccessDenied);
+/// assert_eq!(AuthorizeErrorCode::parse("org_policy").as_str(), "org_policy");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AuthorizeErrorCode {

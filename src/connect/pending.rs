@@ -88,6 +88,20 @@ impl fmt::Debug for PendingAttempt {
 }
 
 /// What [`PendingStore::take`] found for a `state`.
+///
+/// ```
+/// use std::time::SystemTime;
+/// use tokenkeeper::{MemoryPendingStore, PendingAttempt, PendingStore, Taken, TokenKey};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tokenkeeper::StoreError> {
+/// let store = MemoryPendingStore::new();
+/// let key = TokenKey::from("customer-42");
+/// let attempt = PendingAttempt::new(key.clone(), "verifier", "https://app/cb", SystemTime::now());
+/// store.put("state-1", attempt.clone()).await?;
+/// assert_eq!(store.take("state-1").await?, Taken::Attempt(attempt));
+/// assert_eq!(store.take("state-1").await?, Taken::Used { key });
+/// assert_eq!(store.take("state-2").await?, Taken::Unknown);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Taken {
