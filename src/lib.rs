@@ -79,7 +79,8 @@
 //!
 //! [`AccessToken`], [`RefreshToken`] and [`ClientSecret`] print as `[redacted]` in `Debug` and
 //! have no `Display`; errors, events and `tracing` fields never hold a token or a raw response
-//! body. Read a secret deliberately with `secret()`.
+//! body. Read a secret deliberately with `secret()`. The [`Connector`]'s authorization codes,
+//! PKCE verifiers and states are treated the same way.
 //!
 //! # Features
 //!

@@ -98,6 +98,12 @@ impl From<&str> for CallbackParams {
     }
 }
 
+impl From<String> for CallbackParams {
+    fn from(query: String) -> Self {
+        Self::from_query(&query)
+    }
+}
+
 impl From<&String> for CallbackParams {
     fn from(query: &String) -> Self {
         Self::from_query(query)

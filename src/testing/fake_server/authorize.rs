@@ -81,7 +81,10 @@ impl FakeAuthServer {
     /// the token endpoint checks (`grant_type=authorization_code`; a wrong verifier, redirect
     /// URI or client, an expired or unknown code: `400 invalid_grant`). A code presented a
     /// second time is refused and the grant it produced is revoked
-    /// ([`RevocationReason::ReuseDetected`]), as RFC 6749 §4.1.2 recommends.
+    /// ([`RevocationReason::ReuseDetected`]), as RFC 6749 §4.1.2 recommends; a code whose
+    /// exchange was refused is spent too. The scripted token-endpoint failures
+    /// ([`fail_next`](Self::fail_next), [`lose_next_replies`](Self::lose_next_replies),
+    /// [`set_delay`](Self::set_delay), rate limits) apply to refreshes only.
     ///
     /// Requests the server cannot redirect (unknown `client_id`, a missing or non-HTTP
     /// `redirect_uri`) get `400` with a text page. Errors it can redirect
