@@ -30,6 +30,28 @@ pub use self::pending::{
     MemoryPendingStore, PendingAttempt, PendingStore, StorePendingStore, Taken,
 };
 
+/// Parameters the connector sets itself; an extra parameter may not repeat them.
+const RESERVED_PARAMS: [&str; 7] = [
+    "response_type",
+    "client_id",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "redirect_uri",
+    "scope",
+];
+
+/// The problem with extra parameters that repeat a reserved one, if any.
+fn reserved_param(params: &[(String, String)]) -> Option<ConfigProblem> {
+    let (name, _) = params
+        .iter()
+        .find(|(name, _)| RESERVED_PARAMS.contains(&name.as_str()))?;
+    Some(ConfigProblem::Setting {
+        setting: "auth_param".to_owned(),
+        reason: format!("`{name}` is set by the connector"),
+    })
+}
+
 type AuthClient =
     BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet>;
 
@@ -157,13 +179,22 @@ impl Connector {
     /// # Errors
     ///
     /// [`ConnectError::Store`] if the pending store fails;
-    /// [`ConnectError::Misconfigured`] for a redirect URI in `options` that does not parse.
+    /// [`ConnectError::Misconfigured`] for a redirect URI in `options` that does not parse, or
+    /// an extra parameter that repeats one the connector sets (`state`, `scope`, …).
     pub async fn start(
         &self,
         key: TokenKey,
         options: StartOptions,
     ) -> Result<Authorization, ConnectError> {
         let inner = &self.inner;
+        if let Some(problem) = reserved_param(&options.params) {
+            return Err(ConnectError::Misconfigured {
+                key: Some(key),
+                problem,
+                status: None,
+                source: None,
+            });
+        }
         let now = inner.manager.clock().now();
         self.prune_now_and_then(now).await;
         let redirect = match options.redirect_uri {
@@ -551,9 +582,25 @@ impl ConnectorBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Misconfigured`] if a URL does not parse or the default HTTP client cannot be
-    /// built.
+    /// [`Error::Misconfigured`] if a URL does not parse, the default HTTP client cannot be
+    /// built, the attempt lifetime is zero, or an extra parameter repeats one the connector
+    /// sets (`state`, `code_challenge`, `redirect_uri`, `scope`, …).
     pub fn build(self) -> Result<Connector, Error> {
+        let setting = |problem| Error::Misconfigured {
+            key: None,
+            problem,
+            status: None,
+            source: None,
+        };
+        if let Some(problem) = reserved_param(&self.params) {
+            return Err(setting(problem));
+        }
+        if self.ttl.is_zero() {
+            return Err(setting(ConfigProblem::Setting {
+                setting: "attempt_ttl".to_owned(),
+                reason: "must be more than zero".to_owned(),
+            }));
+        }
         let misconfigured = |e: SharedError| Error::Misconfigured {
             key: None,
             problem: ConfigProblem::Endpoint,
@@ -735,4 +782,101 @@ pub struct Completed {
     pub scopes: Option<Vec<String>>,
     /// Whether the provider issued a refresh token (without one the grant cannot be renewed).
     pub has_refresh_token: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::provider_fn;
+    use crate::token::TokenResponse;
+
+    fn manager() -> TokenManager {
+        TokenManager::builder(provider_fn(|_, _| async {
+            Ok(TokenResponse::new(AccessToken::new("a")))
+        }))
+        .build()
+    }
+
+    fn builder(manager: &TokenManager) -> ConnectorBuilder {
+        Connector::builder(
+            manager,
+            "id",
+            "https://auth.example.com/authorize",
+            "https://auth.example.com/token",
+            "https://app.example.com/callback",
+        )
+    }
+
+    #[test]
+    fn settings_are_checked_when_built() {
+        let m = manager();
+        assert!(builder(&m).build().is_ok());
+        for bad in [
+            builder(&m).auth_param("state", "fixed"),
+            builder(&m).auth_param("code_challenge_method", "plain"),
+            builder(&m).attempt_ttl(Duration::ZERO),
+            Connector::builder(&m, "id", "not a url", "https://a/token", "https://a/cb"),
+            Connector::builder(&m, "id", "https://a/auth", "https://a/token", "relative/cb"),
+        ] {
+            assert!(
+                matches!(bad.build(), Err(Error::Misconfigured { .. })),
+                "accepted a bad setting"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn each_attempt_has_its_own_state_and_challenge() {
+        let m = manager();
+        let connector = builder(&m).build().unwrap();
+        let key = TokenKey::from("k");
+        let a = connector
+            .start(key.clone(), StartOptions::new())
+            .await
+            .unwrap();
+        let b = connector
+            .start(key.clone(), StartOptions::new())
+            .await
+            .unwrap();
+        assert_ne!(a.state(), b.state());
+        let challenge = |url: &str| {
+            reqwest::Url::parse(url)
+                .unwrap()
+                .query_pairs()
+                .find(|(n, _)| n == "code_challenge")
+                .map(|(_, v)| v.into_owned())
+                .unwrap()
+        };
+        assert_ne!(challenge(a.url()), challenge(b.url()));
+        assert!(a.state().len() >= 22, "at least 128 bits");
+        let err = connector
+            .start(
+                key,
+                StartOptions::new().param("redirect_uri", "https://evil/cb"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Misconfigured { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_later_start_prunes_expired_attempts() {
+        let clock = Arc::new(crate::testing::ManualClock::fixed());
+        let m = TokenManager::builder(provider_fn(|_, _| async {
+            Ok(TokenResponse::new(AccessToken::new("a")))
+        }))
+        .clock(clock.clone())
+        .build();
+        let pending = Arc::new(MemoryPendingStore::new());
+        let connector = builder(&m).pending_store(pending.clone()).build().unwrap();
+        let key = TokenKey::from("k");
+        let old = connector
+            .start(key.clone(), StartOptions::new())
+            .await
+            .unwrap();
+        clock.advance(DEFAULT_ATTEMPT_TTL + Duration::from_secs(1));
+        // This start prunes the expired attempt: its callback is unknown now.
+        connector.start(key, StartOptions::new()).await.unwrap();
+        assert_eq!(pending.take(old.state()).await.unwrap(), Taken::Unknown);
+    }
 }
