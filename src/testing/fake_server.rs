@@ -99,7 +99,7 @@ impl FakeAuthServer {
         Mock::given(method("POST"))
             .and(path(config.preset.token_path()))
             .respond_with(TokenEndpoint {
-                config: config.clone(),
+                preset: config.preset,
                 clock: Arc::clone(&clock),
                 state: Arc::clone(&state),
                 codes: Arc::clone(&codes),
@@ -109,7 +109,6 @@ impl FakeAuthServer {
         Mock::given(method("GET"))
             .and(path(authorize::path(config.preset)))
             .respond_with(authorize::AuthorizeEndpoint {
-                config: config.clone(),
                 clock: Arc::clone(&clock),
                 codes: Arc::clone(&codes),
             })
@@ -368,7 +367,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// The wiremock responder behind the token endpoint.
 struct TokenEndpoint {
-    config: FakeConfig,
+    preset: Preset,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
     codes: Arc<Mutex<authorize::Codes>>,
@@ -376,22 +375,19 @@ struct TokenEndpoint {
 
 impl Respond for TokenEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let preset = self.config.preset;
-        let now = self.clock.now();
-        if let Some(reply) =
-            authorize::exchange(&self.config, &self.codes, &self.state, now, request)
-        {
+        if let Some(reply) = authorize::exchange(&self.codes, &self.state, &*self.clock, request) {
             return reply;
         }
-        let parsed = wire::parse(preset, request);
+        let parsed = wire::parse(self.preset, request);
         let mut state = lock(&self.state);
+        let now = self.clock.now();
         let handled = state.handle(parsed, now);
-        let reply = handled.reply.render(preset, now);
+        let reply = handled.reply.render(self.preset, now);
         state.log.push(RecordedRefresh {
             at: now,
             grant: handled.grant,
             outcome: handled.outcome,
-            status: handled.reply.status(preset),
+            status: handled.reply.status(self.preset),
             reply_lost: handled.reply_lost,
         });
         match state.delay {

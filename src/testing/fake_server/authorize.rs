@@ -19,6 +19,7 @@ const DEFAULT_CODE_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Codes issued by `/authorize`, scripted refusals and counters.
 pub(super) struct Codes {
+    config: FakeConfig,
     codes: HashMap<String, Code>,
     refusals: VecDeque<(String, String)>,
     lifetime: Duration,
@@ -43,6 +44,7 @@ struct Code {
 impl Codes {
     pub(super) fn new(config: &FakeConfig) -> Self {
         Self {
+            config: config.clone(),
             codes: HashMap::new(),
             refusals: VecDeque::new(),
             lifetime: DEFAULT_CODE_LIFETIME,
@@ -185,7 +187,6 @@ impl FakeAuthServer {
 
 /// The wiremock responder behind the authorization endpoint.
 pub(super) struct AuthorizeEndpoint {
-    pub(super) config: FakeConfig,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) codes: Arc<Mutex<Codes>>,
 }
@@ -194,10 +195,12 @@ impl Respond for AuthorizeEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let now = self.clock.now();
         let mut codes = lock(&self.codes);
+        let codes = &mut *codes;
+        let config = &codes.config;
         codes.authorizations += 1;
         let params: HashMap<String, String> = request.url.query_pairs().into_owned().collect();
         let param = |name: &str| params.get(name).map(String::as_str);
-        if param("client_id") != Some(self.config.client_id.as_str()) {
+        if param("client_id") != Some(config.client_id.as_str()) {
             return page(400, "Unknown client_id.");
         }
         let Some(mut redirect) = param("redirect_uri")
@@ -242,7 +245,7 @@ impl Respond for AuthorizeEndpoint {
                     codes.codes.insert(
                         code.clone(),
                         Code {
-                            client_id: self.config.client_id.clone(),
+                            client_id: config.client_id.clone(),
                             redirect_uri,
                             challenge: param("code_challenge").unwrap_or_default().to_owned(),
                             scope: param("scope").map(str::to_owned),
@@ -272,12 +275,14 @@ const INVALID_GRANT: &str = r#"{"error":"invalid_grant","error_description":"The
 /// Answers a token request if it is a code exchange (`None`: not one, the refresh handling
 /// takes it). Only form-based presets take codes.
 pub(super) fn exchange(
-    config: &FakeConfig,
     codes: &Mutex<Codes>,
     state: &Mutex<State>,
-    now: SystemTime,
+    clock: &dyn Clock,
     request: &Request,
 ) -> Option<ResponseTemplate> {
+    let mut codes = lock(codes);
+    let codes = &mut *codes;
+    let config = &codes.config;
     if config.preset == Preset::Xoxoday {
         return None;
     }
@@ -285,7 +290,7 @@ pub(super) fn exchange(
     if params.get("grant_type").map(String::as_str) != Some("authorization_code") {
         return None;
     }
-    let mut codes = lock(codes);
+    let now = clock.now();
     codes.exchanges += 1;
     let client_id = match &client {
         ClientAuth::Basic { id, secret } if client_matches(config, id, Some(secret)) => id,
