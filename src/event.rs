@@ -36,13 +36,21 @@ pub enum Event {
         retry_at: Option<SystemTime>,
     },
     /// The grant died; only a human can fix it. Sent once per transition to dead.
+    ///
+    /// The key is all it takes to ask the user to reconnect:
+    /// [`Connector::reconnect_url`](crate::Connector::reconnect_url) gives an authorization URL
+    /// bound to it, and completing that replaces the grant and sends [`Event::Recovered`].
+    /// Email the user a link to a route of your app that calls it (attempts expire after
+    /// minutes), and use the reason to say why.
     ReauthorizationRequired {
         /// The grant.
         key: TokenKey,
         /// Why.
         reason: InvalidationReason,
     },
-    /// A new grant was inserted for a key that needed re-authorization.
+    /// A new grant was inserted for a key that needed re-authorization (by
+    /// [`TokenManager::insert`](crate::TokenManager::insert) or a completed
+    /// [`Connector`](crate::Connector) attempt).
     Recovered {
         /// The grant.
         key: TokenKey,

@@ -51,6 +51,9 @@
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
 //! - The background refresher ([`TokenManager::start_refresher`]) refreshes grants in use
 //!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
+//! - A [`Connector`] obtains grants through the authorization-code flow (PKCE, single-use
+//!   state, pending attempts in a [`PendingStore`] that other instances can share) and
+//!   re-obtains dead ones from a reconnect URL bound to the grant's key.
 //! - [`AuthorizedClient`] (and `TokenMiddleware` for `reqwest-middleware`) sends API requests
 //!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
 //!   over across several grants for one resource.
@@ -76,7 +79,8 @@
 //!
 //! [`AccessToken`], [`RefreshToken`] and [`ClientSecret`] print as `[redacted]` in `Debug` and
 //! have no `Display`; errors, events and `tracing` fields never hold a token or a raw response
-//! body. Read a secret deliberately with `secret()`.
+//! body. Read a secret deliberately with `secret()`. The [`Connector`]'s authorization codes,
+//! PKCE verifiers and states are treated the same way.
 //!
 //! # Features
 //!
@@ -96,6 +100,7 @@
 
 mod authorized;
 mod clock;
+mod connect;
 mod error;
 mod event;
 mod manager;
@@ -109,6 +114,11 @@ mod token;
 pub use authorized::TokenMiddleware;
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
 pub use clock::{Clock, Sleep, SystemClock};
+pub use connect::{
+    Authorization, AuthorizeErrorCode, CallbackParams, Completed, ConnectError, Connector,
+    ConnectorBuilder, MemoryPendingStore, PendingAttempt, PendingStore, StartOptions,
+    StorePendingStore, Taken, DEFAULT_ATTEMPT_TTL,
+};
 pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
@@ -138,12 +148,21 @@ pub mod testing;
 
 // The traits must stay dyn-compatible and the handles shareable across threads.
 const _: () = {
-    fn _object_safe(_: &dyn TokenStore, _: &dyn Provider, _: &dyn Clock, _: &dyn Classifier) {}
+    fn _object_safe(
+        _: &dyn TokenStore,
+        _: &dyn Provider,
+        _: &dyn Clock,
+        _: &dyn Classifier,
+        _: &dyn PendingStore,
+    ) {
+    }
     fn _assert_send_sync<T: Send + Sync + 'static>() {}
     fn _assert_impls() {
         _assert_send_sync::<TokenManager>();
         _assert_send_sync::<Error>();
         _assert_send_sync::<Event>();
+        _assert_send_sync::<Connector>();
+        _assert_send_sync::<ConnectError>();
         _assert_send_sync::<OAuth2Provider>();
         _assert_send_sync::<MemoryStore>();
         _assert_send_sync::<FileStore>();

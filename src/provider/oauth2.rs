@@ -294,6 +294,46 @@ impl<'c> oauth2::AsyncHttpClient<'c> for CapturingClient<'_> {
     }
 }
 
+impl OAuth2Provider {
+    /// Exchanges an authorization code for tokens (RFC 6749 §4.1.3, with the RFC 7636 PKCE
+    /// verifier): the same client authentication, HTTP client, timeout, size limit and
+    /// classification as a refresh.
+    pub(crate) async fn exchange_code(
+        &self,
+        code: &str,
+        verifier: &str,
+        redirect_uri: &oauth2::RedirectUrl,
+        now: std::time::SystemTime,
+    ) -> Result<TokenResponse, ProviderError> {
+        let outcome: Mutex<Option<Result<HttpReply, ProviderError>>> = Mutex::new(None);
+        let send = CapturingClient {
+            provider: self,
+            outcome: &outcome,
+        };
+        let request = self
+            .client
+            .exchange_code(oauth2::AuthorizationCode::new(code.to_owned()))
+            .set_pkce_verifier(oauth2::PkceCodeVerifier::new(verifier.to_owned()))
+            .set_redirect_uri(std::borrow::Cow::Borrowed(redirect_uri));
+        let _ = request.request_async(&send).await;
+        self.interpret(outcome, now)
+    }
+
+    /// Classifies the reply [`CapturingClient`] kept.
+    fn interpret(
+        &self,
+        outcome: Mutex<Option<Result<HttpReply, ProviderError>>>,
+        now: std::time::SystemTime,
+    ) -> Result<TokenResponse, ProviderError> {
+        match outcome.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(reply)) => reply.interpret(&*self.classifier, now),
+            Some(Err(e)) => Err(e),
+            // `oauth2` could not build the request.
+            None => Err(ProviderError::misconfigured(ConfigProblem::HttpClient)),
+        }
+    }
+}
+
 #[async_trait]
 impl Provider for OAuth2Provider {
     async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
@@ -319,12 +359,7 @@ impl Provider for OAuth2Provider {
             request = request.add_extra_param(name.as_str(), value.as_str());
         }
         let _ = request.request_async(&send).await;
-        match outcome.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(Ok(reply)) => reply.interpret(&*self.classifier, req.now),
-            Some(Err(e)) => Err(e),
-            // `oauth2` could not build the request.
-            None => Err(ProviderError::misconfigured(ConfigProblem::HttpClient)),
-        }
+        self.interpret(outcome, req.now)
     }
 
     /// RFC 7009: revokes the refresh token (or, without one, the access token), which ends

@@ -1,6 +1,7 @@
 //! The fake OAuth authorization server: [`FakeAuthServer`] and its script.
 
 mod api;
+mod authorize;
 mod config;
 mod grant;
 mod record;
@@ -84,6 +85,7 @@ pub struct FakeAuthServer {
     config: FakeConfig,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
+    codes: Arc<Mutex<authorize::Codes>>,
 }
 
 impl FakeAuthServer {
@@ -93,12 +95,22 @@ impl FakeAuthServer {
     pub async fn start(config: FakeConfig, clock: Arc<dyn Clock>) -> Self {
         let server = MockServer::start().await;
         let state = Arc::new(Mutex::new(State::new(config.clone())));
+        let codes = Arc::new(Mutex::new(authorize::Codes::new(&config)));
         Mock::given(method("POST"))
             .and(path(config.preset.token_path()))
             .respond_with(TokenEndpoint {
                 preset: config.preset,
                 clock: Arc::clone(&clock),
                 state: Arc::clone(&state),
+                codes: Arc::clone(&codes),
+            })
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(authorize::path(config.preset)))
+            .respond_with(authorize::AuthorizeEndpoint {
+                clock: Arc::clone(&clock),
+                codes: Arc::clone(&codes),
             })
             .mount(&server)
             .await;
@@ -124,6 +136,7 @@ impl FakeAuthServer {
             config,
             clock,
             state,
+            codes,
         }
     }
 
@@ -357,10 +370,14 @@ struct TokenEndpoint {
     preset: Preset,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
+    codes: Arc<Mutex<authorize::Codes>>,
 }
 
 impl Respond for TokenEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
+        if let Some(reply) = authorize::exchange(&self.codes, &self.state, &*self.clock, request) {
+            return reply;
+        }
         let parsed = wire::parse(self.preset, request);
         let mut state = lock(&self.state);
         let now = self.clock.now();

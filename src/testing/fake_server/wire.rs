@@ -63,7 +63,7 @@ pub(super) fn parse_revocation(
 }
 
 /// The form parameters (body, or for Constant Contact a body-less query) and client credentials.
-fn form_params(
+pub(super) fn form_params(
     preset: Preset,
     request: &Request,
 ) -> Result<(HashMap<String, String>, ClientAuth), &'static str> {
