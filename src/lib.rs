@@ -113,7 +113,7 @@ pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
 };
-pub use event::Event;
+pub use event::{Event, EventItem, EventStream};
 pub use manager::{TokenManager, TokenManagerBuilder};
 pub use provider::{
     provider_fn, Classifier, ClientAuth, FnProvider, HttpReply, OAuth2Provider,

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{ConfigProblem, Error, InvalidationReason, Result, UnavailableCause};
-use crate::event::Event;
+use crate::event::{Event, EventStream};
 use crate::provider::Provider;
 use crate::refresher::{self, Control, RefresherConfig, RefresherHandle};
 use crate::status::{GrantHealth, TokenStatus};
@@ -396,8 +396,18 @@ impl TokenManager {
 
     /// Receives [`Event`]s from now on. A receiver that falls more than the channel capacity
     /// behind loses the oldest events (and is told so by `RecvError::Lagged`).
+    ///
+    /// A loop `while let Ok(event) = rx.recv().await` stops at the first lag; prefer
+    /// [`events`](Self::events), which reports lag as an item and goes on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// [`Event`]s from now on, as a stream that reports lag
+    /// ([`EventItem::Lagged`](crate::EventItem::Lagged)) and goes on. It ends when every clone
+    /// of the manager, and its background refresher, are gone. See [`EventStream`].
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.inner.events.subscribe())
     }
 
     /// Starts the background refresher: one task that refreshes every grant of this manager
@@ -935,6 +945,7 @@ impl fmt::Debug for TokenManager {
 }
 
 /// Builds a [`TokenManager`].
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct TokenManagerBuilder {
     provider: Arc<dyn Provider>,
     store: Option<Arc<dyn TokenStore>>,
