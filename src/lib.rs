@@ -105,9 +105,9 @@ mod status;
 mod store;
 mod token;
 
-#[cfg(feature = "middleware")]
-pub use authorized::TokenMiddleware;
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
+#[cfg(feature = "middleware")]
+pub use authorized::{MiddlewareErrorExt, MissingTokenKey, TokenMiddleware};
 pub use clock::{Clock, Sleep, SystemClock};
 pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
