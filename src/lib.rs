@@ -121,7 +121,7 @@ pub use provider::{
     DEFAULT_BODY_LIMIT,
 };
 pub use refresher::{Progress, RefresherConfig, RefresherHandle};
-pub use status::{GrantHealth, TokenStatus};
+pub use status::{GrantHealth, GrantPage, Page, TokenStatus};
 pub use store::{
     Cas, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version,
     Versioned,

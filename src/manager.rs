@@ -14,7 +14,7 @@ use crate::error::{ConfigProblem, Error, InvalidationReason, Result, Unavailable
 use crate::event::{Event, EventStream};
 use crate::provider::Provider;
 use crate::refresher::{self, Control, RefresherConfig, RefresherHandle};
-use crate::status::{GrantHealth, TokenStatus};
+use crate::status::{GrantHealth, GrantPage, Page, TokenStatus};
 use crate::store::{GrantRecord, GrantState, MemoryStore, TokenStore, Version};
 use crate::token::{AccessToken, TokenKey, TokenSet};
 
@@ -334,9 +334,14 @@ impl TokenManager {
         let Some(loaded) = self.inner.store.load(key).await? else {
             return Err(Error::NotFound { key: key.clone() });
         };
+        Ok(self.status_of(key, &loaded.value))
+    }
+
+    /// [`status`](Self::status) of a record just loaded.
+    fn status_of(&self, key: &TokenKey, record: &GrantRecord) -> TokenStatus {
         let mut status = TokenStatus::from_record(
             key.clone(),
-            &loaded.value,
+            record,
             self.inner.clock.now(),
             self.inner.config.refresh_margin,
         );
@@ -376,8 +381,87 @@ impl TokenManager {
                     status.next_refresh = None;
                 }
             }
+            status.refreshing = slot
+                .flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
         }
-        Ok(status)
+        status
+    }
+
+    /// One page of every stored grant with its [`status`](Self::status), in key order: for an
+    /// admin page or a health check. Read page after page with [`GrantPage::next`]; the store
+    /// lists keys a page at a time ([`TokenStore::keys_after`]), so a store with many grants
+    /// is never read whole.
+    ///
+    /// Grants inserted or removed meanwhile may be missed or seen; none is listed twice.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenkeeper::{provider_fn, AccessToken, GrantHealth, Page, TokenKey, TokenManager,
+    ///     TokenResponse, TokenSet};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let provider = provider_fn(|_key, _tokens| async {
+    /// #     Ok(TokenResponse::new(AccessToken::new("fresh")))
+    /// # });
+    /// let manager = TokenManager::builder(provider).build();
+    /// for name in ["a", "b", "c"] {
+    ///     let tokens = TokenSet::new(AccessToken::new(name))
+    ///         .with_expires_at(SystemTime::now() + Duration::from_secs(3600));
+    ///     manager.insert(TokenKey::from(name), tokens).await?;
+    /// }
+    ///
+    /// let mut page = Some(Page::first(2));
+    /// let mut seen = Vec::new();
+    /// while let Some(this) = page {
+    ///     let listing = manager.grants(this).await?;
+    ///     for status in &listing.grants {
+    ///         match &status.health {
+    ///             GrantHealth::ReauthorizationRequired { reason, .. } => {
+    ///                 println!("{:<12} dead: {reason}", status.key)
+    ///             }
+    ///             GrantHealth::BackingOff { until } => {
+    ///                 println!("{:<12} backing off until {until:?}", status.key)
+    ///             }
+    ///             _ => println!("{:<12} healthy", status.key),
+    ///         }
+    ///         seen.push(status.key.to_string());
+    ///     }
+    ///     page = listing.next;
+    /// }
+    /// assert_eq!(seen, ["a", "b", "c"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the store cannot list or load (a record it cannot decode included:
+    /// a health check should see that).
+    pub async fn grants(&self, page: Page) -> Result<GrantPage> {
+        let limit = page.limit();
+        // One more than asked: whether a next page exists, without an empty last page.
+        let mut keys = self
+            .inner
+            .store
+            .keys_after(page.cursor(), limit.saturating_add(1))
+            .await?;
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let mut grants = Vec::with_capacity(keys.len());
+        for key in &keys {
+            // Deleted since it was listed: not a grant any more.
+            if let Some(loaded) = self.inner.store.load(key).await? {
+                grants.push(self.status_of(key, &loaded.value));
+            }
+        }
+        let next = match keys.pop() {
+            Some(last) if more => Some(Page::after(last, limit)),
+            _ => None,
+        };
+        Ok(GrantPage { grants, next })
     }
 
     /// Every stored grant that needs a human to re-authorize, with the reason.
