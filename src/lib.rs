@@ -87,6 +87,26 @@
 //! | `middleware` | no | `TokenMiddleware` for `reqwest-middleware` |
 //! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
 //! | `redis` | no | `RedisStore`: grants and refresh locks shared through Redis |
+//! | `metrics` | no | counters, histograms and gauges through the `metrics` facade |
+//!
+//! # Metrics
+//!
+//! With feature `metrics`, the manager reports through the
+//! [`metrics`](https://docs.rs/metrics) facade to whatever recorder the application installs.
+//! No label ever holds a token; the grant's key is a label (`key`, on the two
+//! `tokenkeeper.refresh.*` metrics only) only after `TokenManagerBuilder::metrics_key_label(true)`.
+//!
+//! | name | kind | labels | counts |
+//! |---|---|---|---|
+//! | `tokenkeeper.refresh.attempts` | counter | `outcome`, `reason` | refresh runs: `outcome` is `refreshed`, `rotated` (a new refresh token), `adopted` (a peer's token taken from the store), `failed` (`reason`: `rate_limited`, `unavailable`, `misconfigured`, `store`, `not_found`), `dead` (`reason`: the `InvalidationReason` in snake case, such as `invalid_grant`; `provider` for provider codes) or `skipped` (no provider call; `reason`: `backoff`, `not_refreshable`, `refresh_token_expired`, `dead`) |
+//! | `tokenkeeper.refresh.duration` | histogram, seconds | `outcome` | one refresh run: lock, re-read, provider call, save |
+//! | `tokenkeeper.provider.duration` | histogram, seconds | `result`: `ok`, `error`, `timeout`, `panic` | one provider call |
+//! | `tokenkeeper.store.duration` | histogram, seconds | `op`: `load`, `save`, `delete`, `keys`, `keys_after`, `release` | one store call by the manager |
+//! | `tokenkeeper.store.errors` | counter | `op` (as above, and `lock`) | store calls that failed |
+//! | `tokenkeeper.store.conflicts` | counter | — | compare-and-swap saves that lost to a newer version |
+//! | `tokenkeeper.lock.wait` | histogram, seconds | — | waiting for a grant's refresh lock |
+//! | `tokenkeeper.access_token.requests` | counter | `cache`: `hit`, `miss` | `access_token` / `token` calls answered from memory, or not |
+//! | `tokenkeeper.grants` | gauge | `health`: `active`, `backing_off`, `reauthorization_required` | grants this manager has loaded, by health when it last looked (several managers add up) |
 //!
 //! # Minimum supported Rust version
 //!
@@ -99,6 +119,7 @@ mod clock;
 mod error;
 mod event;
 mod manager;
+mod metrics;
 mod provider;
 mod refresher;
 mod status;

@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     warned_no_lock: AtomicBool,
     /// Identifies pending records, so a stale reconcile never clears a newer one.
     pending_ids: AtomicU64,
+    /// Metric state (zero-sized without the `metrics` feature).
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +178,7 @@ impl TokenManager {
             },
             problems: Vec::new(),
             event_capacity: 1024,
+            metrics_key_label: false,
         }
     }
 
@@ -190,8 +193,10 @@ impl TokenManager {
     /// [`Error::Store`].
     pub async fn access_token(&self, key: &TokenKey) -> Result<AccessToken> {
         if let Some(token) = self.inner.fresh(key, |t| t.access_token().clone()) {
+            self.inner.metrics.cache(true);
             return Ok(token);
         }
+        self.inner.metrics.cache(false);
         Ok(self
             .token_slow(key, Need::Expiring)
             .await?
@@ -202,8 +207,10 @@ impl TokenManager {
     /// Like [`access_token`](Self::access_token), with the whole [`TokenSet`].
     pub async fn token(&self, key: &TokenKey) -> Result<Arc<TokenSet>> {
         if let Some(tokens) = self.inner.fresh(key, Arc::clone) {
+            self.inner.metrics.cache(true);
             return Ok(tokens);
         }
+        self.inner.metrics.cache(false);
         self.token_slow(key, Need::Expiring).await
     }
 
@@ -257,6 +264,7 @@ impl TokenManager {
                 let slot = self.inner.slot(&key);
                 self.inner
                     .cache(&slot, &current.value, current.version, None, false);
+                self.inner.observe_health(&key, &slot);
                 return Ok(());
             }
             let was_dead = current
@@ -270,6 +278,7 @@ impl TokenManager {
                 self.inner.clear_pending(&slot, None);
                 *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.inner.cache(&slot, &record, version, None, true);
+                self.inner.observe_health(&key, &slot);
                 self.inner.notify_scheduler(&key);
                 if was_dead {
                     self.inner.emit(Event::Recovered { key });
@@ -692,9 +701,14 @@ impl Inner {
                 slot.cached.store(None);
                 // Lookups of keys that do not exist must not grow the map.
                 self.grants.remove_if(key, |_, s| s.cached.load().is_none());
+                self.metrics.health(key, || None);
                 Err(Error::NotFound { key: key.clone() })
             }
-            Some(loaded) => Ok(self.cache(slot, &loaded.value, loaded.version, None, false)),
+            Some(loaded) => {
+                let cached = self.cache(slot, &loaded.value, loaded.version, None, false);
+                self.observe_health(key, slot);
+                Ok(cached)
+            }
         }
     }
 
@@ -703,6 +717,26 @@ impl Inner {
         if let Some((_, slot)) = self.grants.remove(key) {
             self.clear_pending(&slot, None);
         }
+        self.metrics.health(key, || None);
+    }
+
+    /// Counts the grant under its health as this process now sees it (`tokenkeeper.grants`).
+    pub(crate) fn observe_health(&self, key: &TokenKey, slot: &Slot) {
+        self.metrics.health(key, || {
+            let cached = slot.cached.load();
+            let cached = cached.as_ref()?;
+            let now = self.clock.now();
+            let local = slot.local.lock().unwrap_or_else(|e| e.into_inner());
+            Some(if cached.dead.is_some() {
+                crate::metrics::Health::Dead
+            } else if cached.retry_not_before.is_some_and(|until| until > now)
+                || local.as_ref().is_some_and(|l| l.until > now)
+            {
+                crate::metrics::Health::BackingOff
+            } else {
+                crate::metrics::Health::Active
+            })
+        });
     }
 
     /// Holds `record` until it is saved; counted by [`TokenManager::drain`].
@@ -1036,6 +1070,7 @@ pub struct TokenManagerBuilder {
     clock: Option<Arc<dyn Clock>>,
     config: Config,
     event_capacity: usize,
+    metrics_key_label: bool,
     /// Settings that were nonsense and were clamped; [`TokenManagerBuilder::try_build`]
     /// reports the first.
     problems: Vec<ConfigProblem>,
@@ -1138,6 +1173,17 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// Whether the refresh metrics (`tokenkeeper.refresh.attempts` and
+    /// `tokenkeeper.refresh.duration`) carry the grant's key as label `key` (default: no).
+    ///
+    /// Off by default: keys may name customers, and a series per grant costs the metrics
+    /// backend. Turn it on for a few grants worth watching one by one. Tokens are never labels.
+    #[cfg(feature = "metrics")]
+    pub fn metrics_key_label(mut self, on: bool) -> Self {
+        self.metrics_key_label = on;
+        self
+    }
+
     fn clamp(&mut self, name: &'static str, value: Duration, least: Duration) -> Duration {
         if value > MAX_SETTING {
             self.problems.push(problem(name, "is longer than 30 days"));
@@ -1154,7 +1200,9 @@ impl TokenManagerBuilder {
         TokenManager {
             inner: Arc::new(Inner {
                 provider: self.provider,
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store: crate::metrics::instrument(
+                    self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                ),
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
                 grants: DashMap::new(),
@@ -1164,6 +1212,7 @@ impl TokenManagerBuilder {
                 busy: watch::Sender::new(0),
                 warned_no_lock: AtomicBool::new(false),
                 pending_ids: AtomicU64::new(0),
+                metrics: crate::metrics::Metrics::new(self.metrics_key_label),
             }),
         }
     }
