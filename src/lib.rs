@@ -47,7 +47,8 @@
 //!   (the memory store among the managers sharing it; the others across processes). A dead grant is stored as dead, so it stays dead
 //!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
-//!   configuration. [`Event`]s report the same to the application as they happen.
+//!   configuration. [`Event`]s report the same to the application as they happen
+//!   ([`TokenManager::events`]), and [`TokenManager::grants`] lists every grant's state.
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
 //! - The background refresher ([`TokenManager::start_refresher`]) refreshes grants in use
 //!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
