@@ -150,10 +150,6 @@ impl Inner {
         };
         // Read under the lock: this is the store's current state, even if it went back in time.
         let cached = self.cache(slot, &record, version, None, true);
-        if let Some(reason) = record.dead_reason() {
-            metrics::outcome_as(&span, "dead", "already_dead");
-            return Err(dead(key, reason));
-        }
         let local_failures = slot
             .local
             .lock()
@@ -165,6 +161,10 @@ impl Inner {
             "attempt",
             record.failures.max(local_failures).saturating_add(1),
         );
+        if let Some(reason) = record.dead_reason() {
+            metrics::outcome_as(&span, "dead", "already_dead");
+            return Err(dead(key, reason));
+        }
         let refused = slot
             .refused
             .lock()
