@@ -162,7 +162,9 @@ pub mod testing;
 const _: () = {
     fn _object_safe(_: &dyn TokenStore, _: &dyn Provider, _: &dyn Clock, _: &dyn Classifier) {}
     fn _assert_send_sync<T: Send + Sync + 'static>() {}
+    fn _assert_send_unpin<T: Send + Unpin + 'static>() {}
     fn _assert_impls() {
+        _assert_send_unpin::<EventStream>();
         _assert_send_sync::<TokenManager>();
         _assert_send_sync::<Error>();
         _assert_send_sync::<Event>();
