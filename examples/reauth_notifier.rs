@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, IssuedGrant, ManualClock};
 use tokenkeeper::{
-    AccessToken, ClientSecret, Event, OAuth2Provider, RefreshToken, RefresherConfig, TokenKey,
-    TokenManager, TokenSet,
+    AccessToken, ClientSecret, Event, EventItem, OAuth2Provider, RefreshToken, RefresherConfig,
+    TokenKey, TokenManager, TokenSet,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -42,11 +42,21 @@ async fn main() -> anyhow::Result<()> {
 
     // The notifier: one message per transition to dead, and one when a grant recovers.
     let outbox = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut events = manager.subscribe();
+    // `events()` reports lag as an item instead of ending the loop.
+    let mut events = manager.events();
     let notifier = {
         let outbox = outbox.clone();
         tokio::spawn(async move {
-            while let Ok(event) = events.recv().await {
+            while let Some(item) = events.next().await {
+                let event = match item {
+                    EventItem::Event(event) => event,
+                    EventItem::Lagged(missed) => {
+                        // A real notifier would re-read `reauthorization_required()` here.
+                        println!("  missed {missed} events; re-reading the grants");
+                        continue;
+                    }
+                    _ => continue,
+                };
                 let message = match event {
                     Event::ReauthorizationRequired { key, reason } => format!(
                         "to owner of {key}: your connection stopped working ({reason}); \

@@ -17,7 +17,7 @@ use crate::token::{AccessToken, TokenKey};
 #[cfg(feature = "middleware")]
 mod middleware;
 #[cfg(feature = "middleware")]
-pub use middleware::TokenMiddleware;
+pub use middleware::{MiddlewareErrorExt, MissingTokenKey, TokenMiddleware};
 
 /// Which API replies mean "this access token is no longer good" (refresh and retry once).
 ///

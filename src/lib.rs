@@ -47,7 +47,8 @@
 //!   (the memory store among the managers sharing it; the others across processes). A dead grant is stored as dead, so it stays dead
 //!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
-//!   configuration. [`Event`]s report the same to the application as they happen.
+//!   configuration. [`Event`]s report the same to the application as they happen
+//!   ([`TokenManager::events`]), and [`TokenManager::grants`] lists every grant's state.
 //! - A [`Clock`] is injected wherever expiry is computed, so tests run days in milliseconds.
 //! - The background refresher ([`TokenManager::start_refresher`]) refreshes grants in use
 //!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
@@ -91,6 +92,26 @@
 //! | `middleware` | no | `TokenMiddleware` for `reqwest-middleware` |
 //! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
 //! | `redis` | no | `RedisStore`: grants and refresh locks shared through Redis |
+//! | `metrics` | no | counters, histograms and gauges through the `metrics` facade |
+//!
+//! # Metrics
+//!
+//! With feature `metrics`, the manager reports through the
+//! [`metrics`](https://docs.rs/metrics) facade to whatever recorder the application installs.
+//! No label ever holds a token; the grant's key is a label (`key`, on the two
+//! `tokenkeeper.refresh.*` metrics only) only after `TokenManagerBuilder::metrics_key_label(true)`.
+//!
+//! | name | kind | labels | counts |
+//! |---|---|---|---|
+//! | `tokenkeeper.refresh.attempts` | counter | `outcome`, `reason` | refresh runs: `outcome` is `refreshed`, `rotated` (a new refresh token), `adopted` (a peer's token taken from the store), `failed` (`reason`: `rate_limited`, `unavailable`, `misconfigured`, `store`, `not_found`), `dead` (`reason`: the `InvalidationReason` in snake case, such as `invalid_grant`; `provider` for provider codes) or `skipped` (no provider call; `reason`: `backoff`, `not_refreshable`, `refresh_token_expired`, `dead`) |
+//! | `tokenkeeper.refresh.duration` | histogram, seconds | `outcome` | one refresh run: lock, re-read, provider call, save |
+//! | `tokenkeeper.provider.duration` | histogram, seconds | `result`: `ok`, `error`, `timeout`, `panic` | one provider call |
+//! | `tokenkeeper.store.duration` | histogram, seconds | `op`: `load`, `save`, `delete`, `keys`, `keys_after`, `release` | one store call by the manager |
+//! | `tokenkeeper.store.errors` | counter | `op` (as above, and `lock`) | store calls that failed |
+//! | `tokenkeeper.store.conflicts` | counter | — | compare-and-swap saves that lost to a newer version |
+//! | `tokenkeeper.lock.wait` | histogram, seconds | — | waiting for a grant's refresh lock |
+//! | `tokenkeeper.access_token.requests` | counter | `cache`: `hit`, `miss` | `access_token` / `token` calls answered from memory, or not |
+//! | `tokenkeeper.grants` | gauge | `health`: `active`, `backing_off`, `reauthorization_required` | grants this manager has loaded, by health when it last looked (several managers add up) |
 //!
 //! # Minimum supported Rust version
 //!
@@ -104,15 +125,16 @@ mod connect;
 mod error;
 mod event;
 mod manager;
+mod metrics;
 mod provider;
 mod refresher;
 mod status;
 mod store;
 mod token;
 
-#[cfg(feature = "middleware")]
-pub use authorized::TokenMiddleware;
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
+#[cfg(feature = "middleware")]
+pub use authorized::{MiddlewareErrorExt, MissingTokenKey, TokenMiddleware};
 pub use clock::{Clock, Sleep, SystemClock};
 pub use connect::{
     Authorization, AuthorizeErrorCode, CallbackParams, Completed, ConnectError, Connector,
@@ -123,7 +145,7 @@ pub use error::{
     BoxError, ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind, Result,
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
 };
-pub use event::Event;
+pub use event::{Event, EventItem, EventStream};
 pub use manager::{TokenManager, TokenManagerBuilder};
 pub use provider::{
     provider_fn, Classifier, ClientAuth, FnProvider, HttpReply, OAuth2Provider,
@@ -131,7 +153,7 @@ pub use provider::{
     DEFAULT_BODY_LIMIT,
 };
 pub use refresher::{Progress, RefresherConfig, RefresherHandle};
-pub use status::{GrantHealth, TokenStatus};
+pub use status::{GrantHealth, GrantPage, Page, TokenStatus};
 pub use store::{
     Cas, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version,
     Versioned,
@@ -157,7 +179,9 @@ const _: () = {
     ) {
     }
     fn _assert_send_sync<T: Send + Sync + 'static>() {}
+    fn _assert_send_unpin<T: Send + Unpin + 'static>() {}
     fn _assert_impls() {
+        _assert_send_unpin::<EventStream>();
         _assert_send_sync::<TokenManager>();
         _assert_send_sync::<Error>();
         _assert_send_sync::<Event>();

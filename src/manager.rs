@@ -11,10 +11,10 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{ConfigProblem, Error, InvalidationReason, Result, UnavailableCause};
-use crate::event::Event;
+use crate::event::{Event, EventStream};
 use crate::provider::Provider;
 use crate::refresher::{self, Control, RefresherConfig, RefresherHandle};
-use crate::status::{GrantHealth, TokenStatus};
+use crate::status::{GrantHealth, GrantPage, Page, TokenStatus};
 use crate::store::{GrantRecord, GrantState, MemoryStore, TokenStore, Version};
 use crate::token::{AccessToken, TokenKey, TokenSet};
 
@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     warned_no_lock: AtomicBool,
     /// Identifies pending records, so a stale reconcile never clears a newer one.
     pending_ids: AtomicU64,
+    /// Metric state (zero-sized without the `metrics` feature).
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +182,7 @@ impl TokenManager {
             },
             problems: Vec::new(),
             event_capacity: 1024,
+            metrics_key_label: false,
         }
     }
 
@@ -194,8 +197,10 @@ impl TokenManager {
     /// [`Error::Store`].
     pub async fn access_token(&self, key: &TokenKey) -> Result<AccessToken> {
         if let Some(token) = self.inner.fresh(key, |t| t.access_token().clone()) {
+            self.inner.metrics.cache(true);
             return Ok(token);
         }
+        self.inner.metrics.cache(false);
         Ok(self
             .token_slow(key, Need::Expiring)
             .await?
@@ -206,8 +211,10 @@ impl TokenManager {
     /// Like [`access_token`](Self::access_token), with the whole [`TokenSet`].
     pub async fn token(&self, key: &TokenKey) -> Result<Arc<TokenSet>> {
         if let Some(tokens) = self.inner.fresh(key, Arc::clone) {
+            self.inner.metrics.cache(true);
             return Ok(tokens);
         }
+        self.inner.metrics.cache(false);
         self.token_slow(key, Need::Expiring).await
     }
 
@@ -261,6 +268,7 @@ impl TokenManager {
                 let slot = self.inner.slot(&key);
                 self.inner
                     .cache(&slot, &current.value, current.version, None, false);
+                self.inner.observe_health(&key, &slot);
                 return Ok(());
             }
             let was_dead = current
@@ -274,6 +282,7 @@ impl TokenManager {
                 self.inner.clear_pending(&slot, None);
                 *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.inner.cache(&slot, &record, version, None, true);
+                self.inner.observe_health(&key, &slot);
                 self.inner.notify_scheduler(&key);
                 if was_dead {
                     self.inner.emit(Event::Recovered { key });
@@ -338,9 +347,14 @@ impl TokenManager {
         let Some(loaded) = self.inner.store.load(key).await? else {
             return Err(Error::NotFound { key: key.clone() });
         };
+        Ok(self.status_of(key, &loaded.value))
+    }
+
+    /// [`status`](Self::status) of a record just loaded.
+    fn status_of(&self, key: &TokenKey, record: &GrantRecord) -> TokenStatus {
         let mut status = TokenStatus::from_record(
             key.clone(),
-            &loaded.value,
+            record,
             self.inner.clock.now(),
             self.inner.config.refresh_margin,
         );
@@ -380,8 +394,87 @@ impl TokenManager {
                     status.next_refresh = None;
                 }
             }
+            status.refreshing = slot
+                .flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
         }
-        Ok(status)
+        status
+    }
+
+    /// One page of every stored grant with its [`status`](Self::status), in key order: for an
+    /// admin page or a health check. Read page after page with [`GrantPage::next`]; the store
+    /// lists keys a page at a time ([`TokenStore::keys_after`]), so a store with many grants
+    /// is never read whole.
+    ///
+    /// Grants inserted or removed meanwhile may be missed or seen; none is listed twice.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenkeeper::{provider_fn, AccessToken, GrantHealth, Page, TokenKey, TokenManager,
+    ///     TokenResponse, TokenSet};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let provider = provider_fn(|_key, _tokens| async {
+    /// #     Ok(TokenResponse::new(AccessToken::new("fresh")))
+    /// # });
+    /// let manager = TokenManager::builder(provider).build();
+    /// for name in ["a", "b", "c"] {
+    ///     let tokens = TokenSet::new(AccessToken::new(name))
+    ///         .with_expires_at(SystemTime::now() + Duration::from_secs(3600));
+    ///     manager.insert(TokenKey::from(name), tokens).await?;
+    /// }
+    ///
+    /// let mut page = Some(Page::first(2));
+    /// let mut seen = Vec::new();
+    /// while let Some(this) = page {
+    ///     let listing = manager.grants(this).await?;
+    ///     for status in &listing.grants {
+    ///         match &status.health {
+    ///             GrantHealth::ReauthorizationRequired { reason, .. } => {
+    ///                 println!("{:<12} dead: {reason}", status.key)
+    ///             }
+    ///             GrantHealth::BackingOff { until } => {
+    ///                 println!("{:<12} backing off until {until:?}", status.key)
+    ///             }
+    ///             _ => println!("{:<12} healthy", status.key),
+    ///         }
+    ///         seen.push(status.key.to_string());
+    ///     }
+    ///     page = listing.next;
+    /// }
+    /// assert_eq!(seen, ["a", "b", "c"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the store cannot list or load (a record it cannot decode included:
+    /// a health check should see that).
+    pub async fn grants(&self, page: Page) -> Result<GrantPage> {
+        let limit = page.limit();
+        // One more than asked: whether a next page exists, without an empty last page.
+        let mut keys = self
+            .inner
+            .store
+            .keys_after(page.cursor(), limit.saturating_add(1))
+            .await?;
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let mut grants = Vec::with_capacity(keys.len());
+        for key in &keys {
+            // Deleted since it was listed: not a grant any more.
+            if let Some(loaded) = self.inner.store.load(key).await? {
+                grants.push(self.status_of(key, &loaded.value));
+            }
+        }
+        let next = match keys.pop() {
+            Some(last) if more => Some(Page::after(last, limit)),
+            _ => None,
+        };
+        Ok(GrantPage { grants, next })
     }
 
     /// Every stored grant that needs a human to re-authorize, with the reason.
@@ -400,8 +493,18 @@ impl TokenManager {
 
     /// Receives [`Event`]s from now on. A receiver that falls more than the channel capacity
     /// behind loses the oldest events (and is told so by `RecvError::Lagged`).
+    ///
+    /// A loop `while let Ok(event) = rx.recv().await` stops at the first lag; prefer
+    /// [`events`](Self::events), which reports lag as an item and goes on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// [`Event`]s from now on, as a stream that reports lag
+    /// ([`EventItem::Lagged`](crate::EventItem::Lagged)) and goes on. It ends when every clone
+    /// of the manager, and its background refresher, are gone. See [`EventStream`].
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.inner.events.subscribe())
     }
 
     /// Starts the background refresher: one task that refreshes every grant of this manager
@@ -602,9 +705,14 @@ impl Inner {
                 slot.cached.store(None);
                 // Lookups of keys that do not exist must not grow the map.
                 self.grants.remove_if(key, |_, s| s.cached.load().is_none());
+                self.metrics.health(key, || None);
                 Err(Error::NotFound { key: key.clone() })
             }
-            Some(loaded) => Ok(self.cache(slot, &loaded.value, loaded.version, None, false)),
+            Some(loaded) => {
+                let cached = self.cache(slot, &loaded.value, loaded.version, None, false);
+                self.observe_health(key, slot);
+                Ok(cached)
+            }
         }
     }
 
@@ -613,6 +721,26 @@ impl Inner {
         if let Some((_, slot)) = self.grants.remove(key) {
             self.clear_pending(&slot, None);
         }
+        self.metrics.health(key, || None);
+    }
+
+    /// Counts the grant under its health as this process now sees it (`tokenkeeper.grants`).
+    pub(crate) fn observe_health(&self, key: &TokenKey, slot: &Slot) {
+        self.metrics.health(key, || {
+            let cached = slot.cached.load();
+            let cached = cached.as_ref()?;
+            let now = self.clock.now();
+            let local = slot.local.lock().unwrap_or_else(|e| e.into_inner());
+            Some(if cached.dead.is_some() {
+                crate::metrics::Health::Dead
+            } else if cached.retry_not_before.is_some_and(|until| until > now)
+                || local.as_ref().is_some_and(|l| l.until > now)
+            {
+                crate::metrics::Health::BackingOff
+            } else {
+                crate::metrics::Health::Active
+            })
+        });
     }
 
     /// Holds `record` until it is saved; counted by [`TokenManager::drain`].
@@ -937,12 +1065,14 @@ impl fmt::Debug for TokenManager {
 }
 
 /// Builds a [`TokenManager`].
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct TokenManagerBuilder {
     provider: Arc<dyn Provider>,
     store: Option<Arc<dyn TokenStore>>,
     clock: Option<Arc<dyn Clock>>,
     config: Config,
     event_capacity: usize,
+    metrics_key_label: bool,
     /// Settings that were nonsense and were clamped; [`TokenManagerBuilder::try_build`]
     /// reports the first.
     problems: Vec<ConfigProblem>,
@@ -1045,6 +1175,17 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// Whether the refresh metrics (`tokenkeeper.refresh.attempts` and
+    /// `tokenkeeper.refresh.duration`) carry the grant's key as label `key` (default: no).
+    ///
+    /// Off by default: keys may name customers, and a series per grant costs the metrics
+    /// backend. Turn it on for a few grants worth watching one by one. Tokens are never labels.
+    #[cfg(feature = "metrics")]
+    pub fn metrics_key_label(mut self, on: bool) -> Self {
+        self.metrics_key_label = on;
+        self
+    }
+
     fn clamp(&mut self, name: &'static str, value: Duration, least: Duration) -> Duration {
         if value > MAX_SETTING {
             self.problems.push(problem(name, "is longer than 30 days"));
@@ -1061,7 +1202,9 @@ impl TokenManagerBuilder {
         TokenManager {
             inner: Arc::new(Inner {
                 provider: self.provider,
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store: crate::metrics::instrument(
+                    self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                ),
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
                 grants: DashMap::new(),
@@ -1071,6 +1214,7 @@ impl TokenManagerBuilder {
                 busy: watch::Sender::new(0),
                 warned_no_lock: AtomicBool::new(false),
                 pending_ids: AtomicU64::new(0),
+                metrics: crate::metrics::Metrics::new(self.metrics_key_label),
             }),
         }
     }

@@ -26,6 +26,7 @@ use crate::token::TokenKey;
 /// - At most `max_concurrency` refreshes run at once and at most `max_per_minute` start in any
 ///   minute, for all grants together.
 #[derive(Debug, Clone)]
+#[must_use = "a config does nothing until passed to `TokenManager::start_refresher`"]
 pub struct RefresherConfig {
     lead_time: Duration,
     lead_fraction: f64,

@@ -6,6 +6,66 @@ use crate::error::InvalidationReason;
 use crate::store::GrantRecord;
 use crate::token::TokenKey;
 
+/// Which part of a grant listing to read, for
+/// [`TokenManager::grants`](crate::TokenManager::grants): at most [`limit`](Self::limit)
+/// grants, in key order, after a cursor.
+///
+/// Start with [`Page::first`] and go on with [`GrantPage::next`]; to resume from a key (say, a
+/// query parameter of an admin page), use [`Page::after`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    after: Option<TokenKey>,
+    limit: usize,
+}
+
+impl Page {
+    /// The most grants one page holds: 1000. Larger limits are lowered to it.
+    pub const MAX_LIMIT: usize = 1000;
+
+    /// The first `limit` grants (at least 1, at most [`MAX_LIMIT`](Self::MAX_LIMIT)).
+    pub fn first(limit: usize) -> Self {
+        Self {
+            after: None,
+            limit: limit.clamp(1, Self::MAX_LIMIT),
+        }
+    }
+
+    /// The `limit` grants whose keys come after `key` (which need not exist any more).
+    pub fn after(key: TokenKey, limit: usize) -> Self {
+        Self {
+            after: Some(key),
+            ..Self::first(limit)
+        }
+    }
+
+    /// The key this page starts after, if any.
+    pub fn cursor(&self) -> Option<&TokenKey> {
+        self.after.as_ref()
+    }
+
+    /// The most grants this page holds.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+/// The first 100 grants.
+impl Default for Page {
+    fn default() -> Self {
+        Self::first(100)
+    }
+}
+
+/// One page of a grant listing, from [`TokenManager::grants`](crate::TokenManager::grants).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GrantPage {
+    /// The grants, in key order.
+    pub grants: Vec<TokenStatus>,
+    /// The page after this one, or `None` if this is the last.
+    pub next: Option<Page>,
+}
+
 /// A snapshot of one grant, from [`TokenManager::status`](crate::TokenManager::status).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -31,6 +91,8 @@ pub struct TokenStatus {
     pub failures: u32,
     /// The last refresh error, as text.
     pub last_error: Option<String>,
+    /// A refresh of this grant is in flight in this process right now.
+    pub refreshing: bool,
 }
 
 /// The lifecycle state of a grant.
@@ -79,6 +141,7 @@ impl TokenStatus {
             next_refresh,
             failures: record.failures(),
             last_error: record.last_error().map(str::to_owned),
+            refreshing: false,
         }
     }
 

@@ -473,6 +473,26 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Every stored key.
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError>;
 
+    /// One page of stored keys, for listings of stores with many grants: the `limit` smallest
+    /// keys (in [`TokenKey`]'s order, by bytes) strictly greater than `after` (every key when
+    /// `after` is `None`), in ascending order.
+    ///
+    /// Keys added or removed while pages are read may be missed or seen, but a listing that
+    /// goes page by page never returns a key twice.
+    ///
+    /// # Implementing
+    ///
+    /// The default lists every key with [`keys`](Self::keys), then sorts and cuts; a store with
+    /// an ordered index (SQL, a sorted set) should override it with a range query. A wrapper
+    /// forwards it.
+    async fn keys_after(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<TokenKey>, StoreError> {
+        Ok(page_of(self.keys().await?, after, limit))
+    }
+
     /// Takes the cross-process refresh lock for `key`, waiting for it, or `Ok(None)` if this
     /// store has no cross-process lock (in-process single-flight and compare-and-swap still
     /// hold, but two processes may refresh the same grant at once).
@@ -487,6 +507,22 @@ pub trait TokenStore: Send + Sync + 'static {
         key: &TokenKey,
         ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError>;
+}
+
+/// The page [`TokenStore::keys_after`] describes, cut from a list of keys in any order.
+pub(crate) fn page_of(
+    keys: impl IntoIterator<Item = TokenKey>,
+    after: Option<&TokenKey>,
+    limit: usize,
+) -> Vec<TokenKey> {
+    let mut keys: Vec<TokenKey> = keys
+        .into_iter()
+        .filter(|k| after.is_none_or(|after| k > after))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.truncate(limit);
+    keys
 }
 
 /// When a lock wait of `wait` from now ends; a wait too long to represent (say
@@ -525,6 +561,14 @@ impl<T: TokenStore + ?Sized> TokenStore for std::sync::Arc<T> {
 
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
         (**self).keys().await
+    }
+
+    async fn keys_after(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<TokenKey>, StoreError> {
+        (**self).keys_after(after, limit).await
     }
 
     async fn lock(

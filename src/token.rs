@@ -6,6 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+mod from_oauth2;
 
 macro_rules! secret_type {
     ($(#[$doc:meta])* $name:ident) => {
@@ -13,25 +16,57 @@ macro_rules! secret_type {
         ///
         /// The value is never printed: `Debug` shows a redacted placeholder and there is no
         /// `Display`. Read it deliberately with [`secret`](Self::secret).
-        #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(Arc<str>);
+        ///
+        /// The value is overwritten with zeros when the last clone is dropped
+        /// ([`ZeroizeOnDrop`](zeroize::ZeroizeOnDrop)); clones share one copy.
+        #[derive(Clone)]
+        pub struct $name(Arc<Zeroizing<String>>);
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.secret() == other.secret()
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.secret().hash(state);
+            }
+        }
 
         impl $name {
-            /// Wraps a secret value.
+            /// Wraps a secret value (taking ownership of the string, so no copy is left
+            /// behind).
             pub fn new(value: impl Into<String>) -> Self {
-                Self(Arc::from(value.into()))
+                Self(Arc::new(Zeroizing::new(value.into())))
             }
 
             /// The secret value. Call this only where the value must leave the program.
             pub fn secret(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+
+        // The shared `Zeroizing<String>` wipes the value when its last owner drops.
+        impl zeroize::ZeroizeOnDrop for $name {}
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.secret())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d).map(Self::new)
             }
         }
     };
@@ -84,9 +119,10 @@ impl fmt::Debug for TokenKey {
     }
 }
 
+/// The key itself; honours width, fill, alignment and precision (`{:<20}`), for tables.
 impl fmt::Display for TokenKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -706,6 +742,67 @@ pub(crate) mod epoch_ms_opt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_display_honours_width_and_alignment() {
+        let key = TokenKey::from("acme");
+        assert_eq!(format!("[{key:<8}]"), "[acme    ]");
+        assert_eq!(format!("[{key:>8}]"), "[    acme]");
+        assert_eq!(format!("[{key:*^8}]"), "[**acme**]");
+        assert_eq!(format!("[{key:.2}]"), "[ac]");
+        assert_eq!(format!("{key}"), "acme");
+    }
+
+    #[test]
+    fn secrets_are_wiped_when_the_last_clone_drops() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<AccessToken>();
+        zeroize_on_drop::<RefreshToken>();
+        zeroize_on_drop::<ClientSecret>();
+        // The storage itself is what wipes: one shared `Zeroizing` buffer per value.
+        fn storage(token: &AccessToken) -> &Arc<Zeroizing<String>> {
+            &token.0
+        }
+        zeroize_on_drop::<Zeroizing<String>>();
+
+        let token = AccessToken::new("at-secret");
+        let clone = token.clone();
+        assert!(
+            Arc::ptr_eq(storage(&token), storage(&clone)),
+            "clones share one copy"
+        );
+        drop(token);
+        // Not wiped while a clone still uses it.
+        assert_eq!(clone.secret(), "at-secret");
+        assert_eq!(Arc::strong_count(storage(&clone)), 1);
+
+        // What the last drop runs: the bytes are overwritten, then the string is emptied.
+        let mut buffer = Zeroizing::new(String::from("rt-secret"));
+        zeroize::Zeroize::zeroize(&mut *buffer);
+        assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn secrets_compare_hash_and_serialize_by_value() {
+        use std::collections::hash_map::DefaultHasher;
+        use std::hash::{Hash, Hasher};
+        let hash = |t: &RefreshToken| {
+            let mut h = DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        };
+        let (a, b) = (
+            RefreshToken::new("rt"),
+            RefreshToken::new(String::from("rt")),
+        );
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+        assert_ne!(a, RefreshToken::new("other"));
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(json, "\"rt\"");
+        let back: RefreshToken = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, a);
+    }
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)

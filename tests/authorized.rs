@@ -581,4 +581,51 @@ mod middleware {
         let err = client.get(w.server.api_url()).send().await.unwrap_err();
         assert!(err.to_string().contains("TokenKey"));
     }
+
+    #[tokio::test]
+    async fn a_dead_grant_is_told_apart_from_a_network_error_without_downcasting() {
+        use tokenkeeper::MiddlewareErrorExt;
+
+        let w = world(FakeConfig::standard()).await;
+        let client = ClientBuilder::new(plain())
+            .with(TokenMiddleware::new(w.manager.clone()))
+            .build();
+        let dead = TokenKey::from("acct-dead");
+        let issued = w.insert_issued_grant(&dead).await;
+        w.server.revoke(&issued.grant);
+        let err = client
+            .get(w.server.api_url())
+            .with_extension(dead)
+            .send()
+            .await
+            .unwrap_err();
+        assert!(err.is_reauth_required() && !err.is_retryable(), "{err:?}");
+        assert!(matches!(
+            Error::from_middleware(&err),
+            Some(Error::ReauthorizationRequired {
+                reason: InvalidationReason::InvalidGrant,
+                ..
+            })
+        ));
+
+        // A good grant, an API that cannot be reached: the network's error, not a token's.
+        let alive = TokenKey::from("acct-alive");
+        w.insert_issued_grant(&alive).await;
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let err = client
+            .get(format!("http://{closed}/v1/me"))
+            .with_extension(alive)
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, reqwest_middleware::Error::Reqwest(_)),
+            "{err:?}"
+        );
+        assert!(err.tokenkeeper_error().is_none() && err.request_error().is_none());
+        assert!(!err.is_reauth_required() && !err.is_retryable());
+    }
 }

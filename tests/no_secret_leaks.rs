@@ -1,24 +1,32 @@
 //! Invariant 8: no access token, refresh token or client secret appears in tracing output
-//! (at TRACE), in `Debug` or `Display` of errors, events, token sets, statuses, records, or
-//! the provider and its builder.
+//! (at TRACE: the formatted log, and every span and event field as recorded, including span
+//! fields recorded after the span's last event), in `Debug` or `Display` of errors, events,
+//! token sets, statuses, grant listings, records, or the provider and its builder.
 //!
 //! This file holds a single test because it installs a global tracing subscriber (refreshes
 //! run on spawned tasks, possibly on other threads, so a thread-local default would miss them).
 
 mod support;
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_core::Stream;
 use support::drain;
 use support::encoding::base64;
 use tokenkeeper::testing::ManualClock;
 use tokenkeeper::{
-    AccessToken, ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, InvalidationReason,
-    MemoryStore, OAuth2Provider, RefreshToken, TokenKey, TokenManager, TokenSet, TokenStore,
-    UnavailableCause,
+    AccessToken, ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, EventItem,
+    InvalidationReason, MemoryStore, OAuth2Provider, Page, RefreshToken, TokenKey, TokenManager,
+    TokenSet, TokenStore, UnavailableCause,
 };
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -49,6 +57,56 @@ impl Write for Captured {
     }
 }
 
+/// Every span with every field value recorded on it, and every event's fields, as recorded
+/// (not as a formatter chooses to print them).
+#[derive(Clone, Default)]
+struct Fields(Arc<Mutex<FieldLog>>);
+
+#[derive(Default)]
+struct FieldLog {
+    /// (span name, `name=value` of each field recorded, in order).
+    spans: Vec<(&'static str, Vec<String>)>,
+    /// Open spans by id (ids are reused once a span closes).
+    open: HashMap<Id, usize>,
+    events: Vec<String>,
+}
+
+struct Collect<'a>(&'a mut Vec<String>);
+
+impl Visit for Collect<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push(format!("{}={value}", field.name()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push(format!("{}={value:?}", field.name()));
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Fields {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+        let mut log = self.0.lock().unwrap();
+        let mut fields = Vec::new();
+        attrs.record(&mut Collect(&mut fields));
+        log.spans.push((attrs.metadata().name(), fields));
+        let at = log.spans.len() - 1;
+        log.open.insert(id.clone(), at);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, _: Context<'_, S>) {
+        let mut log = self.0.lock().unwrap();
+        if let Some(&at) = log.open.get(id) {
+            values.record(&mut Collect(&mut log.spans[at].1));
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        let mut fields = Vec::new();
+        event.record(&mut Collect(&mut fields));
+        self.0.lock().unwrap().events.extend(fields);
+    }
+}
+
 fn assert_clean(what: &str, text: &str, secrets: &[String]) {
     for secret in secrets {
         assert!(
@@ -74,11 +132,14 @@ fn error_texts(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
 fn no_secret_reaches_traces_errors_events_or_debug_output() {
     let captured = Captured::default();
     let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .finish();
+    let fields = Fields::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_ansi(false),
+        )
+        .with(fields.clone());
     tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -103,6 +164,42 @@ fn no_secret_reaches_traces_errors_events_or_debug_output() {
     assert_clean("the trace", &trace, &secrets);
     for (what, text) in &texts {
         assert_clean(what, text, &secrets);
+    }
+
+    // The fields themselves, span by span: one refresh span per refresh, with the key, the
+    // outcome, the attempt number and the duration, and no secret in any field.
+    let log = fields.0.lock().unwrap();
+    let refreshes: Vec<&Vec<String>> = log
+        .spans
+        .iter()
+        .filter(|(name, _)| *name == "tokenkeeper.refresh")
+        .map(|(_, fields)| fields)
+        .collect();
+    assert!(refreshes.len() >= keys.len(), "{}", refreshes.len());
+    for key in &keys {
+        assert!(
+            refreshes.iter().any(|f| f.contains(&format!("key={key}"))),
+            "no refresh span names {key}"
+        );
+    }
+    for field in ["outcome=", "attempt=", "duration_ms="] {
+        assert!(
+            refreshes
+                .iter()
+                .all(|f| f.iter().any(|v| v.starts_with(field))),
+            "a refresh span without {field}: {refreshes:?}"
+        );
+    }
+    assert!(refreshes
+        .iter()
+        .any(|f| f.contains(&"attempt=2".to_owned())));
+    for (name, fields) in &log.spans {
+        for field in fields {
+            assert_clean(&format!("a field of span {name}"), field, &secrets);
+        }
+    }
+    for field in &log.events {
+        assert_clean("an event field", field, &secrets);
     }
 }
 
@@ -260,6 +357,7 @@ async fn run(secrets: &mut Vec<String>, texts: &mut Vec<(String, String)>) -> Ve
         .build();
     let mut events = manager.subscribe();
     let mut body_events = body_manager.subscribe();
+    let mut stream = manager.events();
 
     let expired = clock.now() - Duration::from_secs(1);
     let mut keys = Vec::new();
@@ -350,6 +448,20 @@ async fn run(secrets: &mut Vec<String>, texts: &mut Vec<(String, String)>) -> Ve
     assert!(all_events
         .iter()
         .any(|e| matches!(e, Event::RefreshFailed { .. })));
+    // Whatever the stream holds now, without waiting.
+    let before = texts.len();
+    while let Some(item) = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match Pin::new(&mut stream).poll_next(cx) {
+            std::task::Poll::Ready(item) => item,
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+    {
+        assert!(matches!(item, EventItem::Event(_)));
+        texts.push(("EventItem".into(), format!("{item:?}")));
+    }
+    assert!(texts.len() > before, "the event stream saw the events");
     for event in &all_events {
         texts.push(("Event".into(), format!("{event:?}")));
         if let Event::RefreshFailed { error, .. } = event {
@@ -377,6 +489,9 @@ async fn run(secrets: &mut Vec<String>, texts: &mut Vec<(String, String)>) -> Ve
         texts.push((format!("GrantRecord {key}"), format!("{record:?}")));
     }
     texts.push(("TokenManager".into(), format!("{manager:?}")));
+    let listing = manager.grants(Page::default()).await.expect("listing");
+    assert_eq!(listing.grants.len(), keys.len());
+    texts.push(("GrantPage".into(), format!("{listing:?}")));
 
     // The secrets really went over the wire, in the header and in the body, so a leak was
     // possible.

@@ -13,6 +13,7 @@ use tracing::{field, Instrument};
 use super::{Cached, Inner, LocalHold, Need, Outcome, Slot};
 use crate::error::{Error, InvalidationReason, ProviderError, ProviderErrorKind, UnavailableCause};
 use crate::event::Event;
+use crate::metrics;
 use crate::provider::RefreshRequest;
 use crate::store::{Cas, GrantRecord, GrantState, StoredFailure, Version, Versioned};
 use crate::token::{TokenKey, TokenResponse, TokenSet};
@@ -53,9 +54,10 @@ impl Inner {
             outcome = field::Empty,
             status = field::Empty,
             rotated = field::Empty,
+            attempt = field::Empty,
             duration_ms = field::Empty,
         );
-        async {
+        let run = async {
             let started = Instant::now();
             // The lease counts from before the request: the store may start it any time after.
             let asked = (self.clock.now(), tokio::time::Instant::now());
@@ -84,10 +86,11 @@ impl Inner {
                 Ok(_) => tracing::debug!("refresh finished"),
                 Err(e) => tracing::warn!(error = %e, "refresh failed"),
             }
+            self.metrics.refresh(key, &outcome, started.elapsed());
+            self.observe_health(key, slot);
             outcome
-        }
-        .instrument(span)
-        .await
+        };
+        crate::metrics::scope(run.instrument(span)).await
     }
 
     /// The store could not be reached: a death this process knows of stands, anything else is
@@ -163,8 +166,19 @@ impl Inner {
         };
         // Read under the lock: this is the store's current state, even if it went back in time.
         let cached = self.cache(slot, &record, version, None, true);
+        let local_failures = slot
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |l| l.failures);
+        // Which attempt since the grant's last success this is (1: none failed since).
+        span.record(
+            "attempt",
+            record.failures.max(local_failures).saturating_add(1),
+        );
         if let Some(reason) = record.dead_reason() {
-            span.record("outcome", "dead");
+            metrics::outcome_as(&span, "dead", "already_dead");
             return Err(dead(key, reason));
         }
         let refused = slot
@@ -176,23 +190,23 @@ impl Inner {
             refused.filter(|(token, _)| record.tokens.refresh_token() == Some(token))
         {
             // The provider already refused this very refresh token: record the death now.
-            span.record("outcome", "dead");
+            metrics::outcome(&span, "dead");
             return self.mark_dead(key, slot, record, version, reason).await;
         }
         let now = self.clock.now();
         // Invariant 2: a peer may have refreshed while this task waited.
         if need.satisfied_by(&record.tokens, now, self.config.refresh_margin) {
-            span.record("outcome", "adopted");
+            metrics::outcome(&span, "adopted");
             return Ok(cached.tokens.clone());
         }
         if !self.provider.can_refresh(&record.tokens) {
             // Nothing can renew this grant: serve it until it really expires (or the API
             // rejects it), then it is dead.
             if !record.tokens.is_expired(now) && !matches!(need, Need::Rejected(_)) {
-                span.record("outcome", "not_refreshable");
+                metrics::outcome(&span, "not_refreshable");
                 return Ok(cached.tokens.clone());
             }
-            span.record("outcome", "dead");
+            metrics::outcome(&span, "dead");
             return self
                 .mark_dead(
                     key,
@@ -204,13 +218,13 @@ impl Inner {
                 .await;
         }
         if let Some(held) = cached.held_by_backoff(key, &need, now) {
-            span.record("outcome", "backoff");
+            metrics::outcome(&span, "backoff");
             return held;
         }
         let refresh_expired = record.tokens.is_refresh_token_expired(now);
         if refresh_expired && !record.tokens.is_expired(now) && !matches!(need, Need::Rejected(_)) {
             // No refresh is expected to succeed, but the access token works until it expires.
-            span.record("outcome", "refresh_token_expired");
+            metrics::outcome(&span, "refresh_token_expired");
             return Ok(cached.tokens.clone());
         }
 
@@ -262,12 +276,12 @@ impl Inner {
                 let mut fresh = GrantRecord::new(tokens);
                 fresh.last_refresh = Some(now);
                 fresh.origin = record.origin;
-                span.record("rotated", rotated);
+                metrics::rotated(&span, rotated);
                 let outcome = self
                     .save_refreshed(key, slot, fresh, &record, version)
                     .await;
                 if outcome.is_ok() {
-                    span.record("outcome", "refreshed");
+                    metrics::outcome(&span, "refreshed");
                     *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.emit(Event::Refreshed {
                         key: key.clone(),
@@ -337,29 +351,34 @@ impl Inner {
         let deadline = later(self.clock.now(), self.config.refresh_timeout);
         // It ends at whichever comes first of the deadline on the injected clock and the
         // timeout on the monotonic clock: a wall clock set back cannot stretch it.
+        let started = Instant::now();
         let joined = tokio::select! {
             biased;
             joined = &mut call => Ok(joined),
             () = self.clock.sleep_until(deadline) => Err(()),
             () = tokio::time::sleep(self.config.refresh_timeout) => Err(()),
         };
-        match joined {
-            Ok(Ok(result)) => result,
+        let (result, end) = match joined {
+            Ok(Ok(result)) => (result, metrics::ProviderEnd::Returned),
             Ok(Err(join)) => {
                 // The panic's message is not kept: it could quote a token.
                 tracing::error!(
                     panicked = join.is_panic(),
                     "the provider's refresh did not finish"
                 );
-                Err(ProviderError::unavailable(UnavailableCause::Internal)
-                    .with_source("the provider panicked"))
+                let error = ProviderError::unavailable(UnavailableCause::Internal)
+                    .with_source("the provider panicked");
+                (Err(error), metrics::ProviderEnd::Panic)
             }
             Err(_) => {
                 call.abort();
-                Err(ProviderError::unavailable(UnavailableCause::Timeout)
-                    .with_source("no reply within the refresh timeout"))
+                let error = ProviderError::unavailable(UnavailableCause::Timeout)
+                    .with_source("no reply within the refresh timeout");
+                (Err(error), metrics::ProviderEnd::Timeout)
             }
-        }
+        };
+        metrics::provider_call(started.elapsed(), &result, end);
+        result
     }
 
     /// Folds a reply into the current tokens; an expiry the reply stated unreadably gets the
@@ -587,14 +606,15 @@ impl Inner {
         }
         let error = failure.into_error(key);
         if let Error::ReauthorizationRequired { reason, .. } = &error {
-            span.record("outcome", "dead");
+            metrics::outcome(&span, "dead");
             return self
                 .mark_dead(key, slot, record, version, reason.clone())
                 .await;
         }
         let rate_limited = matches!(error, Error::RateLimited { .. });
-        span.record(
-            "outcome",
+        metrics::failure(&error);
+        metrics::outcome(
+            &span,
             if rate_limited {
                 "rate_limited"
             } else {

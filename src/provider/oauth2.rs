@@ -104,6 +104,7 @@ impl fmt::Debug for OAuth2Provider {
 }
 
 /// Builds an [`OAuth2Provider`].
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct OAuth2ProviderBuilder {
     client_id: String,
     token_url: String,

@@ -142,6 +142,21 @@ impl TokenStore for MemoryStore {
         Ok(self.state().records.keys().cloned().collect())
     }
 
+    async fn keys_after(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<TokenKey>, StoreError> {
+        // Filters before cloning: a page of a large store does not copy every key.
+        let state = self.state();
+        let keys = state
+            .records
+            .keys()
+            .filter(|k| after.is_none_or(|after| *k > after))
+            .cloned();
+        Ok(super::page_of(keys, None, limit))
+    }
+
     /// A per-key lock shared by every manager on this store. The `ttl` does not apply: a
     /// holder cannot crash without taking the store with it. A key's lock takes memory only
     /// while someone holds or waits for it.

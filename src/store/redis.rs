@@ -136,6 +136,7 @@ pub struct RedisStore {
 }
 
 /// Configures a [`RedisStore`]; see [`RedisStore::builder`].
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct RedisStoreBuilder {
     url: String,
     prefix: String,

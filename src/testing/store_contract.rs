@@ -111,6 +111,7 @@ pub async fn assert_store_contract<S: TokenStore + ?Sized>(store: &S) {
             .contains(&key),
         "keys must list a saved key"
     );
+    assert_pages_match_keys(store).await;
 
     assert!(
         store
@@ -417,6 +418,32 @@ pub async fn assert_one_winner_per_version(
         .delete(&key)
         .await
         .expect("the store failed to delete");
+}
+
+/// Paging through `keys_after` (two keys a page) yields what `keys` lists, sorted, once each.
+async fn assert_pages_match_keys<S: TokenStore + ?Sized>(store: &S) {
+    let mut all = store.keys().await.expect("the store failed to list keys");
+    all.sort();
+    let mut paged: Vec<TokenKey> = Vec::new();
+    loop {
+        let page = store
+            .keys_after(paged.last(), 2)
+            .await
+            .expect("the store failed to list a page of keys");
+        assert!(
+            page.len() <= 2,
+            "keys_after must return at most `limit` keys"
+        );
+        if page.is_empty() {
+            break;
+        }
+        paged.extend(page);
+        assert!(paged.len() <= all.len(), "keys_after returns keys twice");
+    }
+    assert_eq!(
+        paged, all,
+        "keys_after, page by page, must list the keys `keys` lists, in ascending order"
+    );
 }
 
 #[cfg(test)]
