@@ -9,12 +9,16 @@ use crate::error::ProviderError;
 use crate::token::{TokenKey, TokenResponse, TokenSet};
 
 mod classify;
+mod graph;
 mod http;
+mod instagram;
 mod oauth2;
 
 pub use self::classify::{Classifier, StandardClassifier, XoxodayClassifier};
+pub use self::graph::{GraphClassifier, XClassifier};
 pub use self::http::{HttpReply, DEFAULT_BODY_LIMIT};
-pub use self::oauth2::{ClientAuth, OAuth2Provider, OAuth2ProviderBuilder};
+pub use self::instagram::{InstagramProvider, InstagramProviderBuilder, INSTAGRAM_REFRESH_URL};
+pub use self::oauth2::{ClientAuth, Grant, OAuth2Provider, OAuth2ProviderBuilder};
 
 /// One refresh to perform.
 #[derive(Debug, Clone, Copy)]
