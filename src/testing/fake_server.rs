@@ -4,6 +4,7 @@ mod api;
 mod config;
 mod grant;
 mod record;
+mod social;
 mod state;
 mod wire;
 
@@ -18,6 +19,10 @@ use crate::{AccessToken, Clock, RefreshToken, TokenSet};
 pub use config::{FakeConfig, Preset, RateLimit, RefreshLifetime, RetryAfter, Rotation};
 pub use grant::{GrantId, GrantState, IssuedGrant, RevocationReason};
 pub use record::{RecordedRefresh, RefreshOutcome};
+pub use social::{
+    ClientCredentialsRequest, FakeSocialServer, GraphFailure, GraphRateLimit, LongLivedToken,
+    SocialConfig, UsageHeader, UserId,
+};
 
 use state::State;
 
