@@ -102,6 +102,15 @@ pub trait Provider: Send + Sync + 'static {
         tokens.refresh_token().is_some()
     }
 
+    /// For `tokens` that [`can_refresh`](Self::can_refresh) refuses now, when they may become
+    /// renewable (an Instagram-style token renewable only once a day old, say): the background
+    /// refresher looks at the grant again then. The default, `None`: only a new grant changes
+    /// the answer.
+    fn refresh_not_before(&self, tokens: &TokenSet) -> Option<SystemTime> {
+        let _ = tokens;
+        None
+    }
+
     /// Revokes the grant at the provider (RFC 7009), as an app should when a user disconnects
     /// it; called by [`TokenManager::disconnect`](crate::TokenManager::disconnect) with the
     /// grant's current tokens.
@@ -159,6 +168,10 @@ impl<T: Provider + ?Sized> Provider for std::sync::Arc<T> {
 
     fn can_refresh(&self, tokens: &TokenSet) -> bool {
         (**self).can_refresh(tokens)
+    }
+
+    fn refresh_not_before(&self, tokens: &TokenSet) -> Option<SystemTime> {
+        (**self).refresh_not_before(tokens)
     }
 
     async fn revoke(&self, request: RefreshRequest<'_>) -> Result<(), ProviderError> {

@@ -227,6 +227,11 @@ impl Provider for InstagramProvider {
     fn can_refresh(&self, tokens: &TokenSet) -> bool {
         tokens.is_expired(self.clock.now()) || self.old_enough(tokens)
     }
+
+    /// The token's issue time plus the [minimum age](InstagramProviderBuilder::min_age).
+    fn refresh_not_before(&self, tokens: &TokenSet) -> Option<std::time::SystemTime> {
+        tokens.issued_at()?.checked_add(self.min_age)
+    }
 }
 
 #[cfg(test)]
