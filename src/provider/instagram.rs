@@ -31,13 +31,21 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 ///   [`can_refresh`](Provider::can_refresh) is `false`: the manager keeps serving the token and
 ///   the background refresher leaves it alone, so no request is ever sent too early (a grant
 ///   inserted without `issued_at` may wait one day longer than needed; it is never renewed
-///   early). Once it is old enough, the refresher renews it like any grant: ahead of expiry
-///   and at least every `keep_alive`, well inside the 60 days.
+///   early). [`refresh_not_before`](Provider::refresh_not_before) tells the refresher when the
+///   token comes of age; from then on it renews it like any grant: ahead of expiry and at
+///   least every `keep_alive` (default 7 days), well inside the 60 days.
 /// - **An expired token can never be renewed.** The grant then dies with
 ///   [`InvalidationReason::AccessTokenExpired`], without a request.
 /// - **The provider's word is final**: its Graph-style errors are read by a
 ///   [`GraphClassifier`] (code 190 is a dead grant with the subcode's reason; rate limits wait
 ///   as long as the usage headers say).
+///
+/// A token younger than the minimum age that an API rejects (with
+/// [`TokenManager::invalidate`](crate::TokenManager::invalidate)) cannot be renewed either: the
+/// manager declares the grant dead at once, with the generic
+/// [`NoRefreshToken`](InvalidationReason::NoRefreshToken) reason (the API's own reply says
+/// why). Once the token is a day old, the renewal request is sent and the provider's answer
+/// gives the reason.
 ///
 /// The age check reads this provider's [`clock`](InstagramProviderBuilder::clock): give it the
 /// same clock as the manager (in tests, the same `ManualClock`).
