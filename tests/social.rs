@@ -309,7 +309,7 @@ async fn the_providers_code_190_kills_the_grant_with_the_subcodes_reason_once() 
     assert_eq!(server.refresh_calls(), cases.len(), "one call per grant");
     let events = drain(&mut events);
     for ((key, _, _), (_, reason)) in keys.iter().zip(&cases) {
-        assert_eq!(is_dead(&events, key), [reason.clone()], "{key}");
+        assert_eq!(is_dead(&events, key), std::slice::from_ref(reason), "{key}");
         let err = manager.access_token(key).await.unwrap_err();
         assert!(
             matches!(&err, Error::ReauthorizationRequired { reason: r, .. } if r == reason),
