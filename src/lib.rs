@@ -116,10 +116,10 @@ pub use error::{
 pub use event::Event;
 pub use manager::{TokenManager, TokenManagerBuilder};
 pub use provider::{
-    provider_fn, Classifier, ClientAuth, FnProvider, Grant, GraphClassifier, HttpReply,
-    InstagramProvider, InstagramProviderBuilder, OAuth2Provider, OAuth2ProviderBuilder, Provider,
-    RefreshRequest, StandardClassifier, XClassifier, XoxodayClassifier, DEFAULT_BODY_LIMIT,
-    INSTAGRAM_REFRESH_URL,
+    provider_fn, Classifier, ClientAuth, FnProvider, Grant, GraphClassifier, GraphTokenExchange,
+    HttpReply, InstagramProvider, InstagramProviderBuilder, OAuth2Provider, OAuth2ProviderBuilder,
+    Provider, RefreshRequest, StandardClassifier, XClassifier, XoxodayClassifier,
+    DEFAULT_BODY_LIMIT, INSTAGRAM_REFRESH_URL,
 };
 pub use refresher::{Progress, RefresherConfig, RefresherHandle};
 pub use status::{GrantHealth, TokenStatus};

@@ -9,12 +9,14 @@ use crate::error::ProviderError;
 use crate::token::{TokenKey, TokenResponse, TokenSet};
 
 mod classify;
+mod exchange;
 mod graph;
 mod http;
 mod instagram;
 mod oauth2;
 
 pub use self::classify::{Classifier, StandardClassifier, XoxodayClassifier};
+pub use self::exchange::GraphTokenExchange;
 pub use self::graph::{GraphClassifier, XClassifier};
 pub use self::http::{HttpReply, DEFAULT_BODY_LIMIT};
 pub use self::instagram::{InstagramProvider, InstagramProviderBuilder, INSTAGRAM_REFRESH_URL};

@@ -14,8 +14,9 @@ use tokenkeeper::testing::{
     FakeSocialServer, GraphFailure, GraphRateLimit, ManualClock, SocialConfig, UsageHeader,
 };
 use tokenkeeper::{
-    ClientSecret, ConfigProblem, Error, Event, Grant, InstagramProvider, InvalidationReason,
-    OAuth2Provider, RefresherConfig, TokenKey, TokenManager, TokenSet,
+    AccessToken, ClientSecret, Clock, ConfigProblem, Error, Event, Grant, GraphTokenExchange,
+    InstagramProvider, InvalidationReason, OAuth2Provider, ProviderErrorKind, RefresherConfig,
+    TokenKey, TokenManager, TokenSet,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -392,4 +393,127 @@ async fn a_graph_rate_limit_without_usage_headers_waits_the_fallback() {
     let (wait, calls) = rate_limited_wait(UsageHeader::None).await;
     assert_eq!(wait, 5 * MINUTE);
     assert_eq!(calls, 2);
+}
+
+#[tokio::test]
+async fn a_short_lived_token_is_exchanged_for_a_long_lived_one() {
+    let (clock, server) = social().await;
+    let exchange = GraphTokenExchange::new(
+        server.exchange_url(),
+        server.client_id(),
+        ClientSecret::new(server.client_secret()),
+    )
+    .unwrap();
+    let user = server.new_user();
+    let (short, _) = server.issue_short_lived_token(user);
+    let now = clock.now();
+    let long = exchange
+        .exchange(&AccessToken::new(short.clone()), now)
+        .await
+        .unwrap();
+    assert_ne!(long.access_token().secret(), short);
+    assert!(server.is_access_token_valid(long.access_token().secret()));
+    assert_eq!(long.issued_at(), Some(now));
+    assert_eq!(long.expires_at(), Some(now + 60 * DAY));
+    assert!(long.refresh_token().is_none());
+
+    // The long-lived token is then kept alive by the Instagram-style provider.
+    let manager = instagram(&server, &clock);
+    let key = TokenKey::from("page");
+    manager.insert(key.clone(), long).await.unwrap();
+    clock.advance(2 * DAY);
+    manager.refresh_now(&key).await.unwrap();
+    assert_eq!(server.renewals(), 1);
+}
+
+#[tokio::test]
+async fn exchange_failures_are_classified() {
+    let (clock, server) = social().await;
+    let user = server.new_user();
+    let (short, _) = server.issue_short_lived_token(user);
+    let wrong = GraphTokenExchange::new(
+        server.exchange_url(),
+        server.client_id(),
+        ClientSecret::new("wrong"),
+    )
+    .unwrap();
+    let err = wrong
+        .exchange(&AccessToken::new(short.clone()), clock.now())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        &ProviderErrorKind::Misconfigured(ConfigProblem::InvalidClient)
+    );
+
+    let exchange = GraphTokenExchange::new(
+        server.exchange_url(),
+        server.client_id(),
+        ClientSecret::new(server.client_secret()),
+    )
+    .unwrap();
+    clock.advance(3 * HOUR);
+    let err = exchange
+        .exchange(&AccessToken::new(short), clock.now())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        &ProviderErrorKind::Reauthorize(InvalidationReason::AccessTokenExpired)
+    );
+    assert_eq!(server.exchanges(), 2);
+}
+
+/// Every message of an error and its causes, and its `Debug`.
+fn everything(err: &dyn std::error::Error) -> String {
+    let mut text = format!("{err:?}");
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        text.push_str(&format!(" | {e}"));
+        cause = e.source();
+    }
+    text
+}
+
+#[tokio::test]
+async fn tokens_and_secrets_in_query_strings_never_reach_errors() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let clock = Arc::new(ManualClock::fixed());
+    let provider = InstagramProvider::builder(format!("{base}/refresh_access_token"))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let manager = TokenManager::builder(provider).clock(clock.clone()).build();
+    let key = TokenKey::from("creator");
+    let tokens = TokenSet::new(AccessToken::new("IGQV-secret-access-token"))
+        .with_issued_at(clock.now())
+        .with_expires_at(clock.now() + 60 * DAY);
+    manager.insert(key.clone(), tokens).await.unwrap();
+    clock.advance(2 * DAY);
+    let err = manager.refresh_now(&key).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    let text = everything(&err);
+    assert!(!text.contains("IGQV-secret-access-token"), "{text}");
+
+    let exchange = GraphTokenExchange::new(
+        format!("{base}/oauth/access_token"),
+        "app",
+        ClientSecret::new("the-app-secret"),
+    )
+    .unwrap();
+    let err = exchange
+        .exchange(&AccessToken::new("EAAs-short-token"), clock.now())
+        .await
+        .unwrap_err();
+    let text = everything(&err) + &format!("{exchange:?}");
+    assert!(
+        !text.contains("the-app-secret") && !text.contains("EAAs-short-token"),
+        "{text}"
+    );
 }

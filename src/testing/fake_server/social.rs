@@ -12,7 +12,9 @@ use wiremock::{Mock, MockServer};
 
 use crate::{AccessToken, Clock, TokenSet};
 
-use state::{ApiEndpoint, ClientCredentialsEndpoint, RefreshEndpoint, SocialState};
+use state::{
+    ApiEndpoint, ClientCredentialsEndpoint, ExchangeEndpoint, RefreshEndpoint, SocialState,
+};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -41,6 +43,11 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 ///   [`client_token_lifetime`](SocialConfig::with_client_token_lifetime) (default 1 hour);
 ///   `401 {"error":"invalid_client",…}` for wrong credentials;
 ///   `400 {"error":"unsupported_grant_type"}` for another grant.
+/// - [`exchange_url`](Self::exchange_url): `GET /oauth/access_token?grant_type=fb_exchange_token&client_id=…&client_secret=…&fb_exchange_token=…`
+///   turns a [short-lived token](Self::issue_short_lived_token) (2 hours) into a long-lived one
+///   for the same user; a wrong client id or secret gets `400` code `101` (a guess for the
+///   secret: Graph's own body for it is undocumented), a dead or expired token the code-190
+///   errors above.
 /// - [`api_url`](Self::api_url): `/v19.0/me` and anything else under `/v19.0/`, any method,
 ///   with the token as `Authorization: Bearer …` or an `access_token` query parameter:
 ///   `200 {"id":…}` for a valid token, else `400` with the same Graph errors as above and
@@ -325,6 +332,14 @@ impl FakeSocialServer {
             })
             .mount(&server)
             .await;
+        Mock::given(method("GET"))
+            .and(path(state::EXCHANGE_PATH))
+            .respond_with(ExchangeEndpoint {
+                clock: Arc::clone(&clock),
+                state: Arc::clone(&state),
+            })
+            .mount(&server)
+            .await;
         Mock::given(path_regex(state::API_PATH_PATTERN))
             .respond_with(ApiEndpoint {
                 clock: Arc::clone(&clock),
@@ -347,6 +362,11 @@ impl FakeSocialServer {
     /// The client-credentials token endpoint's full URL.
     pub fn token_url(&self) -> String {
         format!("{}{}", self.server.uri(), state::TOKEN_PATH)
+    }
+
+    /// The `fb_exchange_token` endpoint's full URL.
+    pub fn exchange_url(&self) -> String {
+        format!("{}{}", self.server.uri(), state::EXCHANGE_PATH)
     }
 
     /// A protected resource's full URL (`/v19.0/me`).
@@ -377,6 +397,16 @@ impl FakeSocialServer {
     pub fn issue_long_lived_token(&self, user: UserId) -> LongLivedToken {
         let now = self.clock.now();
         self.state().issue_long_lived(user, now)
+    }
+
+    /// Issues a short-lived (2-hour) token to `user`, as a login hands out, with its expiry.
+    ///
+    /// # Panics
+    ///
+    /// If `user` was not created by this server.
+    pub fn issue_short_lived_token(&self, user: UserId) -> (String, SystemTime) {
+        let now = self.clock.now();
+        self.state().issue_short_lived(user, now)
     }
 
     /// From now on, every token of `user` (and every token issued to them later) gets code
@@ -427,6 +457,11 @@ impl FakeSocialServer {
     /// Every call to the client-credentials endpoint so far, oldest first.
     pub fn client_credentials_requests(&self) -> Vec<ClientCredentialsRequest> {
         self.state().client_credentials.clone()
+    }
+
+    /// Calls to the `fb_exchange_token` endpoint so far.
+    pub fn exchanges(&self) -> usize {
+        self.state().exchanges
     }
 
     /// Calls to the API so far, accepted or not.

@@ -17,6 +17,10 @@ use crate::Clock;
 
 pub(super) const REFRESH_PATH: &str = "/refresh_access_token";
 pub(super) const TOKEN_PATH: &str = "/oauth2/token";
+pub(super) const EXCHANGE_PATH: &str = "/oauth/access_token";
+
+/// The lifetime of short-lived user tokens.
+const SHORT_LIVED: Duration = Duration::from_secs(2 * 3600);
 pub(super) const API_PATH_PATTERN: &str = r"^/v19\.0/";
 
 /// The id the business use case header is reported under.
@@ -30,6 +34,8 @@ pub(super) fn lock(state: &Mutex<SocialState>) -> MutexGuard<'_, SocialState> {
 pub(super) enum Kind {
     /// From the client-credentials endpoint.
     Client,
+    /// A user's short-lived token, from a login.
+    ShortLived(UserId),
     /// A user's long-lived token.
     LongLived(UserId),
 }
@@ -63,6 +69,7 @@ pub(super) struct SocialState {
     pub(super) renewals: usize,
     pub(super) client_credentials: Vec<ClientCredentialsRequest>,
     pub(super) api_calls: usize,
+    pub(super) exchanges: usize,
 }
 
 impl SocialState {
@@ -80,6 +87,7 @@ impl SocialState {
             renewals: 0,
             client_credentials: Vec::new(),
             api_calls: 0,
+            exchanges: 0,
         }
     }
 
@@ -101,6 +109,7 @@ impl SocialState {
         self.minted += 1;
         let prefix = match kind {
             Kind::Client => "app".to_owned(),
+            Kind::ShortLived(user) => format!("EAAs{user}"),
             Kind::LongLived(user) => format!("IGQV{user}"),
         };
         let value = format!("{prefix}-{}-{:016x}", self.minted, fastrand::u64(..));
@@ -129,6 +138,16 @@ impl SocialState {
         }
     }
 
+    /// A short-lived token for `user`, as a login hands out: (token, expiry).
+    pub(super) fn issue_short_lived(
+        &mut self,
+        user: UserId,
+        now: SystemTime,
+    ) -> (String, SystemTime) {
+        self.assert_user(user);
+        self.mint(Kind::ShortLived(user), SHORT_LIVED, now)
+    }
+
     pub(super) fn fail_user(&mut self, user: UserId, failure: GraphFailure) {
         let index = self.assert_user(user);
         self.users[index] = Some(failure);
@@ -149,7 +168,7 @@ impl SocialState {
     pub(super) fn check(&self, value: &str, now: SystemTime) -> Result<&Token, Refused> {
         let token = self.tokens.get(value).ok_or(Refused::Unknown)?;
         let user_failure = match token.kind {
-            Kind::LongLived(user) => self.users[(user.0 - 1) as usize],
+            Kind::ShortLived(user) | Kind::LongLived(user) => self.users[(user.0 - 1) as usize],
             Kind::Client => None,
         };
         if let Some(failure) = token.failure.or(user_failure) {
@@ -276,6 +295,39 @@ impl SocialState {
         ))
     }
 
+    fn exchange(&mut self, params: &HashMap<String, String>, now: SystemTime) -> ResponseTemplate {
+        self.exchanges += 1;
+        if params.get("grant_type").map(String::as_str) != Some("fb_exchange_token") {
+            return graph_error(400, 100, None, "Unsupported grant_type.");
+        }
+        let client_ok = params.get("client_id") == Some(&self.config.client_id)
+            && params.get("client_secret") == Some(&self.config.client_secret);
+        if !client_ok {
+            return graph_error(400, 101, None, "Error validating application.");
+        }
+        let Some(value) = params.get("fb_exchange_token") else {
+            return graph_error(400, 100, None, "Missing fb_exchange_token.");
+        };
+        let user = match self.check(value, now) {
+            Ok(Token {
+                kind: Kind::ShortLived(user) | Kind::LongLived(user),
+                ..
+            }) => *user,
+            Ok(_) => return graph_error(400, 100, None, "Not a user access token."),
+            Err(refused) => return refused_reply(refused),
+        };
+        let lifetime = self.config.long_lived_lifetime;
+        let (access_token, _) = self.mint(Kind::LongLived(user), lifetime, now);
+        json_reply(
+            200,
+            json!({
+                "access_token": access_token,
+                "token_type": "bearer",
+                "expires_in": lifetime.as_secs(),
+            }),
+        )
+    }
+
     fn client_credentials(&mut self, request: &Request, now: SystemTime) -> ResponseTemplate {
         let params = if request.body.is_empty() {
             HashMap::new()
@@ -340,7 +392,7 @@ impl SocialState {
         };
         match self.check(&token, now) {
             Ok(Token {
-                kind: Kind::LongLived(user),
+                kind: Kind::ShortLived(user) | Kind::LongLived(user),
                 ..
             }) => json_reply(200, json!({"id": user.to_string()})),
             Ok(_) => json_reply(200, json!({"id": "app"})),
@@ -416,6 +468,18 @@ impl Respond for RefreshEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let now = self.clock.now();
         lock(&self.state).refresh(&query(request), now)
+    }
+}
+
+pub(super) struct ExchangeEndpoint {
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) state: Arc<Mutex<SocialState>>,
+}
+
+impl Respond for ExchangeEndpoint {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let now = self.clock.now();
+        lock(&self.state).exchange(&query(request), now)
     }
 }
 
