@@ -517,3 +517,88 @@ async fn tokens_and_secrets_in_query_strings_never_reach_errors() {
         "{text}"
     );
 }
+
+/// The Instagram-widget case (a site embedding creators' feeds, nobody logged in for months):
+/// widgets connected at different times, one connected with a token already near its end, one
+/// with a token that had already expired. For a year, with only the refresher at work, every
+/// live widget stays alive with about one renewal a week, none sent too early, and the expired
+/// one is reported once.
+#[tokio::test]
+async fn instagram_widgets_stay_alive_for_a_year_on_the_refresher_alone() {
+    let (clock, server) = social().await;
+    let provider = InstagramProvider::builder(server.refresh_url())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    // Room for every event of the year and a half (about 1,500 `Refreshed`).
+    let manager = TokenManager::builder(provider)
+        .clock(clock.clone())
+        .event_capacity(1 << 14)
+        .build();
+    let mut events = manager.subscribe();
+    let refresher = manager.start_refresher(RefresherConfig::new());
+    let mut live = Vec::new();
+    for i in 0..20 {
+        let key = TokenKey::from(format!("widget-{i}"));
+        let user = server.new_user();
+        manager
+            .insert(key.clone(), server.issue_long_lived_token(user).token_set())
+            .await
+            .unwrap();
+        live.push(key);
+        clock.advance(7 * HOUR);
+        refresher.wait_idle().await;
+    }
+    // Connected 59 days after its token was issued: one day left.
+    let late = TokenKey::from("widget-late");
+    let user = server.new_user();
+    let old = server.issue_long_lived_token(user);
+    for _ in 0..(59 * 2) {
+        clock.advance(12 * HOUR);
+        refresher.wait_idle().await;
+    }
+    manager.insert(late.clone(), old.token_set()).await.unwrap();
+    live.push(late.clone());
+    // Connected with a token that had expired already.
+    let expired = TokenKey::from("widget-expired");
+    let user = server.new_user();
+    let gone = server.issue_long_lived_token(user);
+    for _ in 0..(61 * 2) {
+        clock.advance(12 * HOUR);
+        refresher.wait_idle().await;
+    }
+    manager
+        .insert(expired.clone(), gone.token_set())
+        .await
+        .unwrap();
+    refresher.wait_idle().await;
+
+    for _ in 0..(365 * 2) {
+        clock.advance(12 * HOUR);
+        refresher.wait_idle().await;
+    }
+    for key in &live {
+        let token = manager.token(key).await.unwrap();
+        assert!(
+            server.is_access_token_valid(token.access_token().secret()),
+            "{key} died"
+        );
+    }
+    assert_eq!(server.premature_refreshes(), 0);
+    let renewals = server.renewals();
+    // About 55 weeks for each of 21 widgets (the first ones also over the 120 days before).
+    assert!(
+        (21 * 50..=21 * 80).contains(&renewals),
+        "{renewals} renewals"
+    );
+    let events = drain(&mut events);
+    assert!(events.len() > 1000, "every event kept: {}", events.len());
+    assert_eq!(
+        is_dead(&events, &expired),
+        [InvalidationReason::AccessTokenExpired]
+    );
+    for key in &live {
+        assert!(is_dead(&events, key).is_empty(), "{key}");
+    }
+    refresher.shutdown().await;
+}
