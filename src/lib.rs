@@ -39,8 +39,11 @@
 //! # Concepts
 //!
 //! - A [`TokenManager`] serves one provider and many grants, each named by a [`TokenKey`].
-//! - A [`Provider`] performs one refresh: [`OAuth2Provider`] for RFC 6749 endpoints (with a
-//!   pluggable [`Classifier`] for non-standard error bodies), or your own implementation.
+//! - A [`Provider`] performs one refresh: [`OAuth2Provider`] for RFC 6749 endpoints (the
+//!   refresh-token grant, or [`Grant::ClientCredentials`] for machine-to-machine tokens; with a
+//!   pluggable [`Classifier`] for non-standard error bodies, such as [`GraphClassifier`] and
+//!   [`XClassifier`]), [`InstagramProvider`] for long-lived tokens renewed by presenting them,
+//!   or your own implementation.
 //! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
 //!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
 //!   `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
