@@ -602,3 +602,18 @@ async fn instagram_widgets_stay_alive_for_a_year_on_the_refresher_alone() {
     }
     refresher.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_fakes_handouts_redact_their_secrets_in_debug() {
+    let (_clock, server) = social().await;
+    let user = server.new_user();
+    let token = server.issue_long_lived_token(user);
+    let shown = format!("{token:?}");
+    assert!(shown.contains("[redacted]") && !shown.contains(&token.access_token));
+    let config = SocialConfig::new().with_client("id", "very-secret");
+    assert!(!format!("{config:?}").contains("very-secret"));
+    let provider = InstagramProvider::builder(server.refresh_url())
+        .build()
+        .unwrap();
+    assert!(format!("{provider:?}").contains("refresh_access_token"));
+}

@@ -134,7 +134,7 @@ impl Classifier for GraphClassifier {
             (190, Some(sub)) => reauthorize(InvalidationReason::Provider {
                 code: format!("190/{sub}"),
             }),
-            (190 | 102, None) => reauthorize(InvalidationReason::Provider {
+            (190, None) | (102, _) => reauthorize(InvalidationReason::Provider {
                 code: error.code.to_string(),
             }),
             (4 | 17 | 32 | 613 | 80000..=80014, _) => Some(ProviderError::rate_limited(Some(
@@ -366,10 +366,12 @@ mod tests {
             kind_of(&c, 400, &[], body),
             dead(InvalidationReason::PasswordChanged)
         );
-        assert_eq!(
-            kind_of(&c, 400, &[], &graph_body(102, None)),
-            dead(InvalidationReason::Provider { code: "102".into() })
-        );
+        for subcode in [None, Some(1)] {
+            assert_eq!(
+                kind_of(&c, 400, &[], &graph_body(102, subcode)),
+                dead(InvalidationReason::Provider { code: "102".into() })
+            );
+        }
     }
 
     #[test]
