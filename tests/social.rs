@@ -617,3 +617,36 @@ async fn the_fakes_handouts_redact_their_secrets_in_debug() {
         .unwrap();
     assert!(format!("{provider:?}").contains("refresh_access_token"));
 }
+
+#[tokio::test]
+async fn a_client_credentials_refusal_that_would_kill_a_users_grant_is_misconfigured() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    for (body, code) in [
+        (r#"{"error":"invalid_grant"}"#, "invalid_grant"),
+        (r#"{"error":"access_denied"}"#, "access_denied"),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(400).set_body_raw(body, "application/json"))
+            .mount(&server)
+            .await;
+        let provider = OAuth2Provider::builder("id", format!("{}/token", server.uri()))
+            .client_secret(ClientSecret::new("secret"))
+            .grant(Grant::ClientCredentials)
+            .build()
+            .unwrap();
+        let manager = TokenManager::builder(provider).build();
+        let key = TokenKey::from("m2m");
+        manager
+            .insert(key.clone(), TokenSet::pending())
+            .await
+            .unwrap();
+        let err = manager.access_token(&key).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Misconfigured { problem: ConfigProblem::OAuth { code: c }, status: Some(400), .. } if c == code),
+            "{err:?}"
+        );
+        assert!(manager.reauthorization_required().await.unwrap().is_empty());
+    }
+}

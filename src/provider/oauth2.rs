@@ -12,7 +12,7 @@ use oauth2::{AuthType, EndpointNotSet, EndpointSet, Scope, TokenUrl};
 
 use super::http::transport_error;
 use super::{Classifier, HttpReply, Provider, RefreshRequest, StandardClassifier};
-use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError};
+use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind};
 use crate::provider::DEFAULT_BODY_LIMIT;
 use crate::token::{ClientSecret, TokenResponse};
 
@@ -42,7 +42,11 @@ pub enum Grant {
     /// own credentials, for the builder's [`scopes`](OAuth2ProviderBuilder::scopes) and
     /// [`extra_param`](OAuth2ProviderBuilder::extra_param)s (an `audience`, say). No refresh
     /// token is needed: the token is simply obtained again before it expires, so such a grant
-    /// never dies for lack of one ([`Provider::can_refresh`] is always `true`).
+    /// never dies for lack of one ([`Provider::can_refresh`] is always `true`). Nor does it die
+    /// at all: with no user to re-authorize, a refusal that would kill a user's grant
+    /// (`invalid_grant`, `access_denied`, …) is reported as
+    /// [`Misconfigured`](crate::Error::Misconfigured) with [`ConfigProblem::OAuth`] and the
+    /// code, like `invalid_client`.
     ///
     /// Start one by inserting [`TokenSet::pending`](crate::TokenSet::pending): the first
     /// [`access_token`](crate::TokenManager::access_token) call (or the background refresher)
@@ -305,6 +309,24 @@ impl OAuth2ProviderBuilder {
     }
 }
 
+/// A client-credentials grant has no user who could re-authorize: a refusal that would kill a
+/// user's grant (`invalid_grant`, `access_denied`, …) means the client's own configuration is
+/// wrong, and is reported as [`ConfigProblem::OAuth`] with the code (or the reason).
+fn no_user_to_reauthorize(e: ProviderError) -> ProviderError {
+    let ProviderErrorKind::Reauthorize(reason) = &e.kind else {
+        return e;
+    };
+    let code = match reason {
+        InvalidationReason::InvalidGrant => "invalid_grant".to_owned(),
+        InvalidationReason::Provider { code } => code.clone(),
+        other => other.to_string(),
+    };
+    ProviderError {
+        kind: ProviderErrorKind::Misconfigured(ConfigProblem::OAuth { code }),
+        ..e
+    }
+}
+
 /// Marks a request whose outcome was captured for classification.
 #[derive(Debug)]
 struct Captured;
@@ -384,11 +406,15 @@ impl Provider for OAuth2Provider {
                 let _ = request.request_async(&send).await;
             }
         }
-        match outcome.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        let result = match outcome.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(Ok(reply)) => reply.interpret(&*self.classifier, req.now),
             Some(Err(e)) => Err(e),
             // `oauth2` could not build the request.
             None => Err(ProviderError::misconfigured(ConfigProblem::HttpClient)),
+        };
+        match self.grant {
+            Grant::RefreshToken => result,
+            Grant::ClientCredentials => result.map_err(no_user_to_reauthorize),
         }
     }
 
