@@ -490,12 +490,15 @@ impl Scheduler {
         // dies), and leave it alone meanwhile (no keep-alive).
         if !self.inner.provider.can_refresh(tokens) {
             // A grant the provider can renew later (a token too young to renew): look again
-            // then (a time already past would only spin: rescans look again).
-            let renewable_at = self
-                .inner
-                .provider
-                .refresh_not_before(tokens)
-                .filter(|at| *at > now);
+            // then. A time already past (the provider reads another clock) would only spin:
+            // look again after a rescan interval instead.
+            let renewable_at = self.inner.provider.refresh_not_before(tokens).map(|at| {
+                if at > now {
+                    at
+                } else {
+                    later(now, self.config.rescan_interval)
+                }
+            });
             let Some(expires) = tokens.expires_at() else {
                 return renewable_at.map_or(Plan::Forget, Plan::CheckAt);
             };

@@ -650,3 +650,60 @@ async fn a_client_credentials_refusal_that_would_kill_a_users_grant_is_misconfig
         assert!(manager.reauthorization_required().await.unwrap().is_empty());
     }
 }
+
+/// A provider that can never renew yet, claiming the grant became renewable long ago (as one
+/// reading another clock might), counting how often it is asked.
+struct Confused(Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait::async_trait]
+impl tokenkeeper::Provider for Confused {
+    async fn refresh(
+        &self,
+        _req: tokenkeeper::RefreshRequest<'_>,
+    ) -> Result<tokenkeeper::TokenResponse, tokenkeeper::ProviderError> {
+        panic!("never called: can_refresh is false");
+    }
+
+    fn can_refresh(&self, _tokens: &TokenSet) -> bool {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        false
+    }
+
+    fn refresh_not_before(&self, _tokens: &TokenSet) -> Option<std::time::SystemTime> {
+        Some(std::time::UNIX_EPOCH)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewable_time_already_past_does_not_spin_the_refresher() {
+    let clock = Arc::new(ManualClock::fixed());
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let manager = TokenManager::builder(Confused(asked.clone()))
+        .clock(clock.clone())
+        .build();
+    for (i, expiry) in [Some(30 * DAY), None].into_iter().enumerate() {
+        let mut tokens = TokenSet::new(AccessToken::new(format!("t{i}")));
+        if let Some(life) = expiry {
+            tokens = tokens.with_expires_at(clock.now() + life);
+        }
+        manager
+            .insert(TokenKey::from(format!("k{i}")), tokens)
+            .await
+            .unwrap();
+    }
+    let refresher = manager.start_refresher(RefresherConfig::new());
+    // A spinning scheduler never goes idle: the timeout turns that hang into a failure.
+    let idle = async {
+        for _ in 0..6 {
+            clock.advance(10 * MINUTE);
+            refresher.wait_idle().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), idle)
+        .await
+        .expect("the refresher went idle");
+    let asked = asked.load(std::sync::atomic::Ordering::SeqCst);
+    // About one look per grant per rescan interval (10 minutes) over an hour.
+    assert!(asked <= 40, "asked {asked} times");
+    refresher.shutdown().await;
+}
