@@ -158,7 +158,9 @@ impl From<StoreError> for Error {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum InvalidationReason {
-    /// The provider answered `invalid_grant`: the refresh token is invalid, expired or revoked.
+    /// The provider answered `invalid_grant`: the refresh token is invalid, expired or revoked
+    /// (or the provider's equivalent, such as Graph API subcode 467 "invalid access token" from
+    /// an endpoint that renews by access token).
     InvalidGrant,
     /// The refresh token's known expiry has passed; it cannot be renewed.
     RefreshTokenExpired,
@@ -175,6 +177,12 @@ pub enum InvalidationReason {
     /// prompt retry: the new one never arrived. Not the user's doing; a human must still
     /// reconnect.
     RotationLost,
+    /// The provider locked the account behind a security checkpoint (Graph API subcode 459):
+    /// the user must log in on the provider's site and pass it, then reconnect.
+    SecurityCheckpoint,
+    /// The access token expired and this provider cannot renew an expired one (Graph API
+    /// subcode 463; Instagram-style long-lived tokens, which are renewed only while valid).
+    AccessTokenExpired,
     /// A provider-specific code.
     Provider {
         /// The provider's code.
@@ -195,6 +203,12 @@ impl fmt::Display for InvalidationReason {
             }
             Self::RotationLost => {
                 f.write_str("the reply carrying the rotated refresh token was lost")
+            }
+            Self::SecurityCheckpoint => {
+                f.write_str("the account is held at the provider's security checkpoint")
+            }
+            Self::AccessTokenExpired => {
+                f.write_str("the access token expired and cannot be renewed once expired")
             }
             Self::Provider { code } => write!(f, "provider code `{code}`"),
         }

@@ -39,8 +39,11 @@
 //! # Concepts
 //!
 //! - A [`TokenManager`] serves one provider and many grants, each named by a [`TokenKey`].
-//! - A [`Provider`] performs one refresh: [`OAuth2Provider`] for RFC 6749 endpoints (with a
-//!   pluggable [`Classifier`] for non-standard error bodies), or your own implementation.
+//! - A [`Provider`] performs one refresh: [`OAuth2Provider`] for RFC 6749 endpoints (the
+//!   refresh-token grant, or [`Grant::ClientCredentials`] for machine-to-machine tokens; with a
+//!   pluggable [`Classifier`] for non-standard error bodies, such as [`GraphClassifier`] and
+//!   [`XClassifier`]), [`InstagramProvider`] for long-lived tokens renewed by presenting them,
+//!   or your own implementation.
 //! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
 //!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
 //!   `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
@@ -148,9 +151,10 @@ pub use error::{
 pub use event::{Event, EventItem, EventStream};
 pub use manager::{TokenManager, TokenManagerBuilder};
 pub use provider::{
-    provider_fn, Classifier, ClientAuth, FnProvider, HttpReply, OAuth2Provider,
-    OAuth2ProviderBuilder, Provider, RefreshRequest, StandardClassifier, XoxodayClassifier,
-    DEFAULT_BODY_LIMIT,
+    provider_fn, Classifier, ClientAuth, FnProvider, Grant, GraphClassifier, GraphTokenExchange,
+    HttpReply, InstagramProvider, InstagramProviderBuilder, OAuth2Provider, OAuth2ProviderBuilder,
+    Provider, RefreshRequest, StandardClassifier, XClassifier, XoxodayClassifier,
+    DEFAULT_BODY_LIMIT, INSTAGRAM_REFRESH_URL,
 };
 pub use refresher::{Progress, RefresherConfig, RefresherHandle};
 pub use status::{GrantHealth, GrantPage, Page, TokenStatus};

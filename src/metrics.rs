@@ -288,6 +288,8 @@ fn reason_label(reason: &InvalidationReason) -> &'static str {
         InvalidationReason::Revoked => "revoked",
         InvalidationReason::NoRefreshToken => "no_refresh_token",
         InvalidationReason::RotationLost => "rotation_lost",
+        InvalidationReason::SecurityCheckpoint => "security_checkpoint",
+        InvalidationReason::AccessTokenExpired => "access_token_expired",
         // Provider codes are free text: never a label value.
         InvalidationReason::Provider { .. } => "provider",
     }

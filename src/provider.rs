@@ -9,12 +9,18 @@ use crate::error::ProviderError;
 use crate::token::{TokenKey, TokenResponse, TokenSet};
 
 mod classify;
+mod exchange;
+mod graph;
 mod http;
+mod instagram;
 mod oauth2;
 
 pub use self::classify::{Classifier, StandardClassifier, XoxodayClassifier};
+pub use self::exchange::GraphTokenExchange;
+pub use self::graph::{GraphClassifier, XClassifier};
 pub use self::http::{HttpReply, DEFAULT_BODY_LIMIT};
-pub use self::oauth2::{ClientAuth, OAuth2Provider, OAuth2ProviderBuilder};
+pub use self::instagram::{InstagramProvider, InstagramProviderBuilder, INSTAGRAM_REFRESH_URL};
+pub use self::oauth2::{ClientAuth, Grant, OAuth2Provider, OAuth2ProviderBuilder};
 
 /// One refresh to perform.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +104,15 @@ pub trait Provider: Send + Sync + 'static {
         tokens.refresh_token().is_some()
     }
 
+    /// For `tokens` that [`can_refresh`](Self::can_refresh) refuses now, when they may become
+    /// renewable (an Instagram-style token renewable only once a day old, say): the background
+    /// refresher looks at the grant again then. The default, `None`: only a new grant changes
+    /// the answer.
+    fn refresh_not_before(&self, tokens: &TokenSet) -> Option<SystemTime> {
+        let _ = tokens;
+        None
+    }
+
     /// Revokes the grant at the provider (RFC 7009), as an app should when a user disconnects
     /// it; called by [`TokenManager::disconnect`](crate::TokenManager::disconnect) with the
     /// grant's current tokens.
@@ -155,6 +170,10 @@ impl<T: Provider + ?Sized> Provider for std::sync::Arc<T> {
 
     fn can_refresh(&self, tokens: &TokenSet) -> bool {
         (**self).can_refresh(tokens)
+    }
+
+    fn refresh_not_before(&self, tokens: &TokenSet) -> Option<SystemTime> {
+        (**self).refresh_not_before(tokens)
     }
 
     async fn revoke(&self, request: RefreshRequest<'_>) -> Result<(), ProviderError> {

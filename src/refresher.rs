@@ -491,9 +491,22 @@ impl Scheduler {
         // Nothing can renew this grant: warn ahead of its expiry, look again then (when it
         // dies), and leave it alone meanwhile (no keep-alive).
         if !self.inner.provider.can_refresh(tokens) {
+            // A grant the provider can renew later (a token too young to renew): look again
+            // then. A time already past (the provider reads another clock) would only spin:
+            // look again after a rescan interval instead.
+            let renewable_at = self.inner.provider.refresh_not_before(tokens).map(|at| {
+                if at > now {
+                    at
+                } else {
+                    later(now, self.config.rescan_interval)
+                }
+            });
             let Some(expires) = tokens.expires_at() else {
-                return Plan::Forget;
+                return renewable_at.map_or(Plan::Forget, Plan::CheckAt);
             };
+            if let Some(at) = renewable_at {
+                earliest(at);
+            }
             if expires <= now {
                 return Plan::Refresh;
             }

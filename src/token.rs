@@ -192,6 +192,25 @@ impl TokenSet {
         }
     }
 
+    /// A grant whose first access token is still to be obtained: an empty access token that
+    /// expired at the Unix epoch, so it is never served.
+    ///
+    /// For providers that obtain tokens without a refresh token, such as the
+    /// [client-credentials grant](crate::Grant::ClientCredentials): insert it, and the first
+    /// [`access_token`](crate::TokenManager::access_token) call (or the background refresher)
+    /// obtains a real token through the manager. With a provider that needs a refresh token,
+    /// such a grant is dead at first use ([`NoRefreshToken`](crate::InvalidationReason::NoRefreshToken)).
+    ///
+    /// ```
+    /// use tokenkeeper::TokenSet;
+    /// let pending = TokenSet::pending();
+    /// assert!(pending.is_expired(std::time::SystemTime::now()));
+    /// assert!(pending.refresh_token().is_none());
+    /// ```
+    pub fn pending() -> Self {
+        Self::new(AccessToken::new(String::new())).with_expires_at(std::time::UNIX_EPOCH)
+    }
+
     /// Sets the refresh token.
     pub fn with_refresh_token(mut self, refresh_token: RefreshToken) -> Self {
         self.refresh_token = Some(refresh_token);

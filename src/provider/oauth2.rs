@@ -12,7 +12,7 @@ use oauth2::{AuthType, EndpointNotSet, EndpointSet, Scope, TokenUrl};
 
 use super::http::transport_error;
 use super::{Classifier, HttpReply, Provider, RefreshRequest, StandardClassifier};
-use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError};
+use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind};
 use crate::provider::DEFAULT_BODY_LIMIT;
 use crate::token::{ClientSecret, TokenResponse};
 
@@ -30,7 +30,48 @@ pub enum ClientAuth {
     RequestBody,
 }
 
-/// A [`Provider`] for standard RFC 6749 token endpoints: `grant_type=refresh_token`.
+/// Which RFC 6749 grant an [`OAuth2Provider`] uses to renew tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Grant {
+    /// `grant_type=refresh_token` (§6): renews a user's grant with its refresh token (the
+    /// default). A grant without a refresh token cannot be renewed.
+    #[default]
+    RefreshToken,
+    /// `grant_type=client_credentials` (§4.4): machine-to-machine access with the client's
+    /// own credentials, for the builder's [`scopes`](OAuth2ProviderBuilder::scopes) and
+    /// [`extra_param`](OAuth2ProviderBuilder::extra_param)s (an `audience`, say). No refresh
+    /// token is needed: the token is simply obtained again before it expires, so such a grant
+    /// never dies for lack of one ([`Provider::can_refresh`] is always `true`). Nor does it die
+    /// at all: with no user to re-authorize, a refusal that would kill a user's grant
+    /// (`invalid_grant`, `access_denied`, …) is reported as
+    /// [`Misconfigured`](crate::Error::Misconfigured) with [`ConfigProblem::OAuth`] and the
+    /// code, like `invalid_client`.
+    ///
+    /// Start one by inserting [`TokenSet::pending`](crate::TokenSet::pending): the first
+    /// [`access_token`](crate::TokenManager::access_token) call (or the background refresher)
+    /// obtains the first token, with the manager's single-flight, backoff and events.
+    ///
+    /// ```
+    /// use tokenkeeper::{ClientSecret, Grant, OAuth2Provider, TokenKey, TokenManager, TokenSet};
+    /// # async fn run() -> Result<(), tokenkeeper::Error> {
+    /// let provider = OAuth2Provider::builder("service-a", "https://auth.example.com/oauth2/token")
+    ///     .client_secret(ClientSecret::new("service-a-secret"))
+    ///     .grant(Grant::ClientCredentials)
+    ///     .scopes(["reports:read"])
+    ///     .extra_param("audience", "https://api.example.com")
+    ///     .build()?;
+    /// let manager = TokenManager::builder(provider).build();
+    /// let key = TokenKey::from("reports-api");
+    /// manager.insert(key.clone(), TokenSet::pending()).await?;
+    /// let token = manager.access_token(&key).await?; // obtained now, renewed before expiry
+    /// # let _ = token; Ok(()) }
+    /// ```
+    ClientCredentials,
+}
+
+/// A [`Provider`] for standard RFC 6749 token endpoints: `grant_type=refresh_token`, or
+/// `client_credentials` (see [`Grant`]).
 ///
 /// The request is built by the [`oauth2`] crate (client authentication, scopes, extra
 /// parameters) and sent with a [`reqwest::Client`]. The reply is read here, with a size limit,
@@ -54,6 +95,7 @@ pub enum ClientAuth {
 pub struct OAuth2Provider {
     client: Client,
     http: reqwest::Client,
+    grant: Grant,
     scopes: Vec<String>,
     extra_params: Vec<(String, String)>,
     classifier: Arc<dyn Classifier>,
@@ -81,6 +123,7 @@ impl OAuth2Provider {
             token_url: token_url.into(),
             client_secret: None,
             auth: ClientAuth::default(),
+            grant: Grant::default(),
             scopes: Vec::new(),
             extra_params: Vec::new(),
             classifier: Arc::new(StandardClassifier),
@@ -97,6 +140,7 @@ impl fmt::Debug for OAuth2Provider {
         f.debug_struct("OAuth2Provider")
             .field("client_id", &self.client.client_id().as_str())
             .field("token_url", &self.client.token_uri().as_str())
+            .field("grant", &self.grant)
             .field("scopes", &self.scopes)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -110,6 +154,7 @@ pub struct OAuth2ProviderBuilder {
     token_url: String,
     client_secret: Option<ClientSecret>,
     auth: ClientAuth,
+    grant: Grant,
     scopes: Vec<String>,
     extra_params: Vec<(String, String)>,
     classifier: Arc<dyn Classifier>,
@@ -126,6 +171,7 @@ impl fmt::Debug for OAuth2ProviderBuilder {
             .field("token_url", &self.token_url)
             .field("client_secret", &self.client_secret)
             .field("auth", &self.auth)
+            .field("grant", &self.grant)
             .finish_non_exhaustive()
     }
 }
@@ -143,7 +189,14 @@ impl OAuth2ProviderBuilder {
         self
     }
 
-    /// Scopes to request on refresh (usually none: the grant keeps its scopes).
+    /// The grant used to renew tokens (default [`Grant::RefreshToken`]).
+    pub fn grant(mut self, grant: Grant) -> Self {
+        self.grant = grant;
+        self
+    }
+
+    /// Scopes to request on refresh (usually none for [`Grant::RefreshToken`]: the grant keeps
+    /// its scopes; the scopes to obtain for [`Grant::ClientCredentials`]).
     pub fn scopes<I, S>(mut self, scopes: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -153,7 +206,8 @@ impl OAuth2ProviderBuilder {
         self
     }
 
-    /// An extra form parameter sent with every refresh.
+    /// An extra form parameter sent with every refresh (an `audience` or `resource` for
+    /// [`Grant::ClientCredentials`], say).
     pub fn extra_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.extra_params.push((name.into(), value.into()));
         self
@@ -245,6 +299,7 @@ impl OAuth2ProviderBuilder {
         Ok(OAuth2Provider {
             client,
             http,
+            grant: self.grant,
             scopes: self.scopes,
             extra_params: self.extra_params,
             classifier: self.classifier,
@@ -252,6 +307,24 @@ impl OAuth2ProviderBuilder {
             timeout: self.timeout,
             revocation,
         })
+    }
+}
+
+/// A client-credentials grant has no user who could re-authorize: a refusal that would kill a
+/// user's grant (`invalid_grant`, `access_denied`, …) means the client's own configuration is
+/// wrong, and is reported as [`ConfigProblem::OAuth`] with the code (or the reason).
+fn no_user_to_reauthorize(e: ProviderError) -> ProviderError {
+    let ProviderErrorKind::Reauthorize(reason) = &e.kind else {
+        return e;
+    };
+    let code = match reason {
+        InvalidationReason::InvalidGrant => "invalid_grant".to_owned(),
+        InvalidationReason::Provider { code } => code.clone(),
+        other => other.to_string(),
+    };
+    ProviderError {
+        kind: ProviderErrorKind::Misconfigured(ConfigProblem::OAuth { code }),
+        ..e
     }
 }
 
@@ -338,12 +411,6 @@ impl OAuth2Provider {
 #[async_trait]
 impl Provider for OAuth2Provider {
     async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        let Some(refresh_token) = req.tokens.refresh_token() else {
-            return Err(ProviderError::reauthorize(
-                InvalidationReason::NoRefreshToken,
-            ));
-        };
-        let refresh_token = oauth2::RefreshToken::new(refresh_token.secret().to_owned());
         // `oauth2` builds the request; the reply is captured here, because `oauth2`'s own
         // handling drops the status and headers the classification needs and rejects
         // deviations (such as `expires_in` as a string) that real providers send.
@@ -352,15 +419,48 @@ impl Provider for OAuth2Provider {
             provider: self,
             outcome: &outcome,
         };
-        let mut request = self.client.exchange_refresh_token(&refresh_token);
-        for scope in &self.scopes {
-            request = request.add_scope(Scope::new(scope.clone()));
+        match self.grant {
+            Grant::RefreshToken => {
+                let Some(refresh_token) = req.tokens.refresh_token() else {
+                    return Err(ProviderError::reauthorize(
+                        InvalidationReason::NoRefreshToken,
+                    ));
+                };
+                let refresh_token = oauth2::RefreshToken::new(refresh_token.secret().to_owned());
+                let mut request = self.client.exchange_refresh_token(&refresh_token);
+                for scope in &self.scopes {
+                    request = request.add_scope(Scope::new(scope.clone()));
+                }
+                for (name, value) in &self.extra_params {
+                    request = request.add_extra_param(name.as_str(), value.as_str());
+                }
+                let _ = request.request_async(&send).await;
+            }
+            Grant::ClientCredentials => {
+                let mut request = self.client.exchange_client_credentials();
+                for scope in &self.scopes {
+                    request = request.add_scope(Scope::new(scope.clone()));
+                }
+                for (name, value) in &self.extra_params {
+                    request = request.add_extra_param(name.as_str(), value.as_str());
+                }
+                let _ = request.request_async(&send).await;
+            }
         }
-        for (name, value) in &self.extra_params {
-            request = request.add_extra_param(name.as_str(), value.as_str());
+        let result = self.interpret(outcome, req.now);
+        match self.grant {
+            Grant::RefreshToken => result,
+            Grant::ClientCredentials => result.map_err(no_user_to_reauthorize),
         }
-        let _ = request.request_async(&send).await;
-        self.interpret(outcome, req.now)
+    }
+
+    /// With [`Grant::ClientCredentials`], always: the client's own credentials obtain a new
+    /// token. Otherwise only with a refresh token.
+    fn can_refresh(&self, tokens: &crate::token::TokenSet) -> bool {
+        match self.grant {
+            Grant::ClientCredentials => true,
+            Grant::RefreshToken => tokens.refresh_token().is_some(),
+        }
     }
 
     /// RFC 7009: revokes the refresh token (or, without one, the access token), which ends

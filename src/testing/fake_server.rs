@@ -5,6 +5,7 @@ mod authorize;
 mod config;
 mod grant;
 mod record;
+mod social;
 mod state;
 mod wire;
 
@@ -19,6 +20,10 @@ use crate::{AccessToken, Clock, RefreshToken, TokenSet};
 pub use config::{FakeConfig, Preset, RateLimit, RefreshLifetime, RetryAfter, Rotation};
 pub use grant::{GrantId, GrantState, IssuedGrant, RevocationReason};
 pub use record::{RecordedRefresh, RefreshOutcome};
+pub use social::{
+    ClientCredentialsRequest, FakeSocialServer, GraphFailure, GraphRateLimit, LongLivedToken,
+    SocialConfig, UsageHeader, UserId,
+};
 
 use state::State;
 

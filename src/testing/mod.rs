@@ -33,6 +33,10 @@ mod store_contract;
 
 pub use clock::ManualClock;
 pub use fake_server::{
+    ClientCredentialsRequest, FakeSocialServer, GraphFailure, GraphRateLimit, LongLivedToken,
+    SocialConfig, UsageHeader, UserId,
+};
+pub use fake_server::{
     FakeAuthServer, FakeConfig, GrantId, GrantState, IssuedGrant, Preset, RateLimit,
     RecordedRefresh, RefreshLifetime, RefreshOutcome, RetryAfter, RevocationReason, Rotation,
 };
