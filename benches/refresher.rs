@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
+use tokenkeeper::reqwest;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, IssuedGrant, ManualClock};
 use tokenkeeper::{
     provider_fn, AccessToken, ClientSecret, MemoryStore, OAuth2Provider, ProviderError,

@@ -136,6 +136,20 @@ pub use token::{
 #[cfg(feature = "test-util")]
 pub mod testing;
 
+/// The `reqwest` this crate is built on (0.13), whose types appear in its API
+/// ([`reqwest::Client`], [`reqwest::Request`], [`reqwest::Error`], …).
+///
+/// Use it, or depend on the same major, so that one `reqwest` is in your tree: a `Client` from
+/// another major is another type. A major bump of `reqwest` here is a major bump of
+/// `tokenkeeper`.
+pub use reqwest;
+
+/// The `reqwest-middleware` this crate's [`TokenMiddleware`] plugs into (0.5).
+///
+/// As with [`reqwest`](crate::reqwest), use this one or the same major.
+#[cfg(feature = "middleware")]
+pub use reqwest_middleware;
+
 // The traits must stay dyn-compatible and the handles shareable across threads.
 const _: () = {
     fn _object_safe(_: &dyn TokenStore, _: &dyn Provider, _: &dyn Clock, _: &dyn Classifier) {}
