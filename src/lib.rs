@@ -90,7 +90,8 @@
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.85.
+//! Rust 1.88, the highest `rust-version` among the locked dependencies (all features); CI
+//! checks that no dependency needs more.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
