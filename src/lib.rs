@@ -55,6 +55,28 @@
 //!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
 //!   over across several grants for one resource.
 //!
+//! # Which type do I need?
+//!
+//! | I want to… | use |
+//! |---|---|
+//! | get a valid bearer token before an API call | [`TokenManager::access_token`] |
+//! | read the whole grant (scopes, expiries) | [`TokenManager::token`] → [`TokenSet`] |
+//! | store the grant from my OAuth callback | [`TokenManager::insert`] with a [`TokenSet`] |
+//! | refresh at a standard RFC 6749 token endpoint | [`OAuth2Provider`] |
+//! | read a provider's non-standard error bodies | a [`Classifier`] on the [`OAuth2Provider`] |
+//! | refresh at a non-standard JSON endpoint | [`provider_fn`], or implement [`Provider`] |
+//! | keep grants across restarts, or share them on one machine | [`FileStore`] |
+//! | share grants across machines | `RedisStore` (feature `redis`) |
+//! | keep grants in my own database | implement [`TokenStore`] |
+//! | keep idle grants alive | [`TokenManager::start_refresher`] with a [`RefresherConfig`] |
+//! | send API requests that retry once on a rejected token | [`AuthorizedClient`], or `TokenMiddleware` (feature `middleware`) |
+//! | decide what to do about a failure | [`Error`]: [`is_reauth_required`](Error::is_reauth_required), [`is_retryable`](Error::is_retryable), [`retry_after`](Error::retry_after) |
+//! | hear about dead and recovered grants | [`TokenManager::subscribe`] → [`Event`] |
+//! | list the grants a human must reconnect | [`TokenManager::reauthorization_required`] |
+//! | show a grant's health | [`TokenManager::status`] → [`TokenStatus`] |
+//! | run days of expiry in a test | `testing::FakeAuthServer`, `testing::ManualClock` (feature `test-util`) |
+//! | name the `reqwest` types in my code | [`reqwest`](crate::reqwest), the one this crate uses |
+//!
 //! # Concurrency and cancel safety
 //!
 //! One refresh per grant at a time: concurrent callers share it. The refresh re-reads the
@@ -80,13 +102,13 @@
 //!
 //! # Features
 //!
-//! | feature | default | enables |
-//! |---|---|---|
-//! | `rustls-tls` | yes | TLS for the default HTTP client through rustls |
-//! | `native-tls` | no | TLS through the platform's library instead |
-//! | `middleware` | no | `TokenMiddleware` for `reqwest-middleware` |
-//! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
-//! | `redis` | no | `RedisStore`: grants and refresh locks shared through Redis |
+//! Feature-gated items are marked on docs.rs with the feature they need.
+//!
+#![cfg_attr(feature = "document-features", doc = document_features::document_features!())]
+#![cfg_attr(
+    not(feature = "document-features"),
+    doc = "The features and what they enable are listed in `Cargo.toml`'s `[features]` (and on docs.rs)."
+)]
 //!
 //! # Minimum supported Rust version
 //!
@@ -94,6 +116,7 @@
 //! checks that no dependency needs more.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod authorized;
 mod clock;
@@ -107,6 +130,7 @@ mod store;
 mod token;
 
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub use authorized::TokenMiddleware;
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
 pub use clock::{Clock, Sleep, SystemClock};
@@ -128,6 +152,7 @@ pub use store::{
     Versioned,
 };
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::{
     epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshToken, TokenKey, TokenResponse,
@@ -135,6 +160,7 @@ pub use token::{
 };
 
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
 
 /// The `reqwest` this crate is built on (0.13), whose types appear in its API
@@ -147,8 +173,9 @@ pub use reqwest;
 
 /// The `reqwest-middleware` this crate's [`TokenMiddleware`] plugs into (0.5).
 ///
-/// As with [`reqwest`](crate::reqwest), use this one or the same major.
+/// As with [`reqwest`], use this one or the same major.
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub use reqwest_middleware;
 
 // The traits must stay dyn-compatible and the handles shareable across threads.
