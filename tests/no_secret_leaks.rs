@@ -15,15 +15,15 @@ use std::time::Duration;
 use support::drain;
 use support::encoding::base64;
 use tokenkeeper::testing::ManualClock;
-use tracing::field::{Field, Visit};
-use tracing::level_filters::LevelFilter;
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Metadata, Subscriber};
 use tokenkeeper::{
     AccessToken, ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, InvalidationReason,
     MemoryStore, OAuth2Provider, RefreshToken, TokenKey, TokenManager, TokenSet, TokenStore,
     UnavailableCause,
 };
+use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Metadata, Subscriber};
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
