@@ -1,7 +1,8 @@
 //! The fast path of `TokenManager::access_token` (a cached, valid token) against the cheapest
 //! possible baseline measured in the same run: `ArcSwap::load_full()` of the same token.
 //!
-//! Run with `cargo bench --bench access_token`. Criterion reports per-call times for the groups
+//! Run with `cargo benches --bench access_token` (the alias for `cargo bench -p
+//! tokenkeeper-benches`). Criterion reports per-call times for the groups
 //! `access_token/single_thread` and `access_token/two_threads`; a final summary prints the ratio
 //! manager / baseline for each, timed with plain `Instant` loops in this process.
 

@@ -1,7 +1,8 @@
 //! The background refresher at scale: memory per grant, scheduler CPU while idle, and refresh
 //! throughput against the fake authorization server, each with a baseline from the same run.
 //!
-//! Run with `cargo bench --bench refresher`. It measures, in this order:
+//! Run with `cargo benches --bench refresher` (the alias for `cargo bench -p
+//! tokenkeeper-benches`). It measures, in this order:
 //!
 //! 1. **Memory per grant**: a counting global allocator reports the live bytes added by
 //!    inserting 100,000 grants into a `TokenManager` (memory store) and by the refresher planning
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
+use tokenkeeper::reqwest;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, IssuedGrant, ManualClock};
 use tokenkeeper::{
     provider_fn, AccessToken, ClientSecret, MemoryStore, OAuth2Provider, ProviderError,

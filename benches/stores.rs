@@ -1,7 +1,7 @@
 //! Save and load latency of the persistent stores against the raw operation on the same
 //! bytes, measured in the same run, and the refresh lock's acquire+release overhead.
 //!
-//! Run with `cargo bench --bench stores --features redis` (`redis-server` must be installed:
+//! Run with `cargo benches --bench stores --features redis` (`redis-server` must be installed:
 //! the bench starts its own on a free loopback port). It measures one realistic grant record
 //! (a 64-byte access token, a 48-byte refresh token, expiries), one operation at a time:
 //!

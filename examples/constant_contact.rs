@@ -287,23 +287,7 @@ fn write_private(path: &str, secret: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(secret.as_bytes())
 }
 
-/// `2026-01-01 00:00 UTC`, computed by hand from seconds since the epoch.
+/// `Thu, 01 Jan 2026 00:00:00 GMT` (RFC 9110's HTTP-date, by `httpdate`).
 fn date(at: SystemTime) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60
-    )
+    httpdate::fmt_http_date(at)
 }

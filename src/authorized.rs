@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use http_auth::parser::ChallengeParser;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Request, Response};
 
@@ -76,15 +77,17 @@ impl Rejection {
     }
 
     fn rejects(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> bool {
-        if status == 429 || (status == 403 && bearer_error(headers) == Some("insufficient_scope")) {
+        let bearer_error = bearer_error(headers);
+        let bearer_error = bearer_error.as_deref();
+        if status == 429 || (status == 403 && bearer_error == Some("insufficient_scope")) {
             return false;
         }
         match &self.0 {
-            Kind::Rfc6750 => status == 401 && bearer_error(headers) == Some("invalid_token"),
+            Kind::Rfc6750 => status == 401 && bearer_error == Some("invalid_token"),
             Kind::Any401 => status == 401,
             Kind::ConstantContact => {
                 status == 401
-                    && (bearer_error(headers) == Some("invalid_token")
+                    && (bearer_error == Some("invalid_token")
                         || serde_json::from_slice::<serde_json::Value>(body)
                             .is_ok_and(|v| v["error_key"] == "unauthorized"))
             }
@@ -112,18 +115,24 @@ impl fmt::Debug for Rejection {
     }
 }
 
-/// The `error` parameter of a `WWW-Authenticate: Bearer …` challenge.
-fn bearer_error(headers: &HeaderMap) -> Option<&str> {
-    headers.get_all(WWW_AUTHENTICATE).iter().find_map(|value| {
-        let value = value.to_str().ok()?.trim();
-        let params = value
-            .strip_prefix("Bearer")
-            .or_else(|| value.strip_prefix("bearer"))?;
-        params.split(',').find_map(|param| {
-            let (name, value) = param.split_once('=')?;
-            (name.trim() == "error").then(|| value.trim().trim_matches('"'))
+/// The `error` parameter of a `Bearer` challenge (RFC 6750 §3) in the `WWW-Authenticate`
+/// headers, which hold RFC 9110 §11.6.1 challenge lists: one header may carry several
+/// challenges, a quoted value may hold commas and escapes, and scheme and parameter names are
+/// case-insensitive. A header that stops parsing counts up to the challenge before the error.
+fn bearer_error(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| ChallengeParser::new(value).map_while(Result::ok))
+        .filter(|challenge| challenge.scheme.eq_ignore_ascii_case("Bearer"))
+        .find_map(|challenge| {
+            let (_, error) = challenge
+                .params
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("error"))?;
+            Some(error.to_unescaped())
         })
-    })
 }
 
 /// Why an authorized request failed.
@@ -488,5 +497,67 @@ impl AuthorizedClient {
             request = spare;
         }
         Err(RequestError::NoUsableGrant { skipped })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(values: &[&str]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(WWW_AUTHENTICATE, HeaderValue::from_str(value).unwrap());
+        }
+        bearer_error(&headers)
+    }
+
+    #[test]
+    fn reads_the_error_of_a_bearer_challenge() {
+        let e = error_of(&[r#"Bearer realm="api", error="invalid_token""#]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
+        let e = error_of(&["Bearer error=invalid_token"]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
+        assert_eq!(error_of(&[r#"Bearer realm="api""#]), None);
+        assert_eq!(error_of(&[]), None);
+    }
+
+    #[test]
+    fn names_are_case_insensitive() {
+        let e = error_of(&[r#"BEARER ERROR="invalid_token""#]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
+    }
+
+    #[test]
+    fn a_comma_inside_a_quoted_value_does_not_end_it() {
+        let e = error_of(&[
+            r#"Bearer error_description="bad, error=\"invalid_token\"", error="insufficient_scope""#,
+        ]);
+        assert_eq!(e.as_deref(), Some("insufficient_scope"));
+    }
+
+    #[test]
+    fn escapes_in_quoted_values_are_undone() {
+        let e = error_of(&[r#"Bearer error="invalid\_token""#]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
+    }
+
+    #[test]
+    fn finds_the_bearer_challenge_among_several() {
+        let e = error_of(&[r#"Basic realm="a, b", Bearer error="invalid_token""#]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
+        let e = error_of(&[r#"Basic realm="x""#, r#"Bearer error="invalid_token""#]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
+        // Another scheme's `error` is not the bearer error.
+        assert_eq!(error_of(&[r#"Other error="invalid_token""#]), None);
+        // Nor is a scheme that merely starts with "Bearer".
+        assert_eq!(error_of(&[r#"Bearerish error="invalid_token""#]), None);
+    }
+
+    #[test]
+    fn a_malformed_header_counts_up_to_the_error() {
+        assert_eq!(error_of(&[r#"Bearer error="invalid_token"#]), None);
+        let e = error_of(&[r#"Bearer error="invalid_token", Basic realm="#]);
+        assert_eq!(e.as_deref(), Some("invalid_token"));
     }
 }

@@ -62,6 +62,28 @@
 //!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
 //!   over across several grants for one resource.
 //!
+//! # Which type do I need?
+//!
+//! | I want to… | use |
+//! |---|---|
+//! | get a valid bearer token before an API call | [`TokenManager::access_token`] |
+//! | read the whole grant (scopes, expiries) | [`TokenManager::token`] → [`TokenSet`] |
+//! | store the grant from my OAuth callback | [`TokenManager::insert`] with a [`TokenSet`] |
+//! | refresh at a standard RFC 6749 token endpoint | [`OAuth2Provider`] |
+//! | read a provider's non-standard error bodies | a [`Classifier`] on the [`OAuth2Provider`] |
+//! | refresh at a non-standard JSON endpoint | [`provider_fn`], or implement [`Provider`] |
+//! | keep grants across restarts, or share them on one machine | [`FileStore`] |
+//! | share grants across machines | `RedisStore` (feature `redis`) |
+//! | keep grants in my own database | implement [`TokenStore`] |
+//! | keep idle grants alive | [`TokenManager::start_refresher`] with a [`RefresherConfig`] |
+//! | send API requests that retry once on a rejected token | [`AuthorizedClient`], or `TokenMiddleware` (feature `middleware`) |
+//! | decide what to do about a failure | [`Error`]: [`is_reauth_required`](Error::is_reauth_required), [`is_retryable`](Error::is_retryable), [`retry_after`](Error::retry_after) |
+//! | hear about dead and recovered grants | [`TokenManager::subscribe`] → [`Event`] |
+//! | list the grants a human must reconnect | [`TokenManager::reauthorization_required`] |
+//! | show a grant's health | [`TokenManager::status`] → [`TokenStatus`] |
+//! | run days of expiry in a test | `testing::FakeAuthServer`, `testing::ManualClock` (feature `test-util`) |
+//! | name the `reqwest` types in my code | [`reqwest`](crate::reqwest), the one this crate uses |
+//!
 //! # Concurrency and cancel safety
 //!
 //! One refresh per grant at a time: concurrent callers share it. The refresh re-reads the
@@ -88,14 +110,13 @@
 //!
 //! # Features
 //!
-//! | feature | default | enables |
-//! |---|---|---|
-//! | `rustls-tls` | yes | TLS for the default HTTP client through rustls |
-//! | `native-tls` | no | TLS through the platform's library instead |
-//! | `middleware` | no | `TokenMiddleware` for `reqwest-middleware` |
-//! | `test-util` | no | `testing`: the fake authorization server and a manual clock |
-//! | `redis` | no | `RedisStore`: grants and refresh locks shared through Redis |
-//! | `metrics` | no | counters, histograms and gauges through the `metrics` facade |
+//! Feature-gated items are marked on docs.rs with the feature they need.
+//!
+#![cfg_attr(feature = "document-features", doc = document_features::document_features!())]
+#![cfg_attr(
+    not(feature = "document-features"),
+    doc = "The features and what they enable are listed in `Cargo.toml`'s `[features]` (and on docs.rs)."
+)]
 //!
 //! # Metrics
 //!
@@ -118,9 +139,11 @@
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.85.
+//! Rust 1.88, the highest `rust-version` among the locked dependencies (all features); CI
+//! checks that no dependency needs more.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod authorized;
 mod clock;
@@ -137,6 +160,7 @@ mod token;
 
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
 #[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub use authorized::{MiddlewareErrorExt, MissingTokenKey, TokenMiddleware};
 pub use clock::{Clock, Sleep, SystemClock};
 pub use connect::{
@@ -163,6 +187,7 @@ pub use store::{
     Versioned,
 };
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::{
     epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshToken, TokenKey, TokenResponse,
@@ -170,7 +195,23 @@ pub use token::{
 };
 
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
+
+/// The `reqwest` this crate is built on (0.13), whose types appear in its API
+/// ([`reqwest::Client`], [`reqwest::Request`], [`reqwest::Error`], …).
+///
+/// Use it, or depend on the same major, so that one `reqwest` is in your tree: a `Client` from
+/// another major is another type. A major bump of `reqwest` here is a major bump of
+/// `tokenkeeper`.
+pub use reqwest;
+
+/// The `reqwest-middleware` this crate's [`TokenMiddleware`] plugs into (0.5).
+///
+/// As with [`reqwest`], use this one or the same major.
+#[cfg(feature = "middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
+pub use reqwest_middleware;
 
 // The traits must stay dyn-compatible and the handles shareable across threads.
 const _: () = {

@@ -44,7 +44,7 @@ async fn four_hundred_days(keep_alive: Option<Duration>) -> (usize, usize) {
             .unwrap();
     }
     let refresher = manager.start_refresher(RefresherConfig::new().keep_alive(keep_alive));
-    let called = |i: usize| i % 3 != 0;
+    let called = |i: usize| !i.is_multiple_of(3);
 
     for half_day in 1..=800 {
         clock.advance(HOUR * 12);

@@ -473,15 +473,14 @@ impl Provider for OAuth2Provider {
             Some(rt) => (rt.secret(), "refresh_token"),
             None => (req.tokens.access_token().secret(), "access_token"),
         };
-        let encode = |s: &str| -> String {
-            oauth2::url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-        };
+        let encode =
+            |s: &str| -> String { form_urlencoded::byte_serialize(s.as_bytes()).collect() };
         let basic = match (&revocation.auth, &revocation.client_secret) {
             (ClientAuth::Basic, Some(secret)) => Some(secret),
             _ => None,
         };
         let body = {
-            let mut form = oauth2::url::form_urlencoded::Serializer::new(String::new());
+            let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("token", token);
             form.append_pair("token_type_hint", hint);
             if basic.is_none() {

@@ -60,7 +60,12 @@ use state::State;
 ///     .post(server.token_url())
 ///     .basic_auth(server.client_id(), Some(server.client_secret()))
 ///     .header("content-type", "application/x-www-form-urlencoded")
-///     .body(format!("grant_type=refresh_token&refresh_token={}", grant.refresh_token))
+///     .body(
+///         form_urlencoded::Serializer::new(String::new())
+///             .append_pair("grant_type", "refresh_token")
+///             .append_pair("refresh_token", &grant.refresh_token)
+///             .finish(),
+///     )
 ///     .send()
 ///     .await?;
 /// assert_eq!(reply.status(), 200);

@@ -3,6 +3,7 @@
 use std::fs;
 use std::path::Path;
 
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -50,57 +51,38 @@ pub(super) fn key_in_file(path: &Path, stem: &str) -> Option<String> {
     (file_name(&key) == stem).then_some(key)
 }
 
+/// The bytes a file name encodes: all but `a`–`z`, `0`–`9`, `-` and `_` (upper-case letters
+/// too, so that case-insensitive file systems cannot merge two keys).
+const ENCODED: &AsciiSet = &{
+    let mut set = NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+    let mut upper = b'A';
+    while upper <= b'Z' {
+        set = set.add(upper);
+        upper += 1;
+    }
+    set
+};
+
 /// The percent-encoded file-name form of a key (see [`FileStore`](super::FileStore)'s layout).
 pub(super) fn encode_key(key: &str) -> String {
     if key.is_empty() {
         return "%".to_owned();
     }
-    let mut name = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if keeps(b) {
-            name.push(char::from(b));
-        } else {
-            name.push_str(&format!("%{b:02X}"));
-        }
-    }
-    name
+    utf8_percent_encode(key, ENCODED).to_string()
 }
 
-/// The key of a file name, if it is exactly what [`encode_key`] makes of some key.
+/// The key of a file name, if it is exactly what [`encode_key`] makes of some key: the
+/// round trip rejects what decoding alone would let through (lower-case hex, a kept byte
+/// encoded, a stray `%`, a byte that is neither kept nor encoded).
 pub(super) fn decode_key(name: &str) -> Option<String> {
     if name == "%" {
         return Some(String::new());
     }
-    let mut bytes = Vec::with_capacity(name.len());
-    let mut rest = name.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = tail.get(..2)?;
-            if !hex
-                .iter()
-                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
-            {
-                return None;
-            }
-            let byte = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-            if keeps(byte) {
-                return None; // Not the canonical name of any key.
-            }
-            bytes.push(byte);
-            rest = &tail[2..];
-        } else if keeps(b) {
-            bytes.push(b);
-            rest = tail;
-        } else {
-            return None;
-        }
-    }
-    if bytes.is_empty() {
-        return None;
-    }
-    String::from_utf8(bytes).ok()
+    let key = percent_decode_str(name).decode_utf8().ok()?;
+    (encode_key(&key) == name).then(|| key.into_owned())
 }
 
+#[cfg(test)]
 pub(super) fn keeps(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
 }

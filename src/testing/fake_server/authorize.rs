@@ -404,12 +404,17 @@ mod tests {
         let reply = reqwest::Client::new()
             .post(server.token_url())
             .basic_auth(server.client_id(), Some(server.client_secret()))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", code),
-                ("code_verifier", verifier),
-                ("redirect_uri", redirect),
-            ])
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs([
+                        ("grant_type", "authorization_code"),
+                        ("code", code),
+                        ("code_verifier", verifier),
+                        ("redirect_uri", redirect),
+                    ])
+                    .finish(),
+            )
             .send()
             .await
             .unwrap();

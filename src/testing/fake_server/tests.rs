@@ -61,11 +61,9 @@ async fn send(request: reqwest::RequestBuilder) -> Reply {
 }
 
 fn form(params: &[(&str, &str)]) -> String {
-    params
-        .iter()
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect::<Vec<_>>()
-        .join("&")
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish()
 }
 
 async fn post_form(server: &FakeAuthServer, basic: bool, params: &[(&str, &str)]) -> Reply {

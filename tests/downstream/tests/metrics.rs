@@ -1,7 +1,6 @@
-//! The `metrics` feature: a scripted scenario, counted by `metrics-util`'s `DebuggingRecorder`
+//! The `metrics` feature, as an application sees it: a scripted scenario, counted by `metrics-util`'s `DebuggingRecorder`
 //! installed for this thread only (`metrics::with_local_recorder`), on a current-thread runtime
 //! so every spawned refresh runs where the recorder is.
-#![cfg(feature = "metrics")]
 
 use std::collections::HashMap;
 use std::sync::Arc;
