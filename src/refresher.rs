@@ -409,7 +409,7 @@ impl Scheduler {
             if *at > now {
                 break;
             }
-            if let Some(until) = self.rate_blocked(now) {
+            if let Some(until) = self.rate_blocked() {
                 return Blocked::Until(until);
             }
             if self.semaphore.available_permits() == 0 {
@@ -459,7 +459,7 @@ impl Scheduler {
                         return;
                     }
                 }
-                self.spawn_refresh(key, record, now);
+                self.spawn_refresh(key, record);
             }
         }
     }
@@ -586,8 +586,11 @@ impl Scheduler {
     }
 
     /// When the per-minute cap is reached: the instant a start is allowed again.
-    fn rate_blocked(&mut self, now: SystemTime) -> Option<SystemTime> {
-        let now = now.max(self.inner.clock.now());
+    ///
+    /// Read at the clock's current reading, not at a time a caller read earlier: a jump since
+    /// (either way) must neither stretch nor skip the window.
+    fn rate_blocked(&mut self) -> Option<SystemTime> {
+        let now = self.inner.clock.now();
         while self
             .starts
             .front()
@@ -600,12 +603,12 @@ impl Scheduler {
         (self.starts.len() >= self.config.max_per_minute).then(|| later(self.starts[0], MINUTE))
     }
 
-    fn spawn_refresh(&mut self, key: TokenKey, record: GrantRecord, now: SystemTime) {
+    fn spawn_refresh(&mut self, key: TokenKey, record: GrantRecord) {
         // The time the start really happens (store reads may have taken a while, and the clock
-        // may have jumped since `now` was read): the cap counts starts at this time.
-        let now = now.max(self.inner.clock.now());
+        // may have jumped since the caller read it, either way): the cap counts starts then.
+        let now = self.inner.clock.now();
         // Every start respects the per-minute cap, whichever path asked for it.
-        if let Some(until) = self.rate_blocked(now) {
+        if let Some(until) = self.rate_blocked() {
             self.plan(key, until);
             return;
         }

@@ -1318,3 +1318,48 @@ async fn the_prompt_retry_after_a_lost_reply_respects_a_backoff_in_force() {
     assert_eq!(strict.calls(), 1, "retried into a rate limit in force");
     assert!(answer.is_err(), "{answer:?}");
 }
+
+// Seed 1114822: the refresher counted a start at the time its pass began, not at the start:
+// with the clock set back meanwhile, that start looked hours ahead, was dropped from the
+// window, and the next grant started at once, over the cap.
+#[tokio::test(start_paused = true)]
+async fn the_per_minute_cap_counts_a_start_at_the_clocks_reading_then() {
+    let clock = Arc::new(ManualClock::fixed());
+    let start = clock.now();
+    let store = Arc::new(FaultyStore::default());
+    let (calls, provider) = counting(|| async {
+        Ok(TokenResponse::new(AccessToken::new("at"))
+            .with_refresh_token(RefreshToken::new("rt"))
+            .with_expires(Expiry::In(DAY)))
+    });
+    let manager = manager(provider, store.clone(), clock.clone());
+    for n in 0..2 {
+        manager
+            .insert(
+                TokenKey::from(format!("acct-{n}")),
+                expired_grant(&clock, "rt-0"),
+            )
+            .await
+            .unwrap();
+    }
+    // The clock runs four hours ahead when the refresher's pass begins, and is set back three
+    // hours while the store answers.
+    clock.set(start + 4 * HOUR);
+    *store.clock_at_next_load.lock().unwrap() = Some((clock.clone(), start + HOUR));
+    let refresher =
+        manager.start_refresher(RefresherConfig::new().refresh_idle(true).max_per_minute(1));
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        clock.advance(Duration::from_secs(1));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "two starts within ten seconds"
+    );
+    clock.advance(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refresher.wait_idle().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    refresher.shutdown().await;
+}

@@ -37,6 +37,8 @@ pub struct FaultyStore {
     lease_ids: AtomicUsize,
     /// The next load moves this clock by this much (a store that stalls).
     pub stall_next_load: Mutex<Option<(Arc<ManualClock>, Duration)>>,
+    /// The next load sets this clock to this time (a clock jump while the store answers).
+    pub clock_at_next_load: Mutex<Option<(Arc<ManualClock>, std::time::SystemTime)>>,
 }
 
 impl FaultyStore {
@@ -89,6 +91,9 @@ impl TokenStore for FaultyStore {
         }
         if let Some((clock, by)) = self.stall_next_load.lock().unwrap().take() {
             clock.advance(by);
+        }
+        if let Some((clock, at)) = self.clock_at_next_load.lock().unwrap().take() {
+            clock.set(at);
         }
         Ok(self.records.lock().unwrap().get(key).cloned())
     }
