@@ -1363,3 +1363,37 @@ async fn the_per_minute_cap_counts_a_start_at_the_clocks_reading_then() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     refresher.shutdown().await;
 }
+
+// Seed 1110101: a death held in memory (its save failed) was saved later over a record on
+// which a peer had meanwhile recorded a lost reply for the same refresh token, as a plain
+// `InvalidGrant`.
+#[tokio::test(start_paused = true)]
+async fn a_held_death_saved_over_a_peers_lost_reply_says_rotation_lost() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let (_, refusing) =
+        counting(|| async { Err(ProviderError::reauthorize(InvalidationReason::InvalidGrant)) });
+    let (_, losing) =
+        counting(|| async { Err(ProviderError::unavailable(UnavailableCause::Network)) });
+    let held = manager(refusing, store.clone(), clock.clone());
+    let peer = manager(losing, store.clone(), clock.clone());
+    held.insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    store.save_failures.store(1, Ordering::SeqCst);
+    assert!(held
+        .access_token(&key())
+        .await
+        .unwrap_err()
+        .is_reauth_required());
+    // The peer's call with the same refresh token loses its reply, and the store records that.
+    assert!(peer.refresh_now(&key()).await.is_err());
+    assert!(store.stored(&key()).reply_lost());
+    let err = held.access_token(&key()).await.unwrap_err();
+    match store.stored(&key()).state() {
+        tokenkeeper::GrantState::ReauthorizationRequired { reason, .. } => {
+            assert_eq!(reason, &InvalidationReason::RotationLost, "{err:?}")
+        }
+        other => panic!("not dead: {other:?} ({err:?})"),
+    }
+}

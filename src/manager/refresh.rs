@@ -440,6 +440,20 @@ impl Inner {
             }
             let mut record = p.record.clone();
             keep_backoff(&mut record, &current.value);
+            if current.value.reply_lost {
+                // A peer recorded meanwhile that a reply for this refresh token was lost: a
+                // refusal of it means the rotation was lost, whoever saw the refusal.
+                record.reply_lost = true;
+                if let GrantState::ReauthorizationRequired { reason, .. } = &mut record.state {
+                    if matches!(
+                        reason,
+                        InvalidationReason::InvalidGrant | InvalidationReason::Superseded
+                    ) {
+                        *reason = InvalidationReason::RotationLost;
+                        record.last_error = Some(dead(key, reason).to_string());
+                    }
+                }
+            }
             match self.store.save(key, &record, Some(current.version)).await {
                 Ok(Cas::Saved(version)) => {
                     self.clear_pending(slot, Some(p.id));
