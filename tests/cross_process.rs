@@ -38,7 +38,11 @@ const EXPIRIES: u64 = 5;
 /// A step of simulated time: past the fake's 1 h access-token life and the 60 s margin.
 const STEP: Duration = Duration::from_secs(3600 + 120);
 /// The workers' refresh-lock ttl (real time): how long a Redis lock outlives a killed holder.
-const LOCK_TTL: Duration = Duration::from_secs(2);
+const LOCK_TTL: Duration = Duration::from_secs(5);
+/// The peers' refresh timeout: a provider call may start only while the lease can still cover
+/// it (ttl − timeout = 4 s of real time after asking for the lock, on a loaded machine too).
+/// The victim keeps the default, so its hanging call holds the lock until it is killed.
+const PEER_REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest wait for any one reply from a worker.
 const REPLY: Duration = Duration::from_secs(60);
 
@@ -164,11 +168,14 @@ async fn worker(args: &[String]) -> anyhow::Result<()> {
             .build()?,
         victim: role == "victim",
     };
-    let manager = TokenManager::builder(provider)
+    let mut builder = TokenManager::builder(provider)
         .store(store)
         .clock(clock.clone())
-        .lock_ttl(LOCK_TTL)
-        .build();
+        .lock_ttl(LOCK_TTL);
+    if role != "victim" {
+        builder = builder.refresh_timeout(PEER_REFRESH_TIMEOUT);
+    }
+    let manager = builder.build();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();

@@ -1397,3 +1397,22 @@ async fn a_held_death_saved_over_a_peers_lost_reply_says_rotation_lost() {
         other => panic!("not dead: {other:?} ({err:?})"),
     }
 }
+
+// Found by the cross-process test on Redis: the lease's budget counted from asking for the
+// lock, so waiting out a crashed holder's lease spent it, and every waiter then refused to call.
+#[tokio::test(start_paused = true)]
+async fn waiting_out_a_crashed_holders_lease_does_not_spend_the_next_lease() {
+    let clock = Arc::new(ManualClock::fixed());
+    let store = Arc::new(FaultyStore::default());
+    let strict = Arc::new(Strict::default());
+    let manager = manager(strict.provider(), store.clone(), clock.clone());
+    manager
+        .insert(key(), expired_grant(&clock, "rt-0"))
+        .await
+        .unwrap();
+    // A process took the lock and died: its lease runs out after the default 60 s ttl.
+    let crashed = store.lock(&key(), Duration::from_secs(60)).await.unwrap();
+    std::mem::forget(crashed);
+    assert_eq!(manager.access_token(&key()).await.unwrap().secret(), "at-1");
+    assert_eq!(strict.calls(), 1);
+}

@@ -33,6 +33,10 @@ pub(crate) fn later(t: SystemTime, d: Duration) -> SystemTime {
     t.checked_add(d.min(FAR)).unwrap_or(t)
 }
 
+/// How long before a refresh lock is handed over its lease may have started: the round trip of
+/// the request that won it.
+const LEASE_GRANT_SLACK: Duration = Duration::from_secs(1);
+
 /// When a provider call may no longer start under the refresh lock's lease.
 #[derive(Debug, Clone, Copy)]
 struct LeaseDeadline {
@@ -59,7 +63,7 @@ impl Inner {
         );
         let run = async {
             let started = Instant::now();
-            // The lease counts from before the request: the store may start it any time after.
+            // The lease counts from before the winning request (see `lease_deadline`).
             let asked = (self.clock.now(), tokio::time::Instant::now());
             let lock = match self.store.lock(key, self.config.lock_ttl).await {
                 Ok(lock) => lock,
@@ -73,7 +77,8 @@ impl Inner {
                      from presenting the same refresh token at once"
                 );
             }
-            let lease = lock.as_ref().map(|_| self.lease_deadline(asked));
+            let got = (self.clock.now(), tokio::time::Instant::now());
+            let lease = lock.as_ref().map(|_| self.lease_deadline(asked, got));
             let outcome = self.refresh_locked(key, slot, need, lease).await;
             if let Some(lock) = lock {
                 if let Err(e) = lock.release().await {
@@ -103,19 +108,37 @@ impl Inner {
         }
     }
 
-    /// The last instant a provider call may start under a lease taken at `asked`: the call
-    /// (bounded by the refresh timeout) must end before the lease can run out, or another
-    /// process could be let in while it runs and both present the same refresh token.
-    fn lease_deadline(&self, asked: (SystemTime, tokio::time::Instant)) -> LeaseDeadline {
+    /// The last instant a provider call may start under a lease asked for at `asked` and
+    /// granted by `got`: the call (bounded by the refresh timeout) must end before the lease can
+    /// run out, or another process could be let in while it runs and both present the same
+    /// refresh token.
+    ///
+    /// The lease starts when the store takes the winning request: after `asked`, and no earlier
+    /// than [`LEASE_GRANT_SLACK`] before `got` (a store answers the request that won at once;
+    /// waiting for a busy lock, a holder that crashed say, happens before it). Counting from
+    /// `asked` alone would spend the budget on that wait and refuse every waiter.
+    fn lease_deadline(
+        &self,
+        asked: (SystemTime, tokio::time::Instant),
+        got: (SystemTime, tokio::time::Instant),
+    ) -> LeaseDeadline {
         let (ttl, timeout) = (self.config.lock_ttl, self.config.refresh_timeout);
         let budget = if ttl > timeout {
             ttl - timeout
         } else {
             ttl / 2
         };
+        let wall = got
+            .0
+            .checked_sub(LEASE_GRANT_SLACK)
+            .map_or(asked.0, |t| t.max(asked.0));
+        let mono = got
+            .1
+            .checked_sub(LEASE_GRANT_SLACK)
+            .map_or(asked.1, |t| t.max(asked.1));
         LeaseDeadline {
-            wall: later(asked.0, budget),
-            mono: asked.1.checked_add(budget).unwrap_or(asked.1),
+            wall: later(wall, budget),
+            mono: mono.checked_add(budget).unwrap_or(mono),
         }
     }
 
