@@ -6,6 +6,8 @@
 //! reply) and stores the new grant with [`TokenManager::insert`]. A grant that died gets a
 //! fresh authorization URL bound to its key from [`reconnect_url`](Connector::reconnect_url);
 //! completing it replaces the dead grant and emits [`Event::Recovered`](crate::Event::Recovered).
+//! An [`AfterExchange`] step turns what the code exchange returned into the grant to keep
+//! (Instagram Login's short-lived token into a renewable long-lived one).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -20,12 +22,14 @@ use crate::manager::TokenManager;
 use crate::provider::{ClientAuth, OAuth2Provider};
 use crate::token::{AccessToken, TokenKey, TokenSet};
 
+mod after_exchange;
 mod attempt;
 mod builder;
 mod callback;
 mod error;
 mod pending;
 
+pub use self::after_exchange::AfterExchange;
 pub use self::attempt::{Authorization, Completed, StartOptions};
 pub use self::builder::ConnectorBuilder;
 pub use self::callback::CallbackParams;
@@ -133,6 +137,7 @@ struct Inner {
     client: AuthClient,
     redirect: RedirectUrl,
     exchange: OAuth2Provider,
+    after_exchange: Option<Arc<dyn AfterExchange>>,
     scopes: Vec<String>,
     params: Vec<(String, String)>,
     pending: Arc<dyn PendingStore>,
@@ -162,6 +167,7 @@ impl Connector {
             scopes: Vec::new(),
             params: Vec::new(),
             pending: None,
+            after_exchange: None,
             ttl: DEFAULT_ATTEMPT_TTL,
             http: None,
             timeout: Some(Duration::from_secs(30)),
@@ -307,7 +313,9 @@ impl Connector {
     /// [`Denied`](ConnectError::Denied); the code is exchanged with the attempt's verifier and
     /// redirect URI, and the token endpoint's refusal is classified like a refresh's
     /// (`invalid_grant` → [`CodeRejected`](ConnectError::CodeRejected), `invalid_client` →
-    /// [`Misconfigured`](ConnectError::Misconfigured), …); the grant is then
+    /// [`Misconfigured`](ConnectError::Misconfigured), …); the
+    /// [after-exchange step](ConnectorBuilder::after_exchange), if any, turns the tokens into
+    /// the ones to keep (its refusals are classified the same way); the grant is then
     /// [inserted](TokenManager::insert), replacing any previous grant for the key.
     ///
     /// # Errors
@@ -373,7 +381,13 @@ impl Connector {
                 let status = e.status();
                 exchange_error(e.into_error(&key), status)
             })?;
-        let tokens = TokenSet::new(AccessToken::new("")).apply(response, now);
+        let mut tokens = TokenSet::new(AccessToken::new("")).apply(response, now);
+        if let Some(step) = &inner.after_exchange {
+            tokens = step.after_exchange(&key, tokens, now).await.map_err(|e| {
+                let status = e.status();
+                exchange_error(e.into_error(&key), status)
+            })?;
+        }
         let recovered = matches!(
             inner.manager.status(&key).await,
             Ok(status) if status.needs_reauthorization()

@@ -164,8 +164,8 @@ pub use authorized::{AuthorizedClient, Rejection, RequestError};
 pub use authorized::{MiddlewareErrorExt, MissingTokenKey, TokenMiddleware};
 pub use clock::{Clock, Sleep, SystemClock};
 pub use connect::{
-    Authorization, AuthorizeErrorCode, CallbackParams, Completed, ConnectError, Connector,
-    ConnectorBuilder, MemoryPendingStore, PendingAttempt, PendingStore, StartOptions,
+    AfterExchange, Authorization, AuthorizeErrorCode, CallbackParams, Completed, ConnectError,
+    Connector, ConnectorBuilder, MemoryPendingStore, PendingAttempt, PendingStore, StartOptions,
     StorePendingStore, Taken, DEFAULT_ATTEMPT_TTL,
 };
 pub use error::{
@@ -178,7 +178,7 @@ pub use provider::{
     provider_fn, Classifier, ClientAuth, FnProvider, Grant, GraphClassifier, GraphTokenExchange,
     HttpReply, InstagramProvider, InstagramProviderBuilder, OAuth2Provider, OAuth2ProviderBuilder,
     Provider, RefreshRequest, StandardClassifier, XClassifier, XoxodayClassifier,
-    DEFAULT_BODY_LIMIT, INSTAGRAM_REFRESH_URL,
+    DEFAULT_BODY_LIMIT, INSTAGRAM_EXCHANGE_URL, INSTAGRAM_REFRESH_URL,
 };
 pub use refresher::{Progress, RefresherConfig, RefresherHandle};
 pub use status::{GrantHealth, GrantPage, Page, TokenStatus};
@@ -221,6 +221,7 @@ const _: () = {
         _: &dyn Clock,
         _: &dyn Classifier,
         _: &dyn PendingStore,
+        _: &dyn AfterExchange,
     ) {
     }
     fn _assert_send_sync<T: Send + Sync + 'static>() {}

@@ -16,7 +16,7 @@ mod instagram;
 mod oauth2;
 
 pub use self::classify::{Classifier, StandardClassifier, XoxodayClassifier};
-pub use self::exchange::GraphTokenExchange;
+pub use self::exchange::{GraphTokenExchange, INSTAGRAM_EXCHANGE_URL};
 pub use self::graph::{GraphClassifier, XClassifier};
 pub use self::http::{HttpReply, DEFAULT_BODY_LIMIT};
 pub use self::instagram::{InstagramProvider, InstagramProviderBuilder, INSTAGRAM_REFRESH_URL};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use oauth2::basic::BasicClient;
 use oauth2::{AuthUrl, RedirectUrl};
 
-use super::{reserved_param, Connector, Inner, MemoryPendingStore, PendingStore};
+use super::{reserved_param, AfterExchange, Connector, Inner, MemoryPendingStore, PendingStore};
 use crate::error::{ConfigProblem, Error, SharedError};
 use crate::manager::TokenManager;
 use crate::provider::{ClientAuth, OAuth2Provider};
@@ -50,6 +50,7 @@ pub struct ConnectorBuilder {
     pub(super) scopes: Vec<String>,
     pub(super) params: Vec<(String, String)>,
     pub(super) pending: Option<Arc<dyn PendingStore>>,
+    pub(super) after_exchange: Option<Arc<dyn AfterExchange>>,
     pub(super) ttl: Duration,
     pub(super) http: Option<reqwest::Client>,
     pub(super) timeout: Option<Duration>,
@@ -104,6 +105,42 @@ impl ConnectorBuilder {
     /// callbacks may reach another instance).
     pub fn pending_store(mut self, store: impl PendingStore) -> Self {
         self.pending = Some(Arc::new(store));
+        self
+    }
+
+    /// A step run after every successful code exchange, turning the tokens it returned into
+    /// the tokens to store (default: none, the exchange's tokens are stored as they came).
+    ///
+    /// For Instagram Login, whose code exchange returns a short-lived token that cannot be
+    /// renewed, give it [`GraphTokenExchange::instagram`](crate::GraphTokenExchange::instagram):
+    /// the connector then stores the long-lived token that
+    /// [`InstagramProvider`](crate::InstagramProvider) renews.
+    ///
+    /// ```
+    /// use tokenkeeper::{ClientAuth, ClientSecret, Connector, GraphTokenExchange,
+    ///     InstagramProvider, TokenManager, INSTAGRAM_EXCHANGE_URL, INSTAGRAM_REFRESH_URL};
+    /// let manager = TokenManager::builder(InstagramProvider::builder(INSTAGRAM_REFRESH_URL).build()?)
+    ///     .build();
+    /// let connector = Connector::builder(
+    ///         &manager,
+    ///         "my-instagram-app-id",
+    ///         "https://www.instagram.com/oauth/authorize",
+    ///         "https://api.instagram.com/oauth/access_token",
+    ///         "https://app.example.com/oauth/callback",
+    ///     )
+    ///     .client_secret(ClientSecret::new("my-app-secret"))
+    ///     .client_auth(ClientAuth::RequestBody)
+    ///     .scopes(["instagram_business_basic"])
+    ///     .after_exchange(GraphTokenExchange::instagram(
+    ///         INSTAGRAM_EXCHANGE_URL,
+    ///         ClientSecret::new("my-app-secret"),
+    ///     )?)
+    ///     .build()?;
+    /// # let _ = connector;
+    /// # Ok::<(), tokenkeeper::Error>(())
+    /// ```
+    pub fn after_exchange(mut self, step: impl AfterExchange) -> Self {
+        self.after_exchange = Some(Arc::new(step));
         self
     }
 
@@ -175,6 +212,7 @@ impl ConnectorBuilder {
                 client,
                 redirect,
                 exchange: exchange.build()?,
+                after_exchange: self.after_exchange,
                 scopes: self.scopes,
                 params: self.params,
                 pending: self

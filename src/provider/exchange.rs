@@ -1,4 +1,5 @@
-//! Exchanging a short-lived Graph API user token for a long-lived one (`fb_exchange_token`).
+//! Exchanging a short-lived Graph API user token for a long-lived one (`fb_exchange_token`,
+//! `ig_exchange_token`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,16 +10,26 @@ use super::{GraphClassifier, HttpReply, DEFAULT_BODY_LIMIT};
 use crate::error::{ConfigProblem, Error, ProviderError};
 use crate::token::{AccessToken, ClientSecret, TokenSet};
 
-/// Turns the short-lived user token a Facebook login hands out (an hour or two) into a
-/// long-lived one (about 60 days), to [`insert`](crate::TokenManager::insert) as the grant:
-/// `GET {token_url}?grant_type=fb_exchange_token&client_id=…&client_secret=…&fb_exchange_token=…`
-/// answering `{"access_token","token_type","expires_in"}`.
+/// Turns the short-lived user token a login hands out (an hour or two) into a long-lived one
+/// (about 60 days), to [`insert`](crate::TokenManager::insert) as the grant. Two shapes:
 ///
-/// This is part of connecting a grant, not of keeping it: Graph has no refresh token for user
-/// tokens, and a long-lived token is not renewed by the refresh endpoint of
-/// [`InstagramProvider`](crate::InstagramProvider); when it nears its end, the user logs in
-/// again and the new short-lived token is exchanged again. Errors are read by a
+/// - **Facebook** ([`new`](Self::new)):
+///   `GET {token_url}?grant_type=fb_exchange_token&client_id=…&client_secret=…&fb_exchange_token=…`.
+///   Graph has no refresh token for user tokens, and this long-lived token is not renewed by
+///   the refresh endpoint of [`InstagramProvider`](crate::InstagramProvider): when it nears
+///   its end, the user logs in again and the new short-lived token is exchanged again.
+/// - **Instagram Login** ([`instagram`](Self::instagram)):
+///   `GET {exchange_url}?grant_type=ig_exchange_token&client_secret=…&access_token=…` (no
+///   client id). The long-lived token it returns is the one
+///   [`InstagramProvider`](crate::InstagramProvider) renews; the short-lived token from the
+///   code exchange (1 hour) cannot be renewed at all.
+///
+/// Both answer `{"access_token","token_type","expires_in"}`. Errors are read by a
 /// [`GraphClassifier`] (an expired short-lived token is code 190 subcode 463, a dead grant).
+///
+/// In a [`Connector`](crate::Connector), give it to
+/// [`ConnectorBuilder::after_exchange`](crate::ConnectorBuilder::after_exchange): the
+/// connector then stores the long-lived token, not the short-lived one.
 ///
 /// The client secret travels in the query string, as Graph requires: use HTTPS (the default
 /// client never follows redirects, which would re-send it).
@@ -30,21 +41,33 @@ use crate::token::{AccessToken, ClientSecret, TokenSet};
 ///     "my-app-id",
 ///     ClientSecret::new("my-app-secret"),
 /// )?;
-/// # let _ = exchange;
+/// let instagram = GraphTokenExchange::instagram(
+///     tokenkeeper::INSTAGRAM_EXCHANGE_URL,
+///     ClientSecret::new("my-app-secret"),
+/// )?;
+/// # let _ = (exchange, instagram);
 /// # Ok::<(), tokenkeeper::Error>(())
 /// ```
 pub struct GraphTokenExchange {
     http: reqwest::Client,
     url: reqwest::Url,
-    client_id: String,
+    grant_type: &'static str,
+    /// The parameter the short-lived token travels in.
+    token_param: &'static str,
+    /// Sent as `client_id` when set (Facebook); Instagram's exchange takes none.
+    client_id: Option<String>,
     client_secret: ClientSecret,
     classifier: GraphClassifier,
     timeout: Option<Duration>,
 }
 
+/// Instagram's endpoint exchanging a short-lived Instagram Login token for a long-lived one
+/// (see [`GraphTokenExchange::instagram`]).
+pub const INSTAGRAM_EXCHANGE_URL: &str = "https://graph.instagram.com/access_token";
+
 impl GraphTokenExchange {
-    /// An exchange at `token_url` for the app `client_id` (default HTTP client that never
-    /// follows redirects, 30 s timeout).
+    /// A Facebook exchange (`fb_exchange_token`) at `token_url` for the app `client_id`
+    /// (default HTTP client that never follows redirects, 30 s timeout).
     ///
     /// # Errors
     ///
@@ -54,13 +77,35 @@ impl GraphTokenExchange {
         client_id: impl Into<String>,
         client_secret: ClientSecret,
     ) -> Result<Self, Error> {
+        let mut exchange = Self::build(token_url.as_ref(), client_secret)?;
+        exchange.client_id = Some(client_id.into());
+        Ok(exchange)
+    }
+
+    /// An Instagram Login exchange (`ig_exchange_token`) at `exchange_url` (for Instagram,
+    /// [`INSTAGRAM_EXCHANGE_URL`]), with the same defaults as [`new`](Self::new).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misconfigured`] if the URL does not parse or the HTTP client cannot be built.
+    pub fn instagram(
+        exchange_url: impl AsRef<str>,
+        client_secret: ClientSecret,
+    ) -> Result<Self, Error> {
+        let mut exchange = Self::build(exchange_url.as_ref(), client_secret)?;
+        exchange.grant_type = "ig_exchange_token";
+        exchange.token_param = "access_token";
+        Ok(exchange)
+    }
+
+    fn build(token_url: &str, client_secret: ClientSecret) -> Result<Self, Error> {
         let misconfigured = |problem, source: crate::error::SharedError| Error::Misconfigured {
             key: None,
             problem,
             status: None,
             source: Some(source),
         };
-        let url = reqwest::Url::parse(token_url.as_ref())
+        let url = reqwest::Url::parse(token_url)
             .map_err(|e| misconfigured(ConfigProblem::Endpoint, Arc::new(e)))?;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -69,7 +114,9 @@ impl GraphTokenExchange {
         Ok(Self {
             http,
             url,
-            client_id: client_id.into(),
+            grant_type: "fb_exchange_token",
+            token_param: "fb_exchange_token",
+            client_id: None,
             client_secret,
             classifier: GraphClassifier::new(),
             timeout: Some(Duration::from_secs(30)),
@@ -102,11 +149,16 @@ impl GraphTokenExchange {
         now: SystemTime,
     ) -> Result<TokenSet, ProviderError> {
         let mut url = self.url.clone();
-        url.query_pairs_mut()
-            .append_pair("grant_type", "fb_exchange_token")
-            .append_pair("client_id", &self.client_id)
-            .append_pair("client_secret", self.client_secret.secret())
-            .append_pair("fb_exchange_token", short_lived.secret());
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("grant_type", self.grant_type);
+            if let Some(client_id) = &self.client_id {
+                query.append_pair("client_id", client_id);
+            }
+            query
+                .append_pair("client_secret", self.client_secret.secret())
+                .append_pair(self.token_param, short_lived.secret());
+        }
         let mut builder = self.http.get(url).header("accept", "application/json");
         if let Some(timeout) = self.timeout {
             builder = builder.timeout(timeout);
@@ -122,6 +174,7 @@ impl fmt::Debug for GraphTokenExchange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GraphTokenExchange")
             .field("url", &self.url.as_str())
+            .field("grant_type", &self.grant_type)
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
             .finish_non_exhaustive()
