@@ -163,26 +163,31 @@ impl FakeAuthServer {
     /// If the request fails or the answer is not a redirect (an [`std::io::Error`], so that
     /// `?` works in any test).
     pub async fn follow_authorization(&self, url: &str) -> std::io::Result<String> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(std::io::Error::other)?;
-        let reply = client
-            .get(url)
-            .send()
-            .await
-            .map_err(std::io::Error::other)?;
-        let status = reply.status();
-        reply
-            .headers()
-            .get("location")
-            .filter(|_| status.is_redirection())
-            .and_then(|location| location.to_str().ok())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                std::io::Error::other(format!("the authorization endpoint answered {status}"))
-            })
+        follow_authorization(url).await
     }
+}
+
+/// `GET url` without following the redirect; where it points (the callback URL).
+pub(super) async fn follow_authorization(url: &str) -> std::io::Result<String> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(std::io::Error::other)?;
+    let reply = client
+        .get(url)
+        .send()
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = reply.status();
+    reply
+        .headers()
+        .get("location")
+        .filter(|_| status.is_redirection())
+        .and_then(|location| location.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            std::io::Error::other(format!("the authorization endpoint answered {status}"))
+        })
 }
 
 /// The wiremock responder behind the authorization endpoint.

@@ -1,6 +1,8 @@
 //! A fake Graph-style provider: client-credentials tokens, long-lived tokens renewed by access
-//! token (Instagram-style), Graph error bodies and rate limits with usage headers.
+//! token (Instagram-style), Instagram Login, Graph error bodies and rate limits with usage
+//! headers.
 
+mod login;
 mod state;
 
 use std::fmt;
@@ -12,8 +14,10 @@ use wiremock::{Mock, MockServer};
 
 use crate::{AccessToken, Clock, TokenSet};
 
+use login::{AuthorizeEndpoint, CodeExchangeEndpoint};
 use state::{
-    ApiEndpoint, ClientCredentialsEndpoint, ExchangeEndpoint, RefreshEndpoint, SocialState,
+    ApiEndpoint, ClientCredentialsEndpoint, Exchange, ExchangeEndpoint, RefreshEndpoint,
+    SocialState,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -48,6 +52,21 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 ///   for the same user; a wrong client id or secret gets `400` code `101` (a guess for the
 ///   secret: Graph's own body for it is undocumented), a dead or expired token the code-190
 ///   errors above.
+/// - Instagram Login: [`authorize_url`](Self::authorize_url) (`GET /oauth/authorize`)
+///   consents at once as the [signed-in](Self::sign_in) user (a new user when nobody is) and
+///   redirects to `<redirect_uri>?code=…&state=…`; it requires `response_type=code` and an
+///   `S256` PKCE challenge (else `error=…`), and consenting authorizes the app again for a
+///   user who [removed it](Self::fail_user). The code is single-use, valid for an hour and
+///   bound to the redirect URI and the challenge; [`login_token_url`](Self::login_token_url)
+///   (`POST /oauth/access_token`, form body with `client_id`, `client_secret`,
+///   `grant_type=authorization_code`, `redirect_uri`, `code`, `code_verifier`) exchanges it for
+///   a **short-lived** token (1 hour, not renewable) as `200 {"access_token","user_id"}`, or
+///   refuses with `400 {"error_type":"OAuthException","code":400,"error_message":…}`
+///   (Instagram's shape; the messages are from client threads).
+///   [`ig_exchange_url`](Self::ig_exchange_url)
+///   (`GET /access_token?grant_type=ig_exchange_token&client_secret=…&access_token=…`) turns
+///   a short-lived token into a long-lived one, which the refresh endpoint renews; refusals
+///   are the Graph errors of the `fb_exchange_token` endpoint.
 /// - [`api_url`](Self::api_url): `/v19.0/me` and anything else under `/v19.0/`, any method,
 ///   with the token as `Authorization: Bearer …` or an `access_token` query parameter:
 ///   `200 {"id":…}` for a valid token, else `400` with the same Graph errors as above and
@@ -335,6 +354,32 @@ impl FakeSocialServer {
         Mock::given(method("GET"))
             .and(path(state::EXCHANGE_PATH))
             .respond_with(ExchangeEndpoint {
+                flavour: Exchange::Facebook,
+                clock: Arc::clone(&clock),
+                state: Arc::clone(&state),
+            })
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(login::IG_EXCHANGE_PATH))
+            .respond_with(ExchangeEndpoint {
+                flavour: Exchange::Instagram,
+                clock: Arc::clone(&clock),
+                state: Arc::clone(&state),
+            })
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(login::AUTHORIZE_PATH))
+            .respond_with(AuthorizeEndpoint {
+                clock: Arc::clone(&clock),
+                state: Arc::clone(&state),
+            })
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(login::LOGIN_TOKEN_PATH))
+            .respond_with(CodeExchangeEndpoint {
                 clock: Arc::clone(&clock),
                 state: Arc::clone(&state),
             })
@@ -367,6 +412,23 @@ impl FakeSocialServer {
     /// The `fb_exchange_token` endpoint's full URL.
     pub fn exchange_url(&self) -> String {
         format!("{}{}", self.server.uri(), state::EXCHANGE_PATH)
+    }
+
+    /// Instagram Login's authorization endpoint's full URL (see the type's docs).
+    pub fn authorize_url(&self) -> String {
+        format!("{}{}", self.server.uri(), login::AUTHORIZE_PATH)
+    }
+
+    /// Instagram Login's code exchange endpoint's full URL (`POST`; client authentication in
+    /// the form body, so use [`ClientAuth::RequestBody`](crate::ClientAuth::RequestBody)).
+    pub fn login_token_url(&self) -> String {
+        format!("{}{}", self.server.uri(), login::LOGIN_TOKEN_PATH)
+    }
+
+    /// The `ig_exchange_token` endpoint's full URL (for
+    /// [`GraphTokenExchange::instagram`](crate::GraphTokenExchange::instagram)).
+    pub fn ig_exchange_url(&self) -> String {
+        format!("{}{}", self.server.uri(), login::IG_EXCHANGE_PATH)
     }
 
     /// A protected resource's full URL (`/v19.0/me`).
@@ -410,7 +472,10 @@ impl FakeSocialServer {
     }
 
     /// From now on, every token of `user` (and every token issued to them later) gets code
-    /// `190` with `failure`'s subcode, at the refresh endpoint and the API.
+    /// `190` with `failure`'s subcode, at the refresh endpoint and the API — until `user`
+    /// consents again at the [authorization endpoint](Self::authorize_url): tokens issued
+    /// after that work, the ones before stay dead. [`GraphFailure::AppRemoved`] is the owner
+    /// revoking the app.
     ///
     /// # Panics
     ///
@@ -457,6 +522,44 @@ impl FakeSocialServer {
     /// Every call to the client-credentials endpoint so far, oldest first.
     pub fn client_credentials_requests(&self) -> Vec<ClientCredentialsRequest> {
         self.state().client_credentials.clone()
+    }
+
+    /// The browser is signed in as `user`: the authorization endpoint consents as them (until
+    /// another `sign_in`).
+    ///
+    /// # Panics
+    ///
+    /// If `user` was not created by this server.
+    pub fn sign_in(&self, user: UserId) {
+        let mut state = self.state();
+        state.assert_known(user);
+        state.logins.signed_in = Some(user);
+    }
+
+    /// Plays the browser's part of an authorization: `GET url` (an authorization URL of this
+    /// server) without following the redirect, and returns where it points (the callback URL,
+    /// with `code` and `state`, or `error`).
+    ///
+    /// # Errors
+    ///
+    /// If the request fails or the answer is not a redirect.
+    pub async fn follow_authorization(&self, url: &str) -> std::io::Result<String> {
+        super::authorize::follow_authorization(url).await
+    }
+
+    /// Requests to the authorization endpoint so far, whatever their outcome.
+    pub fn authorizations(&self) -> usize {
+        self.state().logins.authorizations
+    }
+
+    /// Calls to the code exchange endpoint so far, whatever their outcome.
+    pub fn code_exchanges(&self) -> usize {
+        self.state().logins.code_exchanges
+    }
+
+    /// Calls to the `ig_exchange_token` endpoint so far, whatever their outcome.
+    pub fn ig_exchanges(&self) -> usize {
+        self.state().ig_exchanges
     }
 
     /// Calls to the `fb_exchange_token` endpoint so far.

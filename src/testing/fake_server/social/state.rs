@@ -9,6 +9,7 @@ use oauth2::url::form_urlencoded;
 use serde_json::json;
 use wiremock::{Request, Respond, ResponseTemplate};
 
+use super::login::Logins;
 use super::{
     ClientCredentialsRequest, GraphFailure, GraphRateLimit, LongLivedToken, SocialConfig,
     UsageHeader, UserId,
@@ -21,6 +22,8 @@ pub(super) const EXCHANGE_PATH: &str = "/oauth/access_token";
 
 /// The lifetime of short-lived user tokens.
 const SHORT_LIVED: Duration = Duration::from_secs(2 * 3600);
+/// The lifetime of the short-lived token an Instagram Login code exchange hands out.
+const LOGIN_SHORT_LIVED: Duration = Duration::from_secs(3600);
 pub(super) const API_PATH_PATTERN: &str = r"^/v19\.0/";
 
 /// The id the business use case header is reported under.
@@ -70,6 +73,8 @@ pub(super) struct SocialState {
     pub(super) client_credentials: Vec<ClientCredentialsRequest>,
     pub(super) api_calls: usize,
     pub(super) exchanges: usize,
+    pub(super) ig_exchanges: usize,
+    pub(super) logins: Logins,
 }
 
 impl SocialState {
@@ -88,12 +93,18 @@ impl SocialState {
             client_credentials: Vec::new(),
             api_calls: 0,
             exchanges: 0,
+            ig_exchanges: 0,
+            logins: Logins::new(),
         }
     }
 
     pub(super) fn new_user(&mut self) -> UserId {
         self.users.push(None);
         UserId(self.users.len() as u64)
+    }
+
+    pub(super) fn assert_known(&self, user: UserId) {
+        self.assert_user(user);
     }
 
     fn assert_user(&self, user: UserId) -> usize {
@@ -146,6 +157,26 @@ impl SocialState {
     ) -> (String, SystemTime) {
         self.assert_user(user);
         self.mint(Kind::ShortLived(user), SHORT_LIVED, now)
+    }
+
+    /// The short-lived (1-hour) token an Instagram Login code exchange hands `user`.
+    pub(super) fn issue_login_token(&mut self, user: UserId, now: SystemTime) -> String {
+        self.assert_user(user);
+        self.mint(Kind::ShortLived(user), LOGIN_SHORT_LIVED, now).0
+    }
+
+    /// `user` authorized the app again: their failure no longer applies to new tokens, and
+    /// every token issued before keeps it.
+    pub(super) fn reauthorize(&mut self, user: UserId) {
+        let index = self.assert_user(user);
+        let Some(failure) = self.users[index].take() else {
+            return;
+        };
+        for token in self.tokens.values_mut() {
+            if matches!(token.kind, Kind::ShortLived(u) | Kind::LongLived(u) if u == user) {
+                token.failure.get_or_insert(failure);
+            }
+        }
     }
 
     pub(super) fn fail_user(&mut self, user: UserId, failure: GraphFailure) {
@@ -295,18 +326,33 @@ impl SocialState {
         ))
     }
 
-    fn exchange(&mut self, params: &HashMap<String, String>, now: SystemTime) -> ResponseTemplate {
-        self.exchanges += 1;
-        if params.get("grant_type").map(String::as_str) != Some("fb_exchange_token") {
+    fn exchange(
+        &mut self,
+        flavour: Exchange,
+        params: &HashMap<String, String>,
+        now: SystemTime,
+    ) -> ResponseTemplate {
+        let (grant_type, token_param) = match flavour {
+            Exchange::Facebook => {
+                self.exchanges += 1;
+                ("fb_exchange_token", "fb_exchange_token")
+            }
+            Exchange::Instagram => {
+                self.ig_exchanges += 1;
+                ("ig_exchange_token", "access_token")
+            }
+        };
+        if params.get("grant_type").map(String::as_str) != Some(grant_type) {
             return graph_error(400, 100, None, "Unsupported grant_type.");
         }
-        let client_ok = params.get("client_id") == Some(&self.config.client_id)
+        let client_ok = (flavour == Exchange::Instagram
+            || params.get("client_id") == Some(&self.config.client_id))
             && params.get("client_secret") == Some(&self.config.client_secret);
         if !client_ok {
             return graph_error(400, 101, None, "Error validating application.");
         }
-        let Some(value) = params.get("fb_exchange_token") else {
-            return graph_error(400, 100, None, "Missing fb_exchange_token.");
+        let Some(value) = params.get(token_param) else {
+            return graph_error(400, 100, None, &format!("Missing {token_param}."));
         };
         let user = match self.check(value, now) {
             Ok(Token {
@@ -415,7 +461,12 @@ fn refused_reply(refused: Refused) -> ResponseTemplate {
 }
 
 /// A Graph error body: `{"error":{"message","type","code","error_subcode","fbtrace_id"}}`.
-fn graph_error(status: u16, code: u32, subcode: Option<u32>, message: &str) -> ResponseTemplate {
+pub(super) fn graph_error(
+    status: u16,
+    code: u32,
+    subcode: Option<u32>,
+    message: &str,
+) -> ResponseTemplate {
     let mut error = json!({
         "message": message,
         "type": "OAuthException",
@@ -428,15 +479,15 @@ fn graph_error(status: u16, code: u32, subcode: Option<u32>, message: &str) -> R
     json_reply(status, json!({ "error": error }))
 }
 
-fn json_reply(status: u16, body: serde_json::Value) -> ResponseTemplate {
+pub(super) fn json_reply(status: u16, body: serde_json::Value) -> ResponseTemplate {
     ResponseTemplate::new(status).set_body_raw(body.to_string().into_bytes(), "application/json")
 }
 
-fn form(input: &[u8]) -> HashMap<String, String> {
+pub(super) fn form(input: &[u8]) -> HashMap<String, String> {
     form_urlencoded::parse(input).into_owned().collect()
 }
 
-fn query(request: &Request) -> HashMap<String, String> {
+pub(super) fn query(request: &Request) -> HashMap<String, String> {
     form(request.url.query().unwrap_or("").as_bytes())
 }
 
@@ -471,7 +522,17 @@ impl Respond for RefreshEndpoint {
     }
 }
 
+/// Which short-to-long-lived exchange an [`ExchangeEndpoint`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exchange {
+    /// `fb_exchange_token`, with the client id.
+    Facebook,
+    /// `ig_exchange_token`, the token as `access_token`, no client id.
+    Instagram,
+}
+
 pub(super) struct ExchangeEndpoint {
+    pub(super) flavour: Exchange,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) state: Arc<Mutex<SocialState>>,
 }
@@ -479,7 +540,7 @@ pub(super) struct ExchangeEndpoint {
 impl Respond for ExchangeEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let now = self.clock.now();
-        lock(&self.state).exchange(&query(request), now)
+        lock(&self.state).exchange(self.flavour, &query(request), now)
     }
 }
 
