@@ -51,13 +51,13 @@ use crate::token::{TokenKey, TokenSet};
 ///         Ok(tokens.with_scopes(vec!["read".to_owned()]))
 ///     }
 /// }
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tokens = TokenSet::new(AccessToken::new("t"));
 /// let kept = NarrowScopes
-///     .after_exchange(&TokenKey::from("k"), TokenSet::new(AccessToken::new("t")), SystemTime::now())
-///     .await
-///     .unwrap();
+///     .after_exchange(&TokenKey::from("k"), tokens, SystemTime::now())
+///     .await?;
 /// assert_eq!(kept.scopes(), Some(&["read".to_owned()][..]));
-/// # });
+/// # Ok(()) }
 /// ```
 #[async_trait]
 pub trait AfterExchange: Send + Sync + 'static {

@@ -88,7 +88,9 @@ pub enum ConnectError {
         problem: &'static str,
     },
     /// The token endpoint refused the authorization code (`invalid_grant`): it expired, was
-    /// already exchanged, or does not match the client, redirect URI or PKCE verifier.
+    /// already exchanged, or does not match the client, redirect URI or PKCE verifier. Also
+    /// an [after-exchange step](crate::ConnectorBuilder::after_exchange) that found the new
+    /// token dead.
     #[error("authorization code for `{key}` was rejected by the token endpoint")]
     CodeRejected {
         /// The grant the attempt was for.

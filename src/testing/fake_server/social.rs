@@ -415,6 +415,38 @@ impl FakeSocialServer {
     }
 
     /// Instagram Login's authorization endpoint's full URL (see the type's docs).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tokenkeeper::testing::{FakeSocialServer, ManualClock, SocialConfig};
+    /// use tokenkeeper::{ClientAuth, ClientSecret, Connector, GraphTokenExchange,
+    ///     InstagramProvider, StartOptions, TokenKey, TokenManager};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let clock = Arc::new(ManualClock::fixed());
+    /// let server = FakeSocialServer::start(SocialConfig::new(), clock.clone()).await;
+    /// let provider = InstagramProvider::builder(server.refresh_url()).clock(clock.clone()).build()?;
+    /// let manager = TokenManager::builder(provider).clock(clock.clone()).build();
+    /// let connector = Connector::builder(&manager, server.client_id(), server.authorize_url(),
+    ///         server.login_token_url(), "http://127.0.0.1:3000/callback")
+    ///     .client_secret(ClientSecret::new(server.client_secret()))
+    ///     .client_auth(ClientAuth::RequestBody)
+    ///     .after_exchange(GraphTokenExchange::instagram(
+    ///         server.ig_exchange_url(),
+    ///         ClientSecret::new(server.client_secret()),
+    ///     )?)
+    ///     .build()?;
+    ///
+    /// let owner = server.new_user();
+    /// server.sign_in(owner); // the browser consents as this user
+    /// let key = TokenKey::from("creator-1");
+    /// let authorization = connector.start(key.clone(), StartOptions::new()).await?;
+    /// let callback = server.follow_authorization(authorization.url()).await?;
+    /// connector.complete(callback.as_str()).await?;
+    /// assert_eq!((server.authorizations(), server.code_exchanges(), server.ig_exchanges()), (1, 1, 1));
+    /// assert!(server.is_access_token_valid(manager.access_token(&key).await?.secret()));
+    /// # Ok(()) }
+    /// ```
     pub fn authorize_url(&self) -> String {
         format!("{}{}", self.server.uri(), login::AUTHORIZE_PATH)
     }
