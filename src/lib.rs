@@ -57,7 +57,9 @@
 //!   ahead of expiry and keeps idle grants alive, so a quiet app does not lose its grants.
 //! - A [`Connector`] obtains grants through the authorization-code flow (PKCE, single-use
 //!   state, pending attempts in a [`PendingStore`] that other instances can share) and
-//!   re-obtains dead ones from a reconnect URL bound to the grant's key.
+//!   re-obtains dead ones from a reconnect URL bound to the grant's key; an [`AfterExchange`]
+//!   step turns what the code bought into the grant to keep (Instagram Login's 1-hour token
+//!   into the renewable 60-day one, with [`GraphTokenExchange::instagram`]).
 //! - [`AuthorizedClient`] (and `TokenMiddleware` for `reqwest-middleware`) sends API requests
 //!   with the bearer token, refreshing and retrying once when the API rejects it, and can fail
 //!   over across several grants for one resource.

@@ -47,6 +47,12 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// why). Once the token is a day old, the renewal request is sent and the provider's answer
 /// gives the reason.
 ///
+/// Only a long-lived token can be renewed. Instagram Login's code exchange hands out a
+/// short-lived one (1 hour): connect grants with a [`Connector`](crate::Connector) whose
+/// [after-exchange step](crate::ConnectorBuilder::after_exchange) is
+/// [`GraphTokenExchange::instagram`](crate::GraphTokenExchange::instagram), so that what is
+/// stored is the long-lived token.
+///
 /// The age check reads this provider's [`clock`](InstagramProviderBuilder::clock): give it the
 /// same clock as the manager (in tests, the same `ManualClock`).
 ///
