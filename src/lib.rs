@@ -71,6 +71,8 @@
 //! | get a valid bearer token before an API call | [`TokenManager::access_token`] |
 //! | read the whole grant (scopes, expiries) | [`TokenManager::token`] → [`TokenSet`] |
 //! | store the grant from my OAuth callback | [`TokenManager::insert`] with a [`TokenSet`] |
+//! | connect (and reconnect) grants through the authorization-code flow | [`Connector`] |
+//! | keep Instagram Login's long-lived token, not the 1-hour one the code buys | [`ConnectorBuilder::after_exchange`] with [`GraphTokenExchange::instagram`], renewed by [`InstagramProvider`] |
 //! | refresh at a standard RFC 6749 token endpoint | [`OAuth2Provider`] |
 //! | read a provider's non-standard error bodies | a [`Classifier`] on the [`OAuth2Provider`] |
 //! | refresh at a non-standard JSON endpoint | [`provider_fn`], or implement [`Provider`] |
