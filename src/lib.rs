@@ -194,8 +194,8 @@ pub use store::{
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::{
-    epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshToken, TokenKey, TokenResponse,
-    TokenSet,
+    epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshExpiry, RefreshToken, TokenKey,
+    TokenResponse, TokenSet,
 };
 
 #[cfg(feature = "test-util")]

@@ -78,6 +78,9 @@ pub struct TokenStatus {
     pub access_expires_at: Option<SystemTime>,
     /// When the refresh token expires, if known.
     pub refresh_expires_at: Option<SystemTime>,
+    /// Whether that expiry is fixed or moves with each refresh, if declared
+    /// ([`TokenSet::with_refresh_expiry`](crate::TokenSet::with_refresh_expiry)).
+    pub refresh_expiry: Option<crate::token::RefreshExpiry>,
     /// Whether the grant has a refresh token.
     pub has_refresh_token: bool,
     /// The last successful refresh.
@@ -136,6 +139,7 @@ impl TokenStatus {
             health,
             access_expires_at: tokens.expires_at(),
             refresh_expires_at: tokens.refresh_expires_at(),
+            refresh_expiry: tokens.refresh_expiry(),
             has_refresh_token: tokens.refresh_token().is_some(),
             last_refresh: record.last_refresh(),
             next_refresh,

@@ -162,6 +162,8 @@ pub struct TokenSet {
     )]
     refresh_expires_at: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_expiry: Option<RefreshExpiry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     scopes: Option<Vec<String>>,
     #[serde(
         default,
@@ -186,6 +188,7 @@ impl TokenSet {
             token_type: bearer(),
             expires_at: None,
             refresh_expires_at: None,
+            refresh_expiry: None,
             scopes: None,
             issued_at: None,
             extra: Map::new(),
@@ -224,8 +227,41 @@ impl TokenSet {
     }
 
     /// Sets the absolute expiry of the refresh token, where the provider makes it known.
+    ///
+    /// Whether a refresh moves it is unknown until [`with_refresh_expiry`](Self::with_refresh_expiry)
+    /// says so: a reply that rotates the refresh token without restating its expiry then drops
+    /// it (nothing is known of the new token).
     pub fn with_refresh_expires_at(mut self, at: SystemTime) -> Self {
         self.refresh_expires_at = Some(at);
+        self
+    }
+
+    /// Declares how the refresh token's expiry behaves across refreshes, kept with the grant.
+    ///
+    /// A refresh whose reply does not restate the refresh token's expiry then keeps a
+    /// [`Fixed`](RefreshExpiry::Fixed) end across rotations, and moves a
+    /// [`Sliding`](RefreshExpiry::Sliding) one to `idle` after the refresh. A reply that states
+    /// it always wins.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenkeeper::{AccessToken, RefreshExpiry, RefreshToken, TokenResponse, TokenSet};
+    ///
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    /// let end = now + Duration::from_secs(30 * 86_400);
+    /// let grant = TokenSet::new(AccessToken::new("at"))
+    ///     .with_refresh_token(RefreshToken::new("rt-1"))
+    ///     .with_refresh_expires_at(end)
+    ///     .with_refresh_expiry(RefreshExpiry::Fixed);
+    /// // A rotation that does not restate the end keeps it.
+    /// let rotated = grant.apply(
+    ///     TokenResponse::new(AccessToken::new("at-2")).with_refresh_token(RefreshToken::new("rt-2")),
+    ///     now,
+    /// );
+    /// assert_eq!(rotated.refresh_expires_at(), Some(end));
+    /// ```
+    pub fn with_refresh_expiry(mut self, kind: RefreshExpiry) -> Self {
+        self.refresh_expiry = Some(kind);
         self
     }
 
@@ -276,6 +312,11 @@ impl TokenSet {
     /// When the refresh token expires, if the provider said.
     pub fn refresh_expires_at(&self) -> Option<SystemTime> {
         self.refresh_expires_at
+    }
+
+    /// How the refresh token's expiry behaves across refreshes, if declared.
+    pub fn refresh_expiry(&self) -> Option<RefreshExpiry> {
+        self.refresh_expiry
     }
 
     /// The granted scopes, if the provider said.
@@ -339,13 +380,18 @@ impl TokenSet {
     /// Folds a provider's response into a new token set, computed at `now`.
     ///
     /// Relative lifetimes become absolute here (RFC 6749 §5.1). If the response carries no
-    /// refresh token, the current one is kept (RFC 6749 §6), with its known expiry.
+    /// refresh token, the current one is kept (RFC 6749 §6). The refresh token's expiry is the
+    /// response's if it states one; otherwise it follows the grant's declared
+    /// [`RefreshExpiry`]: a fixed end is kept, a sliding one moves to `idle` after `now`; with
+    /// none declared, a kept refresh token keeps its known expiry and a rotated one has none.
     pub fn apply(&self, response: TokenResponse, now: SystemTime) -> TokenSet {
         let rotated = response.refresh_token.is_some();
-        let refresh_expires_at = match (&response.refresh_expires, rotated) {
-            (Some(expiry), _) => Some(expiry.at(now)),
-            (None, true) => None,
-            (None, false) => self.refresh_expires_at,
+        let refresh_expires_at = match (&response.refresh_expires, self.refresh_expiry, rotated) {
+            (Some(expiry), _, _) => Some(expiry.at(now)),
+            (None, Some(RefreshExpiry::Fixed), _) => self.refresh_expires_at,
+            (None, Some(RefreshExpiry::Sliding { idle }), _) => now.checked_add(idle),
+            (None, None, true) => None,
+            (None, None, false) => self.refresh_expires_at,
         };
         TokenSet {
             access_token: response.access_token,
@@ -357,6 +403,7 @@ impl TokenSet {
                 .unwrap_or_else(|| self.token_type.clone()),
             expires_at: response.expires.map(|e| e.at(now)),
             refresh_expires_at,
+            refresh_expiry: self.refresh_expiry,
             scopes: response.scopes.or_else(|| self.scopes.clone()),
             issued_at: Some(now),
             extra: response.extra,
@@ -372,11 +419,44 @@ impl fmt::Debug for TokenSet {
             .field("token_type", &self.token_type)
             .field("expires_at", &self.expires_at)
             .field("refresh_expires_at", &self.refresh_expires_at)
+            .field("refresh_expiry", &self.refresh_expiry)
             .field("scopes", &self.scopes)
             .field("issued_at", &self.issued_at)
             // Extra fields may hold an `id_token` or other secrets: show names only.
             .field("extra", &self.extra.keys().collect::<Vec<_>>())
             .finish()
+    }
+}
+
+/// How a grant's refresh-token expiry behaves across refreshes (see
+/// [`TokenSet::with_refresh_expiry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RefreshExpiry {
+    /// A hard end no refresh moves: a dashboard-minted refresh token that only a human can
+    /// renew, or a grant-level deadline kept across rotations.
+    Fixed,
+    /// The end moves with each refresh to `idle` after it: a refresh token that expires after
+    /// a period of disuse (180 days unused, say).
+    Sliding {
+        /// How long the refresh token lives unused.
+        #[serde(rename = "idle_secs", with = "duration_secs")]
+        idle: Duration,
+    },
+}
+
+mod duration_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
     }
 }
 
@@ -760,6 +840,25 @@ pub(crate) mod epoch_ms_opt {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_declared_refresh_expiry_survives_serialization() {
+        let set =
+            TokenSet::new(AccessToken::new("at")).with_refresh_expiry(RefreshExpiry::Sliding {
+                idle: Duration::from_secs(180 * 86_400),
+            });
+        let json = serde_json::to_string(&set).unwrap();
+        assert!(
+            json.contains(r#""refresh_expiry":{"kind":"sliding","idle_secs":15552000}"#),
+            "{json}"
+        );
+        let back: TokenSet = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.refresh_expiry(), set.refresh_expiry());
+        // Records written before the field existed read as undeclared.
+        let old: TokenSet = serde_json::from_str(r#"{"access_token":"at"}"#).unwrap();
+        assert_eq!(old.refresh_expiry(), None);
+    }
+
     use super::*;
 
     #[test]

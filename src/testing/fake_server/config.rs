@@ -180,6 +180,7 @@ pub struct FakeConfig {
     pub(super) omit_unchanged_refresh_token: bool,
     pub(super) numeric_expiries: bool,
     pub(super) public_client: bool,
+    pub(super) refresh_expiry_at_issue_only: bool,
     pub(super) seed: u64,
 }
 
@@ -197,6 +198,7 @@ impl FakeConfig {
             omit_unchanged_refresh_token: false,
             numeric_expiries: false,
             public_client: false,
+            refresh_expiry_at_issue_only: false,
             seed: 0x746f_6b65_6e6b_6565,
         }
     }
@@ -282,6 +284,13 @@ impl FakeConfig {
     /// (`1718000000000`) instead of strings (`"1718000000000"`); the provider's specs disagree.
     pub fn with_numeric_expiries(mut self, numeric: bool) -> Self {
         self.numeric_expiries = numeric;
+        self
+    }
+
+    /// Xoxoday preset: states the refresh token's expiry only when the grant is issued, never
+    /// in a refresh reply (the grant keeps the same deadline; a client must remember it).
+    pub fn with_refresh_expiry_at_issue_only(mut self, yes: bool) -> Self {
+        self.refresh_expiry_at_issue_only = yes;
         self
     }
 

@@ -322,7 +322,9 @@ impl State {
             refresh_token: (!omit).then_some(issued.refresh_token),
             expires_in: issued.expires_in,
             access_expires_at: issued.access_expires_at,
-            refresh_expires_at: issued.refresh_expires_at,
+            refresh_expires_at: issued
+                .refresh_expires_at
+                .filter(|_| !self.config.refresh_expiry_at_issue_only),
             scope: self.config.scope.clone(),
             numeric_expiries: self.config.numeric_expiries,
         })
