@@ -182,9 +182,9 @@ async fn main() -> anyhow::Result<()> {
     println!("   the next refresh fails: {err}");
     let reason = loop {
         match events.try_recv() {
-            Ok(Event::ReauthorizationRequired { key: dead, reason }) if dead == key => {
-                break reason
-            }
+            Ok(Event::ReauthorizationRequired {
+                key: dead, reason, ..
+            }) if dead == key => break reason,
             Ok(_) => continue,
             Err(e) => bail!("no ReauthorizationRequired event ({e})"),
         }
@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
     println!("   browser ends on {landed}: {status} {page:?}");
     ensure!(status == 200 && page == "reconnected customer-42");
     let recovered = std::iter::from_fn(|| events.try_recv().ok())
-        .any(|e| matches!(e, Event::Recovered { key: k } if k == key));
+        .any(|e| matches!(e, Event::Recovered { key: k, .. } if k == key));
     ensure!(recovered, "no Recovered event");
     println!("   event: {key} recovered");
     let status = call_api(&manager, &server, &key).await?;

@@ -127,10 +127,10 @@ async fn mailer(
             _ = &mut stop => return Ok(()),
         };
         let dead = match item {
-            Some(EventItem::Event(Event::ReauthorizationRequired { key, reason })) => {
+            Some(EventItem::Event(Event::ReauthorizationRequired { key, reason, .. })) => {
                 vec![(key, reason)]
             }
-            Some(EventItem::Event(Event::Recovered { key })) => {
+            Some(EventItem::Event(Event::Recovered { key, .. })) => {
                 emailed.remove(&key);
                 println!("  mailer  {key} recovered");
                 let _ = tell.send(Mail::Recovered(key));

@@ -58,11 +58,13 @@ async fn main() -> anyhow::Result<()> {
                     _ => continue,
                 };
                 let message = match event {
-                    Event::ReauthorizationRequired { key, reason } => format!(
+                    Event::ReauthorizationRequired { key, reason, .. } => format!(
                         "to owner of {key}: your connection stopped working ({reason}); \
                          reconnect at https://app.example.com/connect?account={key}"
                     ),
-                    Event::Recovered { key } => format!("to owner of {key}: reconnected, thanks"),
+                    Event::Recovered { key, .. } => {
+                        format!("to owner of {key}: reconnected, thanks")
+                    }
                     _ => continue,
                 };
                 println!("  notify  {message}");

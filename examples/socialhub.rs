@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
         let notices = notices.clone();
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
-                if let Event::ReauthorizationRequired { key, reason } = event {
+                if let Event::ReauthorizationRequired { key, reason, .. } = event {
                     println!("  notice  {key}: reconnect needed ({reason})");
                     notices.lock().unwrap().push((key, reason));
                 }

@@ -297,7 +297,9 @@ async fn offline() -> anyhow::Result<()> {
         refresher.wait_idle().await;
         for event in std::iter::from_fn(|| events.try_recv().ok()) {
             match &event {
-                Event::RefreshTokenExpiring { key, expires_at } if *key == acme => {
+                Event::RefreshTokenExpiring {
+                    key, expires_at, ..
+                } if *key == acme => {
                     ensure!(
                         *expires_at == dies && !warned,
                         "one warning, for the known expiry"

@@ -490,6 +490,7 @@ impl AuthorizedClient {
                 Err(other) => return Err(other),
             };
             self.auth.manager.emit(Event::GrantSkipped {
+                at: self.auth.manager.clock().now(),
                 key: key.clone(),
                 error: error.clone(),
             });

@@ -276,7 +276,7 @@ impl Connector {
     /// # server.revoke(&issued.grant);
     /// let mut events = manager.subscribe();
     /// # let _ = manager.refresh_now(&key).await; // the grant turns out to be dead
-    /// if let Ok(Event::ReauthorizationRequired { key, reason }) = events.recv().await {
+    /// if let Ok(Event::ReauthorizationRequired { key, reason, .. }) = events.recv().await {
     ///     let link = connector.reconnect_url(&key).await?;
     ///     // Email the user a link to your app's `/reconnect` route, which redirects to
     ///     // `link.url()`; after consent the callback completes it as usual:

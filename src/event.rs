@@ -22,6 +22,8 @@ use crate::token::TokenKey;
 pub enum Event {
     /// The grant was refreshed and the result saved.
     Refreshed {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
         /// Whether the provider issued a new refresh token.
@@ -35,6 +37,8 @@ pub enum Event {
     },
     /// A refresh failed; the grant is alive and will be retried.
     RefreshFailed {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
         /// What went wrong.
@@ -50,6 +54,8 @@ pub enum Event {
     /// Email the user a link to a route of your app that calls it (attempts expire after
     /// minutes), and use the reason to say why.
     ReauthorizationRequired {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
         /// Why.
@@ -59,11 +65,15 @@ pub enum Event {
     /// [`TokenManager::insert`](crate::TokenManager::insert) or a completed
     /// [`Connector`](crate::Connector) attempt).
     Recovered {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
     },
     /// The refresh token cannot be renewed and expires soon; a human must act before then.
     RefreshTokenExpiring {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
         /// When the refresh token expires.
@@ -73,6 +83,8 @@ pub enum Event {
     /// soon; a human must reconnect it before then. Sent once per access token, `expiry_warning`
     /// ahead (see [`RefresherConfig`](crate::RefresherConfig)).
     AccessTokenExpiring {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
         /// When the access token expires.
@@ -81,6 +93,8 @@ pub enum Event {
     /// A grant of a failover group was skipped (see
     /// [`AuthorizedClient::send_any`](crate::AuthorizedClient::send_any)).
     GrantSkipped {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant skipped.
         key: TokenKey,
         /// Why.
@@ -89,6 +103,8 @@ pub enum Event {
     /// Saving a refreshed grant failed. The new tokens are kept in memory and the save is
     /// retried before any further refresh.
     PersistFailed {
+        /// When it happened, by the manager's [`Clock`](crate::Clock).
+        at: SystemTime,
         /// The grant.
         key: TokenKey,
         /// The store's error.
@@ -97,13 +113,28 @@ pub enum Event {
 }
 
 impl Event {
+    /// When it happened, by the manager's [`Clock`](crate::Clock): sort, log and measure delays
+    /// with it.
+    pub fn at(&self) -> SystemTime {
+        match self {
+            Event::Refreshed { at, .. }
+            | Event::RefreshFailed { at, .. }
+            | Event::ReauthorizationRequired { at, .. }
+            | Event::Recovered { at, .. }
+            | Event::RefreshTokenExpiring { at, .. }
+            | Event::AccessTokenExpiring { at, .. }
+            | Event::GrantSkipped { at, .. }
+            | Event::PersistFailed { at, .. } => *at,
+        }
+    }
+
     /// The grant the event is about.
     pub fn key(&self) -> &TokenKey {
         match self {
             Event::Refreshed { key, .. }
             | Event::RefreshFailed { key, .. }
             | Event::ReauthorizationRequired { key, .. }
-            | Event::Recovered { key }
+            | Event::Recovered { key, .. }
             | Event::RefreshTokenExpiring { key, .. }
             | Event::AccessTokenExpiring { key, .. }
             | Event::PersistFailed { key, .. }
@@ -150,7 +181,7 @@ pub enum EventItem {
 /// drop(manager); // here, so that the loop below ends
 /// while let Some(item) = events.next().await {
 ///     match item {
-///         EventItem::Event(Event::ReauthorizationRequired { key, reason }) => {
+///         EventItem::Event(Event::ReauthorizationRequired { key, reason, .. }) => {
 ///             // email the owner of `key` a reconnect link
 ///             let _ = (key, reason);
 ///         }
@@ -231,6 +262,7 @@ mod tests {
 
     fn recovered(key: &str) -> Event {
         Event::Recovered {
+            at: std::time::UNIX_EPOCH,
             key: TokenKey::from(key),
         }
     }

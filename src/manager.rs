@@ -285,7 +285,10 @@ impl TokenManager {
                 self.inner.observe_health(&key, &slot);
                 self.inner.notify_scheduler(&key);
                 if was_dead {
-                    self.inner.emit(Event::Recovered { key });
+                    self.inner.emit(Event::Recovered {
+                        key,
+                        at: self.inner.clock.now(),
+                    });
                 }
                 return Ok(());
             }

@@ -440,6 +440,7 @@ impl Scheduler {
                 tracing::warn!(key = %key, error = %e, "refresher could not load a grant");
                 let retry_at = later(now, self.config.retry_floor);
                 self.inner.emit(Event::RefreshFailed {
+                    at: self.inner.clock.now(),
                     key: key.clone(),
                     error: e.into(),
                     retry_at: Some(retry_at),
@@ -479,6 +480,7 @@ impl Scheduler {
                 if warn_at <= now {
                     self.warned.insert(key.clone(), dies);
                     self.inner.emit(Event::RefreshTokenExpiring {
+                        at: self.inner.clock.now(),
                         key: key.clone(),
                         expires_at: dies,
                     });
@@ -517,6 +519,7 @@ impl Scheduler {
                 if warn_at <= now {
                     self.warned.insert(key.clone(), expires);
                     self.inner.emit(Event::AccessTokenExpiring {
+                        at: self.inner.clock.now(),
                         key: key.clone(),
                         expires_at: expires,
                     });

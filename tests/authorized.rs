@@ -415,7 +415,7 @@ async fn failover_skips_a_revoked_grant_and_reports_it() {
     )));
     assert!(events.iter().any(|e| matches!(
         e,
-        Event::GrantSkipped { key, error } if *key == first && error.is_reauth_required()
+        Event::GrantSkipped { key, error, .. } if *key == first && error.is_reauth_required()
     )));
     // Next time the dead grant is skipped without touching the API or the provider.
     let (api_calls, refreshes) = (w.server.api_calls(), w.server.refresh_calls());

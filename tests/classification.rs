@@ -136,7 +136,7 @@ async fn invalid_grant_marks_the_grant_dead_once() {
     assert_eq!(dead_events.len(), 1, "{dead_events:?}");
     assert!(matches!(
         &dead_events[0],
-        Event::ReauthorizationRequired { key, reason: InvalidationReason::InvalidGrant }
+        Event::ReauthorizationRequired { key, reason: InvalidationReason::InvalidGrant, .. }
             if *key == h.key
     ));
 }

@@ -431,7 +431,7 @@ async fn reconnecting_a_dead_grant_recovers_it() {
     assert!(completed.recovered);
     assert!(drain(&mut events)
         .iter()
-        .any(|e| matches!(e, Event::Recovered { key: k } if *k == key)));
+        .any(|e| matches!(e, Event::Recovered { key: k, .. } if *k == key)));
 
     let token = f.manager.access_token(&key).await.unwrap();
     assert!(f.server.is_access_token_valid(token.secret()));

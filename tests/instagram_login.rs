@@ -166,7 +166,7 @@ async fn a_grant_whose_owner_removed_the_app_is_reconnected_and_the_old_token_st
     let done = connector.complete(callback.as_str()).await.unwrap();
     assert!(done.recovered);
     let recovered = std::iter::from_fn(|| events.try_recv().ok())
-        .any(|e| matches!(e, Event::Recovered { key: k } if k == key));
+        .any(|e| matches!(e, Event::Recovered { key: k, .. } if k == key));
     assert!(recovered, "no Recovered event");
     let new = s.manager.access_token(&key).await.unwrap();
     assert!(s.server.is_access_token_valid(new.secret()));

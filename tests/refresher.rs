@@ -131,7 +131,9 @@ async fn expiring_soon_fires_once_for_every_non_renewable_grant_ahead_of_time() 
         refresher.wait_idle().await;
         for event in drain(&mut events) {
             match event {
-                Event::RefreshTokenExpiring { key, expires_at } => {
+                Event::RefreshTokenExpiring {
+                    key, expires_at, ..
+                } => {
                     assert_eq!(expires_at, dies);
                     assert!(clock.now() <= dies - 7 * DAY + HOUR * 6, "warned late");
                     assert!(warned.insert(key), "warned twice");

@@ -570,7 +570,7 @@ async fn invalidation(preset: Preset, what: Invalidation) {
         .filter(|e| matches!(e, Event::ReauthorizationRequired { .. }))
         .collect();
     assert!(
-        matches!(died.as_slice(), [Event::ReauthorizationRequired { key, reason: r }] if *key == f.key && *r == reason),
+        matches!(died.as_slice(), [Event::ReauthorizationRequired { key, reason: r, .. }] if *key == f.key && *r == reason),
         "exactly one event: {died:?}"
     );
     assert_eq!(
@@ -599,7 +599,7 @@ async fn invalidation(preset: Preset, what: Invalidation) {
         .unwrap();
     assert!(drain(&mut events)
         .iter()
-        .any(|e| matches!(e, Event::Recovered { key } if *key == f.key)));
+        .any(|e| matches!(e, Event::Recovered { key, .. } if *key == f.key)));
     assert_eq!(
         f.manager.access_token(&f.key).await.unwrap().secret(),
         fresh.access_token

@@ -51,7 +51,9 @@ fn is_dead(events: &[Event], key: &TokenKey) -> Vec<InvalidationReason> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::ReauthorizationRequired { key: k, reason } if k == key => Some(reason.clone()),
+            Event::ReauthorizationRequired { key: k, reason, .. } if k == key => {
+                Some(reason.clone())
+            }
             _ => None,
         })
         .collect()

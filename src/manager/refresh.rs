@@ -307,6 +307,7 @@ impl Inner {
                     metrics::outcome(&span, "refreshed");
                     *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.emit(Event::Refreshed {
+                        at: self.clock.now(),
                         key: key.clone(),
                         rotated,
                         expires_at,
@@ -489,6 +490,7 @@ impl Inner {
                 Ok(Cas::Conflict) => continue,
                 Err(e) => {
                     self.emit(Event::PersistFailed {
+                        at: self.clock.now(),
                         key: key.clone(),
                         error: e.clone(),
                     });
@@ -585,6 +587,7 @@ impl Inner {
                 }
                 Err(e) => {
                     self.emit(Event::PersistFailed {
+                        at: self.clock.now(),
                         key: key.clone(),
                         error: e.clone(),
                     });
@@ -698,6 +701,7 @@ impl Inner {
                 Ok(Cas::Conflict) => None,
                 Err(e) => {
                     self.emit(Event::PersistFailed {
+                        at: self.clock.now(),
                         key: key.clone(),
                         error: e,
                     });
@@ -725,6 +729,7 @@ impl Inner {
             self.cache(slot, &record, version, Some(error.clone()), true)
         };
         self.emit(Event::RefreshFailed {
+            at: self.clock.now(),
             key: key.clone(),
             error: error.clone(),
             retry_at: Some(retry_at),
@@ -777,6 +782,7 @@ impl Inner {
                 Ok(saved) => saved,
                 Err(e) => {
                     self.emit(Event::PersistFailed {
+                        at: self.clock.now(),
                         key: key.clone(),
                         error: e,
                     });
@@ -796,6 +802,7 @@ impl Inner {
                 Cas::Saved(v) => {
                     self.cache(slot, &dead_record, v, None, true);
                     self.emit(Event::ReauthorizationRequired {
+                        at: self.clock.now(),
                         key: key.clone(),
                         reason: reason.clone(),
                     });
@@ -841,6 +848,7 @@ impl Inner {
         self.cache(slot, &dead_record, version, None, true);
         self.set_pending(key, slot, dead_record, version, failed_refresh);
         self.emit(Event::ReauthorizationRequired {
+            at: self.clock.now(),
             key: key.clone(),
             reason: reason.clone(),
         });
