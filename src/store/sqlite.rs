@@ -138,9 +138,7 @@ impl Tables {
             ),
             delete: format!("DELETE FROM {grants} WHERE key = ?1"),
             keys: format!("SELECT key FROM {grants}"),
-            keys_after: format!(
-                "SELECT key FROM {grants} WHERE key > ?1 ORDER BY key LIMIT ?2"
-            ),
+            keys_after: format!("SELECT key FROM {grants} WHERE key > ?1 ORDER BY key LIMIT ?2"),
             keys_first: format!("SELECT key FROM {grants} ORDER BY key LIMIT ?1"),
             acquire: format!(
                 "INSERT INTO {leases} (key, owner, expires_at) VALUES (?1, ?2, ?3) \
@@ -420,9 +418,7 @@ impl TokenStore for SqliteStore {
         StoreError::check_key(key)?;
         let key = key.clone();
         self.with_conn(move |conn, tables| {
-            let removed = conn
-                .execute(&tables.delete, [key.as_str()])
-                .map_err(sql)?;
+            let removed = conn.execute(&tables.delete, [key.as_str()]).map_err(sql)?;
             Ok(removed > 0)
         })
         .await
@@ -584,5 +580,320 @@ impl Drop for SqliteLock {
         if !self.released {
             drop(self.release_in_background());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{AccessToken, TokenSet};
+
+    fn record(at: &str) -> GrantRecord {
+        GrantRecord::new(TokenSet::new(AccessToken::new(at)))
+    }
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(tmp.path().join("grants.db")).unwrap();
+        (tmp, store)
+    }
+
+    /// A second connection for looking (and writing) behind the store's back.
+    fn raw(store: &SqliteStore) -> Connection {
+        Connection::open(store.path()).unwrap()
+    }
+
+    fn saved(cas: Cas) -> Version {
+        match cas {
+            Cas::Saved(v) => v,
+            Cas::Conflict => panic!("the save conflicted"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keeps_the_store_contract() {
+        let (_tmp, store) = store();
+        crate::testing::assert_store_has_lock(&store).await;
+        assert!(store.keys().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn versions_are_never_reused_after_delete_even_across_reopen() {
+        let (_tmp, store) = store();
+        let key = TokenKey::from("k");
+        let mut seen = Vec::new();
+        for round in 0..3 {
+            seen.push(saved(store.save(&key, &record("a"), None).await.unwrap()));
+            assert!(store.delete(&key).await.unwrap());
+            if round == 1 {
+                // A restart: nothing is kept in memory.
+                let reopened = SqliteStore::open(store.path()).unwrap();
+                seen.push(saved(
+                    reopened.save(&key, &record("b"), None).await.unwrap(),
+                ));
+                assert!(reopened.delete(&key).await.unwrap());
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    /// Two handles on one file are two connections, as two processes would have.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_handles_racing_compare_and_swap_have_one_winner_per_version() {
+        let (_tmp, store) = store();
+        let second = SqliteStore::open(store.path()).unwrap();
+        crate::testing::assert_one_winner_per_version(Arc::new(store), Arc::new(second)).await;
+    }
+
+    #[tokio::test]
+    async fn a_save_against_a_stale_version_writes_nothing() {
+        let (_tmp, store) = store();
+        let other = SqliteStore::open(store.path()).unwrap();
+        let key = TokenKey::from("k");
+        let v1 = saved(store.save(&key, &record("a"), None).await.unwrap());
+        let v2 = saved(other.save(&key, &record("b"), Some(v1)).await.unwrap());
+        assert_eq!(
+            store.save(&key, &record("c"), Some(v1)).await.unwrap(),
+            Cas::Conflict
+        );
+        assert_eq!(
+            store.save(&key, &record("c"), None).await.unwrap(),
+            Cas::Conflict
+        );
+        let loaded = store.load(&key).await.unwrap().unwrap();
+        assert_eq!((loaded.version, loaded.value), (v2, record("b")));
+    }
+
+    /// Lease rows as the store wrote them: (owner, expires_at).
+    fn leases(store: &SqliteStore, key: &str) -> Vec<(String, i64)> {
+        let conn = raw(store);
+        let mut statement = conn
+            .prepare("SELECT owner, expires_at FROM tokenkeeper_leases WHERE key = ?1")
+            .unwrap();
+        statement
+            .query_map([key], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// What a crashed holder leaves once its ttl has passed, without waiting for it.
+    fn expire(store: &SqliteStore, key: &str) {
+        let changed = raw(store)
+            .execute(
+                "UPDATE tokenkeeper_leases SET expires_at = ?1 WHERE key = ?2",
+                params![now_ms() - 1, key],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_exclusive_expires_and_is_released_only_by_its_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("grants.db");
+        let open = || {
+            SqliteStore::builder(&path)
+                .lock_wait(Duration::from_secs(2))
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (open(), open());
+        let key = TokenKey::from("k");
+        let ttl = Duration::from_secs(60);
+
+        let first = a.lock(&key, ttl).await.unwrap().unwrap();
+        let mut held = leases(&a, "k");
+        assert_eq!(held.len(), 1, "one lease");
+        let (owner_a, expires) = held.remove(0);
+        let now = now_ms();
+        assert!(
+            (now + 59_000..=now + 60_000).contains(&expires),
+            "the lease ends ttl from now on the wall clock"
+        );
+        // Held by `a`: `b` waits, then times out.
+        let err = b.lock(&key, ttl).await.err().unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+
+        // `a` crashed (its ttl passed): `b` takes the lease over.
+        expire(&a, "k");
+        let second = b.lock(&key, ttl).await.unwrap().unwrap();
+        let held = leases(&b, "k");
+        assert_eq!(held.len(), 1, "one lease");
+        assert_ne!(held[0].0, owner_a);
+
+        // The late first holder's release does not free `b`'s lease.
+        first.release().await.unwrap();
+        assert_eq!(leases(&b, "k").len(), 1, "only the owner releases");
+        let err = a.lock(&key, ttl).await.err().unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::LockTimeout);
+
+        second.release().await.unwrap();
+        assert!(leases(&b, "k").is_empty());
+        a.lock(&key, ttl)
+            .await
+            .unwrap()
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_lock_is_released_in_the_background() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SqliteStore::builder(tmp.path().join("grants.db"))
+            .lock_wait(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let key = TokenKey::from("k");
+        drop(store.lock(&key, Duration::from_secs(60)).await.unwrap());
+        // The background release queued on the blocking pool runs before (or while) this
+        // lock waits.
+        let again = store.lock(&key, Duration::from_secs(60)).await.unwrap();
+        assert!(again.is_some());
+        assert_eq!(leases(&store, "k").len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_database_and_its_wal_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (tmp, store) = store();
+        store
+            .save(&TokenKey::from("k"), &record("a"), None)
+            .await
+            .unwrap();
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(tmp.path()).unwrap() {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{:?}", entry.path());
+            names.push(entry.file_name().into_string().unwrap());
+        }
+        names.sort();
+        assert_eq!(names, ["grants.db", "grants.db-shm", "grants.db-wal"]);
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_wal_and_writes_are_fully_synced() {
+        let (_tmp, store) = store();
+        let conn = raw(&store);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = store
+            .with_conn(|conn, _| {
+                conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
+                    .map_err(sql)
+            })
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_corrupt_errors() {
+        let (_tmp, store) = store();
+        let conn = raw(&store);
+        let insert = "INSERT INTO tokenkeeper_grants (key, version, record) VALUES (?1, ?2, ?3)";
+        conn.execute(insert, params!["json", 1, "{not json"])
+            .unwrap();
+        conn.execute(insert, params!["version", "x", "{}"]).unwrap();
+        conn.execute(insert, params!["negative", -3, "{}"]).unwrap();
+        conn.execute(insert, params!["record", 2, 42]).unwrap();
+        for key in ["json", "version", "negative", "record"] {
+            let err = store.load(&TokenKey::from(key)).await.err().unwrap();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{key}");
+        }
+        // A save against a corrupt version neither panics nor overwrites it.
+        let err = store
+            .save(&TokenKey::from("version"), &record("a"), None)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("grants.db");
+        std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+        let err = SqliteStore::open(&path).err().unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+    }
+
+    #[tokio::test]
+    async fn table_prefixes_separate_stores_in_one_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("grants.db");
+        let a = SqliteStore::builder(&path)
+            .table_prefix("app_a_")
+            .build()
+            .unwrap();
+        let b = SqliteStore::builder(&path)
+            .table_prefix("app_b_")
+            .build()
+            .unwrap();
+        assert_eq!(a.table_prefix(), "app_a_");
+        a.save(&TokenKey::from("k"), &record("a"), None)
+            .await
+            .unwrap();
+        assert_eq!(b.load(&TokenKey::from("k")).await.unwrap(), None);
+        assert!(b.keys().await.unwrap().is_empty());
+        let _lock = a
+            .lock(&TokenKey::from("k"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(b
+            .lock(&TokenKey::from("k"), Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_some());
+        for bad in ["", "x;", "1x_", "a b", "naïve_"] {
+            let err = SqliteStore::builder(&path).table_prefix(bad).build().err();
+            if bad.is_empty() {
+                assert!(err.is_none(), "an empty prefix is a plain name");
+            } else {
+                assert_eq!(err.unwrap().kind(), StoreErrorKind::InvalidKey, "{bad:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_are_paged_in_byte_order() {
+        let (_tmp, store) = store();
+        for key in ["b", "a", "é", "Z", "a0"] {
+            store
+                .save(&TokenKey::from(key), &record("x"), None)
+                .await
+                .unwrap();
+        }
+        let page = store.keys_after(None, 2).await.unwrap();
+        assert_eq!(page, [TokenKey::from("Z"), TokenKey::from("a")]);
+        let page = store
+            .keys_after(Some(&TokenKey::from("a")), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            page,
+            [
+                TokenKey::from("a0"),
+                TokenKey::from("b"),
+                TokenKey::from("é")
+            ]
+        );
+    }
+
+    #[test]
+    fn debug_shows_the_settings() {
+        let (_tmp, store) = store();
+        let debug = format!("{store:?}");
+        assert!(
+            debug.contains("grants.db") && debug.contains("tokenkeeper_"),
+            "{debug}"
+        );
     }
 }
