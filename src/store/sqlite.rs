@@ -304,12 +304,20 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// A SQLite failure: a file that is not a database (or is damaged) is corrupt, the rest is a
-/// backend failure.
+/// A SQLite failure: a file that is not a database (or is damaged), or a value of the wrong
+/// type where the store wrote its own, is corrupt; the rest is a backend failure.
 fn sql(e: rusqlite::Error) -> StoreError {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::corrupt(e),
-        _ => StoreError::new(e),
+    let corrupt = matches!(
+        e,
+        rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..)
+    ) || matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    );
+    if corrupt {
+        StoreError::corrupt(e)
+    } else {
+        StoreError::new(e)
     }
 }
 
@@ -807,6 +815,11 @@ mod tests {
             let err = store.load(&TokenKey::from(key)).await.err().unwrap();
             assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{key}");
         }
+        // A key that is not text is not listed as some other key.
+        conn.execute(insert, params![vec![0xffu8, 0], 3, "{}"])
+            .unwrap();
+        let err = store.keys().await.err().unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
         // A save against a corrupt version neither panics nor overwrites it.
         let err = store
             .save(&TokenKey::from("version"), &record("a"), None)
