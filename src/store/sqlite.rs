@@ -61,7 +61,10 @@ const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// lock ttl, so a peer outwaits a crashed holder), then fails with
 /// [`StoreErrorKind::LockTimeout`]. Only its owner releases it (the delete names the owner
 /// token); a holder that dies (even by `kill -9`) leaves it to expire after `ttl`
-/// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)).
+/// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)). A lock dropped
+/// without [`release`](RefreshLock::release) is released in the background; a `lock` call
+/// cancelled while its statement runs may leave a lease that nobody holds, which expires after
+/// `ttl` like a crashed holder's.
 ///
 /// Expiries are read on the machine's wall clock ([`SystemTime`]), the one clock every process
 /// of the machine shares. Stepping that clock moves every lease: forward by more than a lease's
