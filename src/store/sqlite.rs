@@ -832,6 +832,29 @@ mod tests {
         assert_eq!(err.kind(), StoreErrorKind::Corrupt);
     }
 
+    /// Another process holding a write transaction past the busy timeout makes a save fail
+    /// as a retryable backend error, not hang. (The 50 ms are SQLite's own wait.)
+    #[tokio::test]
+    async fn a_writer_holding_the_database_past_the_busy_timeout_is_a_backend_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SqliteStore::builder(tmp.path().join("grants.db"))
+            .busy_timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let key = TokenKey::from("k");
+        let v = saved(store.save(&key, &record("a"), None).await.unwrap());
+        let mut other = raw(&store);
+        let tx = other
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let err = store.save(&key, &record("b"), Some(v)).await.err().unwrap();
+        assert_eq!(err.kind(), StoreErrorKind::Backend);
+        // Readers are not blocked by the writer (WAL).
+        assert_eq!(store.load(&key).await.unwrap().unwrap().version, v);
+        drop(tx);
+        saved(store.save(&key, &record("b"), Some(v)).await.unwrap());
+    }
+
     #[tokio::test]
     async fn a_file_that_is_not_a_database_is_corrupt() {
         let tmp = tempfile::tempdir().unwrap();
