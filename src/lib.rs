@@ -46,7 +46,8 @@
 //!   or your own implementation.
 //! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
 //!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
-//!   `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
+//!   `SqliteStore` (feature `sqlite`) for processes sharing one database file on a machine,
+//!   and `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
 //!   (the memory store among the managers sharing it; the others across processes). A dead grant is stored as dead, so it stays dead
 //!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
@@ -76,7 +77,7 @@
 //! | refresh at a standard RFC 6749 token endpoint | [`OAuth2Provider`] |
 //! | read a provider's non-standard error bodies | a [`Classifier`] on the [`OAuth2Provider`] |
 //! | refresh at a non-standard JSON endpoint | [`provider_fn`], or implement [`Provider`] |
-//! | keep grants across restarts, or share them on one machine | [`FileStore`] |
+//! | keep grants across restarts, or share them on one machine | [`FileStore`], or `SqliteStore` (feature `sqlite`) for one database file |
 //! | share grants across machines | `RedisStore` (feature `redis`) |
 //! | keep grants in my own database | implement [`TokenStore`] |
 //! | keep idle grants alive | [`TokenManager::start_refresher`] with a [`RefresherConfig`] |
@@ -193,6 +194,9 @@ pub use store::{
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use store::{SqliteStore, SqliteStoreBuilder};
 pub use token::{
     epoch, AccessToken, ClientSecret, Expiry, ParseError, RefreshExpiry, RefreshToken, TokenKey,
     TokenResponse, TokenSet,
@@ -242,6 +246,8 @@ const _: () = {
         _assert_send_sync::<FileStore>();
         #[cfg(feature = "redis")]
         _assert_send_sync::<RedisStore>();
+        #[cfg(feature = "sqlite")]
+        _assert_send_sync::<SqliteStore>();
     }
 };
 

@@ -1,10 +1,12 @@
 //! The cross-process proof: several real OS processes share one store (a `FileStore`
-//! directory, and with the `redis` feature a `RedisStore`) and one fake authorization server
+//! directory; with the `sqlite` feature a `SqliteStore` database file; with the `redis`
+//! feature a `RedisStore`) and one fake authorization server
 //! with strict rotation and reuse detection. Each process runs many tasks calling
 //! `access_token` while simulated expiries pass. Each expiry must be refreshed exactly once,
 //! reuse detection must never fire, and every process must end with a valid token. Then one
 //! process is killed with SIGKILL in the middle of its refresh (holding the refresh lock) and
-//! the others must recover (the OS drops a dead process's `flock`; a Redis lock expires)
+//! the others must recover (the OS drops a dead process's `flock`; a SQLite lease and a Redis
+//! lock expire)
 //! without a reuse.
 //!
 //! Runs with `harness = false`: `main` re-executes this binary with `--worker …` for each
@@ -37,7 +39,8 @@ const CALLS: usize = 10;
 const EXPIRIES: u64 = 5;
 /// A step of simulated time: past the fake's 1 h access-token life and the 60 s margin.
 const STEP: Duration = Duration::from_secs(3600 + 120);
-/// The workers' refresh-lock ttl (real time): how long a Redis lock outlives a killed holder.
+/// The workers' refresh-lock ttl (real time): how long a SQLite lease or a Redis lock outlives
+/// a killed holder.
 const LOCK_TTL: Duration = Duration::from_secs(5);
 /// The peers' refresh timeout: a provider call may start only while the lease can still cover
 /// it (ttl − timeout = 4 s of real time after asking for the lock, on a loaded machine too).
@@ -75,6 +78,8 @@ fn main() -> ExitCode {
         .expect("runtime");
     let scenarios: Vec<(&str, StoreKind)> = vec![
         ("file store", StoreKind::File),
+        #[cfg(feature = "sqlite")]
+        ("sqlite store", StoreKind::Sqlite),
         #[cfg(feature = "redis")]
         ("redis store", StoreKind::Redis),
     ];
@@ -102,6 +107,8 @@ fn main() -> ExitCode {
 #[derive(Clone, Copy)]
 enum StoreKind {
     File,
+    #[cfg(feature = "sqlite")]
+    Sqlite,
     #[cfg(feature = "redis")]
     Redis,
 }
@@ -110,6 +117,8 @@ impl StoreKind {
     fn arg(self) -> &'static str {
         match self {
             StoreKind::File => "file",
+            #[cfg(feature = "sqlite")]
+            StoreKind::Sqlite => "sqlite",
             #[cfg(feature = "redis")]
             StoreKind::Redis => "redis",
         }
@@ -119,6 +128,8 @@ impl StoreKind {
 async fn open_store(kind: &str, location: &str) -> anyhow::Result<Arc<dyn TokenStore>> {
     match kind {
         "file" => Ok(Arc::new(FileStore::open(location)?)),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(tokenkeeper::SqliteStore::open(location)?)),
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(
             tokenkeeper::RedisStore::builder(location)
@@ -324,6 +335,12 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
             let dir = tmp.path().join("grants");
             FileStore::create(&dir)?;
             dir.to_str().context("utf-8 temp path")?.to_owned()
+        }
+        #[cfg(feature = "sqlite")]
+        StoreKind::Sqlite => {
+            let file = tmp.path().join("grants.db");
+            tokenkeeper::SqliteStore::open(&file)?;
+            file.to_str().context("utf-8 temp path")?.to_owned()
         }
         #[cfg(feature = "redis")]
         StoreKind::Redis => {
