@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokenkeeper::testing::{assert_store_contract, assert_store_has_lock, ManualClock};
 use tokenkeeper::{
-    provider_fn, AccessToken, Cas, Clock, EncryptedStore, Expiry, FileStore, GrantRecord, KeyId, Keyring,
-    MemoryStore, RefreshLock, RefreshToken, StoreError, StoreErrorKind, TokenKey, TokenManager,
-    TokenResponse, TokenSet, TokenStore, Version, Versioned,
+    provider_fn, AccessToken, Cas, Clock, EncryptedStore, Expiry, FileStore, GrantRecord, KeyId,
+    Keyring, MemoryStore, RefreshLock, RefreshToken, StoreError, StoreErrorKind, TokenKey,
+    TokenManager, TokenResponse, TokenSet, TokenStore, Version, Versioned,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -39,7 +39,11 @@ async fn raw(inner: &MemoryStore, key: &TokenKey) -> Versioned<GrantRecord> {
 
 async fn refresh_token(store: &impl TokenStore, key: &TokenKey) -> String {
     let loaded = store.load(key).await.expect("load").expect("stored");
-    let token = loaded.value.tokens().refresh_token().expect("refresh token");
+    let token = loaded
+        .value
+        .tokens()
+        .refresh_token()
+        .expect("refresh token");
     token.secret().to_owned()
 }
 
@@ -66,10 +70,16 @@ async fn the_lock_is_the_inner_stores() {
     let key = TokenKey::new("tenant");
     let held = store.lock(&key, HOUR).await.expect("lock").expect("a lock");
     let blocked = tokio::time::timeout(HOUR, inner.lock(&key, HOUR)).await;
-    assert!(blocked.is_err(), "the inner lock was free while held through the wrapper");
+    assert!(
+        blocked.is_err(),
+        "the inner lock was free while held through the wrapper"
+    );
     held.release().await.expect("release");
     let again = tokio::time::timeout(HOUR, inner.lock(&key, HOUR)).await;
-    assert!(matches!(again, Ok(Ok(Some(_)))), "the inner lock stayed taken");
+    assert!(
+        matches!(again, Ok(Ok(Some(_)))),
+        "the inner lock stayed taken"
+    );
 }
 
 /// A store without a refresh lock.
@@ -126,7 +136,11 @@ async fn a_file_at_rest_holds_no_token() {
     for entry in walk(dir.path()) {
         let bytes = std::fs::read(&entry).expect("read");
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains("SECRET"), "{} holds a token", entry.display());
+        assert!(
+            !text.contains("SECRET"),
+            "{} holds a token",
+            entry.display()
+        );
         files += 1;
     }
     assert!(files > 0, "the file store wrote no file");
@@ -269,7 +283,12 @@ async fn an_unencrypted_record_fails_typed_unless_migration_is_on() {
     let report = store.rekey().await.expect("rekey");
     assert_eq!(report.failed[0].1.kind(), StoreErrorKind::Unencrypted);
     assert_eq!(
-        raw(&inner, &key).await.value.tokens().access_token().secret(),
+        raw(&inner, &key)
+            .await
+            .value
+            .tokens()
+            .access_token()
+            .secret(),
         "plain-at"
     );
 
@@ -298,7 +317,10 @@ async fn old_keys_read_and_rekey_moves_every_record_to_the_current_key() {
             .expect("save");
     }
 
-    let rotated = encrypted(&inner, Keyring::new(KeyId::new(2), KEY_2).with_old(KeyId::new(1), KEY_1));
+    let rotated = encrypted(
+        &inner,
+        Keyring::new(KeyId::new(2), KEY_2).with_old(KeyId::new(1), KEY_1),
+    );
     assert_eq!(refresh_token(&rotated, &keys[0]).await, "rt0");
     // A write under the rotated keyring uses key 2 already.
     let v = raw(&inner, &keys[4]).await.version;
@@ -314,11 +336,18 @@ async fn old_keys_read_and_rekey_moves_every_record_to_the_current_key() {
     // Key 1 can go: everything opens with key 2 alone.
     let only_new = encrypted(&inner, Keyring::new(KeyId::new(2), KEY_2));
     for (i, key) in keys.iter().enumerate() {
-        let expected = if i == 4 { "rt4-new".to_owned() } else { format!("rt{i}") };
+        let expected = if i == 4 {
+            "rt4-new".to_owned()
+        } else {
+            format!("rt{i}")
+        };
         assert_eq!(refresh_token(&only_new, key).await, expected);
     }
     // And the old keyring alone no longer can.
-    assert_eq!(kind(old.load(&keys[0]).await), StoreErrorKind::KeyUnavailable);
+    assert_eq!(
+        kind(old.load(&keys[0]).await),
+        StoreErrorKind::KeyUnavailable
+    );
 
     let again = rotated.rekey().await.expect("rekey");
     assert_eq!((again.rewritten, again.current), (0, 5));
@@ -347,10 +376,7 @@ impl TokenStore for Racing {
     ) -> Result<Cas, StoreError> {
         if key == &self.racing && self.fired.fetch_add(1, Ordering::SeqCst) == 0 {
             let current = self.inner.load(key).await?.map(|v| v.version);
-            let cas = self
-                .writer
-                .save(key, &record_rotated(), current)
-                .await?;
+            let cas = self.writer.save(key, &record_rotated(), current).await?;
             assert!(matches!(cas, Cas::Saved(_)));
         }
         self.inner.save(key, record, expected).await
@@ -463,7 +489,10 @@ async fn a_manager_refreshes_and_rotates_through_an_encrypted_store() {
         )
         .await
         .expect("insert");
-    assert_eq!(manager.access_token(&key).await.expect("token").secret(), "at0");
+    assert_eq!(
+        manager.access_token(&key).await.expect("token").secret(),
+        "at0"
+    );
 
     for n in 1..=2 {
         clock.advance(2 * HOUR);
@@ -491,7 +520,11 @@ async fn a_manager_refreshes_and_rotates_through_an_encrypted_store() {
 fn debug_shows_key_ids_only() {
     let keyring = Keyring::new(KeyId::new(2), [0xAB; 32]).with_old(KeyId::new(1), [0xCD; 32]);
     let store = EncryptedStore::new(MemoryStore::new(), keyring.clone()).with_namespace("ns");
-    for text in [format!("{keyring:?}"), format!("{store:?}"), format!("{store:#?}")] {
+    for text in [
+        format!("{keyring:?}"),
+        format!("{store:?}"),
+        format!("{store:#?}"),
+    ] {
         for needle in ["171", "205", "ab", "AB", "cd", "CD", "0x"] {
             assert!(!text.contains(needle), "{needle} in {text}");
         }

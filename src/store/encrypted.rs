@@ -139,7 +139,9 @@ impl fmt::Debug for Keyring {
         struct Ids<'a>(&'a BTreeMap<KeyId, Zeroizing<[u8; 32]>>);
         impl fmt::Debug for Ids<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_list().entries(self.0.keys().map(|id| id.0)).finish()
+                f.debug_list()
+                    .entries(self.0.keys().map(|id| id.0))
+                    .finish()
             }
         }
         f.debug_struct("Keyring")
@@ -369,7 +371,9 @@ impl<S> EncryptedStore<S> {
                 header[0]
             )));
         }
-        let id = KeyId(u32::from_be_bytes([header[1], header[2], header[3], header[4]]));
+        let id = KeyId(u32::from_be_bytes([
+            header[1], header[2], header[3], header[4],
+        ]));
         let cipher = self.keyring.cipher(id).ok_or_else(|| {
             StoreError::with_kind(
                 StoreErrorKind::KeyUnavailable,
@@ -538,5 +542,141 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
         ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
         self.inner.lock(key, ttl).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use crate::token::RefreshToken;
+
+    fn store(keyring: Keyring) -> EncryptedStore<MemoryStore> {
+        EncryptedStore::new(MemoryStore::new(), keyring)
+    }
+
+    fn grant() -> GrantRecord {
+        GrantRecord::new(
+            TokenSet::new(AccessToken::new("at")).with_refresh_token(RefreshToken::new("rt")),
+        )
+    }
+
+    fn envelope_bytes(sealed: &GrantRecord) -> Vec<u8> {
+        let text = sealed.tokens.access_token().secret();
+        let body = text.strip_prefix(PREFIX).expect("prefix");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .expect("base64url")
+    }
+
+    fn with_envelope(bytes: &[u8]) -> GrantRecord {
+        let text = format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        );
+        GrantRecord::new(TokenSet::new(AccessToken::new(text)))
+    }
+
+    #[test]
+    fn the_envelope_is_version_key_id_nonce_and_sealed_json() {
+        let store = store(Keyring::new(KeyId::new(0x0102_0304), [1; 32]));
+        let key = TokenKey::new("k");
+        let sealed = store.seal(&key, &grant()).expect("seal");
+        let bytes = envelope_bytes(&sealed);
+        assert_eq!(bytes[..HEADER_LEN], [1, 1, 2, 3, 4]);
+        let json_len = grant().to_json().expect("json").len();
+        assert_eq!(bytes.len(), HEADER_LEN + NONCE_LEN + json_len + TAG_LEN);
+        let (opened, id) = store.open(&key, sealed).expect("open");
+        assert_eq!((opened, id), (grant(), Some(KeyId::new(0x0102_0304))));
+    }
+
+    #[test]
+    fn an_altered_envelope_is_undecryptable_and_a_malformed_one_corrupt() {
+        let store = store(Keyring::new(KeyId::new(1), [1; 32]));
+        let key = TokenKey::new("k");
+        let bytes = envelope_bytes(&store.seal(&key, &grant()).expect("seal"));
+        let open = |bytes: &[u8]| {
+            store
+                .open(&key, with_envelope(bytes))
+                .expect_err("opened")
+                .kind()
+        };
+
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().expect("tag") ^= 1;
+        assert_eq!(open(&flipped), StoreErrorKind::Undecryptable);
+        let mut nonce = bytes.clone();
+        nonce[HEADER_LEN] ^= 1;
+        assert_eq!(open(&nonce), StoreErrorKind::Undecryptable);
+        // The key id is authenticated: relabelled, it names a key that is not there...
+        let mut relabelled = bytes.clone();
+        relabelled[4] = 2;
+        assert_eq!(open(&relabelled), StoreErrorKind::KeyUnavailable);
+        // ...or, if that key is there, it still fails authentication.
+        let two = EncryptedStore::new(
+            MemoryStore::new(),
+            Keyring::new(KeyId::new(1), [1; 32]).with_old(KeyId::new(2), [1; 32]),
+        );
+        let err = two
+            .open(&key, with_envelope(&relabelled))
+            .expect_err("opened");
+        assert_eq!(err.kind(), StoreErrorKind::Undecryptable);
+
+        let mut future = bytes.clone();
+        future[0] = 2;
+        assert_eq!(open(&future), StoreErrorKind::Corrupt);
+        assert_eq!(
+            open(&bytes[..HEADER_LEN + NONCE_LEN + TAG_LEN - 1]),
+            StoreErrorKind::Corrupt
+        );
+        let not_base64 = GrantRecord::new(TokenSet::new(AccessToken::new("tkenc1:***")));
+        let err = store.open(&key, not_base64).expect_err("opened");
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn namespace_and_key_cannot_trade_bytes() {
+        let header = [FORMAT, 0, 0, 0, 1];
+        let a = store(Keyring::new(KeyId::new(1), [1; 32])).with_namespace("a");
+        let ab = store(Keyring::new(KeyId::new(1), [1; 32])).with_namespace("ab");
+        assert_ne!(
+            a.aad(&header, &TokenKey::new("bc")),
+            ab.aad(&header, &TokenKey::new("c"))
+        );
+        let sealed = a.seal(&TokenKey::new("bc"), &grant()).expect("seal");
+        let err = ab.open(&TokenKey::new("c"), sealed).expect_err("opened");
+        assert_eq!(err.kind(), StoreErrorKind::Undecryptable);
+    }
+
+    #[test]
+    fn errors_quote_no_secret_and_are_not_retryable() {
+        let key = TokenKey::new("k");
+        let sealed = store(Keyring::new(KeyId::new(1), [1; 32]))
+            .seal(&key, &grant())
+            .expect("seal");
+        for keyring in [
+            Keyring::new(KeyId::new(1), [2; 32]),
+            Keyring::new(KeyId::new(3), [1; 32]),
+        ] {
+            let err = store(keyring)
+                .open(&key, sealed.clone())
+                .expect_err("opened");
+            let text = format!("{err} {err:?}");
+            assert!(
+                !text.contains(sealed.tokens.access_token().secret()),
+                "{text}"
+            );
+            assert!(!crate::Error::Store(err).is_retryable());
+        }
+    }
+
+    #[test]
+    fn with_old_never_replaces_the_current_key() {
+        let key = TokenKey::new("k");
+        let sealed = store(Keyring::new(KeyId::new(1), [1; 32]))
+            .seal(&key, &grant())
+            .expect("seal");
+        let keyring = Keyring::new(KeyId::new(1), [1; 32]).with_old(KeyId::new(1), [9; 32]);
+        assert!(store(keyring).open(&key, sealed).is_ok());
     }
 }
