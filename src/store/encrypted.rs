@@ -130,7 +130,7 @@ impl Keyring {
         // The cipher holds a copy of the key and zeroizes it on drop.
         self.keys
             .get(&id)
-            .map(|key| XChaCha20Poly1305::new(key.as_slice().into()))
+            .map(|key| XChaCha20Poly1305::new((&**key).into()))
     }
 }
 
