@@ -11,7 +11,7 @@ use chacha20poly1305::aead::{Aead as _, KeyInit as _, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
-use crate::error::{StoreError, StoreErrorKind};
+use crate::error::{ConfigProblem, Error, StoreError, StoreErrorKind};
 use crate::store::{Cas, GrantRecord, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::{AccessToken, TokenKey, TokenSet};
 
@@ -116,6 +116,48 @@ impl Keyring {
         self
     }
 
+    /// A keyring whose current key is given as base64 text, as kept in a secret manager or an
+    /// environment variable (`openssl rand -base64 32` makes one): the standard or URL-safe
+    /// alphabet, with or without padding, surrounding whitespace ignored, 32 bytes decoded.
+    /// The decoded key never passes through memory that is not zeroized.
+    ///
+    /// ```
+    /// use tokenkeeper::{KeyId, Keyring};
+    ///
+    /// // Say, from `std::env::var("TOKEN_KEY")`.
+    /// let current = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    /// let keyring = Keyring::from_base64(KeyId::new(2), current)?
+    ///     .with_old_base64(KeyId::new(1), "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8")?;
+    /// assert!(keyring.contains(KeyId::new(1)));
+    /// assert!(Keyring::from_base64(KeyId::new(1), "c2hvcnQ=").is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misconfigured`](crate::Error::Misconfigured) with
+    /// [`ConfigProblem::Setting`](crate::ConfigProblem::Setting) when the text is not base64
+    /// or does not decode to 32 bytes. The error never quotes the text.
+    pub fn from_base64(current: KeyId, key: &str) -> Result<Self, Error> {
+        let mut keys = BTreeMap::new();
+        keys.insert(current, decode_key(current, key)?);
+        Ok(Self { current, keys })
+    }
+
+    /// [`with_old`](Self::with_old) with the key given as base64 text (as for
+    /// [`from_base64`](Self::from_base64)).
+    ///
+    /// # Errors
+    ///
+    /// As [`from_base64`](Self::from_base64).
+    pub fn with_old_base64(mut self, id: KeyId, key: &str) -> Result<Self, Error> {
+        let key = decode_key(id, key)?;
+        if id != self.current {
+            self.keys.insert(id, key);
+        }
+        Ok(self)
+    }
+
     /// The id of the key that encrypts every write.
     pub fn current(&self) -> KeyId {
         self.current
@@ -149,6 +191,40 @@ impl fmt::Debug for Keyring {
             .field("keys", &Ids(&self.keys))
             .finish()
     }
+}
+
+/// A 32-byte key from base64 text, standard or URL-safe, padded or not.
+fn decode_key(id: KeyId, text: &str) -> Result<Zeroizing<[u8; 32]>, Error> {
+    use base64::alphabet;
+    use base64::engine::general_purpose::GeneralPurpose;
+    use base64::engine::{DecodePaddingMode, GeneralPurposeConfig};
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, CONFIG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, CONFIG);
+
+    let bad = |reason: String| Error::Misconfigured {
+        key: None,
+        problem: ConfigProblem::Setting {
+            setting: format!("encryption key {id}"),
+            reason,
+        },
+        status: None,
+        source: None,
+    };
+    let text = text.trim();
+    let bytes = Zeroizing::new(
+        STANDARD
+            .decode(text)
+            .or_else(|_| URL_SAFE.decode(text))
+            .map_err(|_| bad("is not base64".to_owned()))?,
+    );
+    if bytes.len() != 32 {
+        return Err(bad(format!("decodes to {} bytes, not 32", bytes.len())));
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&bytes);
+    Ok(key)
 }
 
 /// A [`TokenStore`] that encrypts every grant before it reaches an inner store, and decrypts
@@ -667,6 +743,31 @@ mod tests {
                 "{text}"
             );
             assert!(!crate::Error::Store(err).is_retryable());
+        }
+    }
+
+    #[test]
+    fn base64_keys_decode_in_either_alphabet_and_errors_quote_nothing() {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let id = KeyId::new(7);
+        let padded = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        assert_eq!(*decode_key(id, padded).expect("padded"), key);
+        let unpadded = format!(" {}\n", padded.trim_end_matches('='));
+        assert_eq!(*decode_key(id, &unpadded).expect("unpadded"), key);
+        let url_safe = base64::engine::general_purpose::URL_SAFE.encode([0xfb; 32]);
+        assert!(url_safe.contains('-') || url_safe.contains('_'));
+        assert_eq!(*decode_key(id, &url_safe).expect("url-safe"), [0xfb; 32]);
+
+        // "secret-short": 12 bytes.
+        for (text, reason) in [
+            ("c2VjcmV0LXNob3J0", "decodes to 12 bytes, not 32"),
+            ("c2VjcmV0 not base64!", "is not base64"),
+        ] {
+            let err = decode_key(id, text).expect_err("decoded");
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("c2VjcmV0"), "{shown}");
+            assert!(shown.contains(reason), "{shown}");
+            assert!(shown.contains("encryption key 7"), "{shown}");
         }
     }
 
