@@ -270,6 +270,39 @@ async fn a_wrong_key_or_a_missing_key_id_fails_typed_and_writes_nothing() {
     assert_eq!(raw(&inner, &key).await, before, "the record was touched");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_manager_can_remove_a_record_it_cannot_open_and_insert_anew() {
+    let inner = Arc::new(MemoryStore::new());
+    let key = TokenKey::new("tenant");
+    encrypted(&inner, Keyring::new(KeyId::new(9), KEY_2))
+        .save(&key, &record("at", "rt"), None)
+        .await
+        .expect("save");
+    let provider = provider_fn(|_key, _tokens: TokenSet| async {
+        Ok(TokenResponse::new(AccessToken::new("unused")))
+    });
+    let manager = TokenManager::builder(provider)
+        .store(encrypted(&inner, keyring()))
+        .build();
+
+    let err = manager.access_token(&key).await.expect_err("opened");
+    assert!(!err.is_retryable() && !err.is_reauth_required(), "{err:?}");
+    let tokenkeeper::Error::Store(store_error) = err else {
+        panic!("not a store error: {err:?}");
+    };
+    assert_eq!(store_error.kind(), StoreErrorKind::KeyUnavailable);
+    let fresh =
+        TokenSet::new(AccessToken::new("at-new")).with_refresh_token(RefreshToken::new("rt-new"));
+    assert!(manager.insert(key.clone(), fresh.clone()).await.is_err());
+
+    assert!(manager.remove(&key).await.expect("remove"));
+    manager.insert(key.clone(), fresh).await.expect("insert");
+    assert_eq!(
+        manager.access_token(&key).await.expect("token").secret(),
+        "at-new"
+    );
+}
+
 #[tokio::test]
 async fn an_unencrypted_record_fails_typed_unless_migration_is_on() {
     let inner = Arc::new(MemoryStore::new());

@@ -272,6 +272,10 @@ fn decode_key(id: KeyId, text: &str) -> Result<Zeroizing<[u8; 32]>, Error> {
 /// [`StoreErrorKind::Corrupt`] when it is a malformed envelope. None of these is
 /// [retryable](crate::Error::is_retryable). The inner store's errors pass through as they are.
 ///
+/// Deleting never reads the record: [`TokenManager::remove`](crate::TokenManager::remove)
+/// gets rid of a record that cannot be opened, after which a new grant can be inserted
+/// (an insert over it fails, as it must read what it replaces).
+///
 /// # Concurrency
 ///
 /// Versions, compare-and-swap and the refresh lock are the inner store's, passed through
