@@ -119,7 +119,7 @@ impl Keyring {
     /// A keyring whose current key is given as base64 text, as kept in a secret manager or an
     /// environment variable (`openssl rand -base64 32` makes one): the standard or URL-safe
     /// alphabet, with or without padding, surrounding whitespace ignored, 32 bytes decoded.
-    /// The decoded key never passes through memory that is not zeroized.
+    /// The decoded bytes are zeroized once the key is in the keyring.
     ///
     /// ```
     /// use tokenkeeper::{KeyId, Keyring};
