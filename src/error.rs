@@ -338,6 +338,17 @@ pub enum StoreErrorKind {
     /// those), or otherwise unusable by this backend. The caller's input is at fault: the same
     /// key fails again, so this is not [retryable](Error::is_retryable).
     InvalidKey,
+    /// An encrypted record names a key id that the store's keyring does not hold (a key
+    /// retired too early, or a keyring missing an old key). The record is left as it is: add
+    /// the key to the keyring and it reads again.
+    KeyUnavailable,
+    /// An encrypted record failed authentication: the key under its key id is not the one it
+    /// was written with, or it was written for another grant or namespace (moved or copied),
+    /// or it was altered. It is never overwritten with guesses; a human decides.
+    Undecryptable,
+    /// An encrypting store found a record written without encryption, and was not told to
+    /// accept those (a migration option). The record is left as it is.
+    Unencrypted,
 }
 
 impl fmt::Display for StoreErrorKind {
@@ -349,6 +360,9 @@ impl fmt::Display for StoreErrorKind {
             Self::PermissionDenied => "permission denied by the store",
             Self::LockTimeout => "timed out waiting for the refresh lock",
             Self::InvalidKey => "the key cannot be used with this store",
+            Self::KeyUnavailable => "the record's encryption key is not in the keyring",
+            Self::Undecryptable => "the record cannot be decrypted with the keyring",
+            Self::Unencrypted => "the record is not encrypted",
         })
     }
 }

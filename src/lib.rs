@@ -80,6 +80,7 @@
 //! | keep grants across restarts, or share them on one machine | [`FileStore`], or `SqliteStore` (feature `sqlite`) for one database file |
 //! | share grants across machines | `RedisStore` (feature `redis`) |
 //! | keep grants in my own database | implement [`TokenStore`] |
+//! | encrypt grants at rest, with key rotation | `EncryptedStore` (feature `encryption`) around any store |
 //! | keep idle grants alive | [`TokenManager::start_refresher`] with a [`RefresherConfig`] |
 //! | send API requests that retry once on a rejected token | [`AuthorizedClient`], or `TokenMiddleware` (feature `middleware`) |
 //! | decide what to do about a failure | [`Error`]: [`is_reauth_required`](Error::is_reauth_required), [`is_retryable`](Error::is_retryable), [`retry_after`](Error::retry_after) |
@@ -112,6 +113,10 @@
 //! have no `Display`; errors, events and `tracing` fields never hold a token or a raw response
 //! body. Read a secret deliberately with `secret()`. The [`Connector`]'s authorization codes,
 //! PKCE verifiers and states are treated the same way.
+//!
+//! To keep tokens encrypted at rest (in files, a database, Redis), wrap the store in an
+//! `EncryptedStore` (feature `encryption`): XChaCha20-Poly1305 with key ids for rotation, each
+//! record bound to its grant's key, key material zeroized and never printed.
 //!
 //! # Features
 //!
@@ -191,6 +196,9 @@ pub use store::{
     Cas, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version,
     Versioned,
 };
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use store::{EncryptedStore, KeyId, Keyring, RekeyReport};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
@@ -248,6 +256,10 @@ const _: () = {
         _assert_send_sync::<RedisStore>();
         #[cfg(feature = "sqlite")]
         _assert_send_sync::<SqliteStore>();
+        #[cfg(feature = "encryption")]
+        _assert_send_sync::<EncryptedStore<MemoryStore>>();
+        #[cfg(feature = "encryption")]
+        _assert_send_sync::<Keyring>();
     }
 };
 

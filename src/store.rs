@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ConfigProblem, Error, InvalidationReason, StoreError, UnavailableCause};
 use crate::token::{epoch_ms_opt, TokenKey, TokenSet};
 
+#[cfg(feature = "encryption")]
+mod encrypted;
 mod file;
 mod memory;
 #[cfg(feature = "redis")]
@@ -16,6 +18,8 @@ mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "encryption")]
+pub use encrypted::{EncryptedStore, KeyId, Keyring, RekeyReport};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
