@@ -9,7 +9,7 @@
 //! 3. The low-traffic problem from the community thread: a site nobody visits for 200 days.
 //!    With check-before-call alone its refresh token lapses after 180 quiet days and the next
 //!    visitor gets `Error::ReauthorizationRequired`; with the background refresher keeping it
-//!    alive every 12 hours, the visitor on day 200 gets a valid token.
+//!    alive every 7 days (the default), the visitor on day 200 gets a valid token.
 //!
 //! It runs offline against `tokenkeeper::testing::FakeAuthServer`, which speaks Constant
 //! Contact's wire format on a loopback port, and exits non-zero if anything does not go as
@@ -133,9 +133,8 @@ async fn offline() -> anyhow::Result<()> {
     with_refresher
         .insert(site_b.clone(), from_callback(&grant_b))
         .await?;
-    log("site-b connected; its manager runs the refresher with a 12 h keep-alive");
-    let refresher = with_refresher
-        .start_refresher(RefresherConfig::new().keep_alive(Some(Duration::from_secs(12 * 3600))));
+    log("site-b connected; its manager runs the refresher with the default 7-day keep-alive");
+    let refresher = with_refresher.start_refresher(RefresherConfig::new());
     // Let simulated time pass in 6-hour steps; after each, wait until the refresher has done
     // whatever fell due. Nothing sleeps for real.
     let quiet_start = clock.now();
@@ -154,8 +153,8 @@ async fn offline() -> anyhow::Result<()> {
     ensure!(clock.now() == quiet_start + 200 * DAY);
     let keep_alives = server.refresh_calls_for(&grant_b.grant);
     ensure!(
-        keep_alives == 400,
-        "expected a keep-alive every 12 h, got {keep_alives}"
+        keep_alives == 200 / 7,
+        "expected a keep-alive every 7 days, got {keep_alives}"
     );
     ensure!(server.refresh_calls_for(&grant_a.grant) == 2);
     ensure!(server.grant_state(&grant_a.grant) == GrantState::RefreshTokenExpired);
@@ -185,9 +184,12 @@ async fn offline() -> anyhow::Result<()> {
     let before = server.refresh_calls_for(&grant_b.grant);
     let token = with_refresher.access_token(&site_b).await?;
     ensure!(server.is_access_token_valid(token.secret()));
-    ensure!(server.refresh_calls_for(&grant_b.grant) == before);
+    let at_visit = server.refresh_calls_for(&grant_b.grant) - before;
+    // The 24 h access token may have lapsed since the last weekly keep-alive: one refresh, no
+    // more, and the grant is alive either way.
+    ensure!(at_visit <= 1);
     log(&format!(
-        "site-b visitor: valid access token at once ({keep_alives} keep-alive refreshes, none needed now)"
+        "site-b visitor: valid access token ({keep_alives} keep-alive refreshes kept the grant alive; {at_visit} refresh at the visit)"
     ));
     refresher.shutdown().await;
     println!("\nok: everything went as described");

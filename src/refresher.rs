@@ -103,6 +103,12 @@ impl RefresherConfig {
     /// Refresh every grant that can be refreshed at least this often, used or not; `None`
     /// turns keep-alive off (default 7 days; at least 1 minute). Grants their provider cannot
     /// renew (no refresh token) are never touched by keep-alive.
+    ///
+    /// A grant that declares a sliding refresh-token expiry
+    /// ([`RefreshExpiry::Sliding`](crate::RefreshExpiry::Sliding)) is kept alive from its idle
+    /// lifetime instead: every quarter of it (at least an hour), which leaves three more
+    /// chances, backoffs included, before the token would die unused. A 180-day idle lifetime
+    /// then costs a refresh every 45 days instead of every 7; a 2-day one, every 12 hours.
     pub fn keep_alive(mut self, every: Option<Duration>) -> Self {
         self.keep_alive = every.map(|d| d.max(MINUTE));
         self
@@ -567,7 +573,7 @@ impl Scheduler {
                 earliest(ahead);
             }
         }
-        if let Some(every) = self.config.keep_alive {
+        if let Some(every) = keep_alive_for(tokens, self.config.keep_alive) {
             let since = record.last_refresh().or(tokens.issued_at()).unwrap_or(now);
             let due = later(since, every);
             refresh_at = Some(refresh_at.map_or(due, |r| r.min(due)));
@@ -672,4 +678,18 @@ enum Blocked {
     No,
     Until(SystemTime),
     Concurrency,
+}
+
+/// How often keep-alive refreshes a grant: from its declared idle lifetime if it has one (a
+/// quarter of it, at least an hour), else the configured interval (`None`: off).
+fn keep_alive_for(
+    tokens: &crate::token::TokenSet,
+    configured: Option<Duration>,
+) -> Option<Duration> {
+    match tokens.refresh_expiry() {
+        Some(crate::token::RefreshExpiry::Sliding { idle }) if configured.is_some() => {
+            Some((idle / 4).max(Duration::from_secs(3600)))
+        }
+        _ => configured,
+    }
 }

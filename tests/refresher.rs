@@ -600,3 +600,67 @@ async fn a_failing_store_becomes_events_and_the_scheduler_carries_on() {
     assert_eq!(provider.ok.load(Ordering::SeqCst), 2);
     refresher.shutdown().await;
 }
+
+/// Idle grants on a provider whose refresh tokens die after `idle` unused, for `days`: returns
+/// (dead grants, refresh calls per grant). Declared `Sliding { idle }`, keep-alive follows the
+/// idle lifetime; undeclared, it runs every 7 days (the default).
+async fn idle_grants(idle: Duration, declared: bool, days: u32) -> (usize, f64) {
+    use tokenkeeper::testing::RefreshLifetime;
+    use tokenkeeper::RefreshExpiry;
+    let clock = Arc::new(ManualClock::fixed());
+    let config =
+        FakeConfig::constant_contact().with_refresh_lifetime(RefreshLifetime::Sliding(idle));
+    let server = FakeAuthServer::start(config, clock.clone()).await;
+    let manager = TokenManager::builder(support::oauth2_provider(&server))
+        .clock(clock.clone())
+        .build();
+    let keys: Vec<TokenKey> = (0..20)
+        .map(|i| TokenKey::from(format!("idle-{i}")))
+        .collect();
+    for key in &keys {
+        let mut tokens = support::tokens(&server.issue_grant());
+        if declared {
+            tokens = tokens.with_refresh_expiry(RefreshExpiry::Sliding { idle });
+        }
+        manager.insert(key.clone(), tokens).await.unwrap();
+    }
+    let refresher = manager.start_refresher(RefresherConfig::new());
+    for _ in 0..days * 2 {
+        clock.advance(HOUR * 12);
+        refresher.wait_idle().await;
+    }
+    refresher.shutdown().await;
+    assert_eq!(server.reuse_detections(), 0);
+    let mut dead = 0;
+    for key in &keys {
+        if let Err(e) = manager.access_token(key).await {
+            assert!(e.is_reauth_required(), "{e}");
+            dead += 1;
+        }
+    }
+    (dead, server.refresh_calls() as f64 / keys.len() as f64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_follows_a_declared_idle_lifetime() {
+    // Refresh tokens that die after 2 idle days: the 7-day default loses every grant; declared,
+    // keep-alive runs every 12 hours and loses none.
+    let (dead, _) = idle_grants(2 * DAY, false, 30).await;
+    assert_eq!(dead, 20);
+    let (dead, per_grant) = idle_grants(2 * DAY, true, 30).await;
+    assert_eq!(dead, 0);
+    assert!(
+        (55.0..=62.0).contains(&per_grant),
+        "{per_grant} refreshes per grant in 30 days"
+    );
+    // 180 idle days: every 45 days instead of every 7, and still none lost over 400 days.
+    let (dead, per_grant) = idle_grants(180 * DAY, true, 400).await;
+    assert_eq!(dead, 0);
+    assert!(
+        per_grant <= 10.0,
+        "{per_grant} refreshes per grant in 400 days"
+    );
+    let (dead, per_grant_default) = idle_grants(180 * DAY, false, 400).await;
+    assert_eq!(dead, 0);
+    assert!(per_grant_default >= 50.0, "{per_grant_default}");
+}
