@@ -51,8 +51,12 @@ impl TokenStore for SimStore {
         }
         if w.chance(p) {
             w.log(format!("store m{}: load {key} FAILS", self.inst));
+            w.load_failed
+                .insert((self.inst, key.clone()), tokio::time::Instant::now());
             return Err(StoreError::new("sim: load failed"));
         }
+        w.load_ok
+            .insert((self.inst, key.clone()), tokio::time::Instant::now());
         Ok(w.records.get(key).cloned())
     }
 

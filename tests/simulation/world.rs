@@ -245,6 +245,11 @@ pub struct World {
     /// Who presented the spent token that killed an incarnation.
     pub killed_by: BTreeMap<(TokenKey, u32), usize>,
     pub holds: BTreeMap<(usize, TokenKey), Hold>,
+    /// When each grant was last authorized by a human (a new incarnation).
+    pub authorized_at: BTreeMap<TokenKey, Instant>,
+    /// Each instance's last failed and last successful store read of each grant.
+    pub load_failed: BTreeMap<(usize, TokenKey), Instant>,
+    pub load_ok: BTreeMap<(usize, TokenKey), Instant>,
     /// After a possibly lost reply (network error, timeout), one prompt retry with the same
     /// refresh token is allowed (providers with a reuse window answer it with the lost pair).
     pub retry_allowed: BTreeMap<(usize, TokenKey), ((u32, u32), Instant)>,
@@ -313,6 +318,9 @@ impl World {
             lost_marked: Default::default(),
             backoff_saved: BTreeMap::new(),
             holds: BTreeMap::new(),
+            authorized_at: BTreeMap::new(),
+            load_failed: BTreeMap::new(),
+            load_ok: BTreeMap::new(),
             retry_allowed: BTreeMap::new(),
             shared_holds: BTreeMap::new(),
             refused: BTreeMap::new(),
@@ -510,6 +518,7 @@ impl World {
         self.holds.retain(|(_, k), _| k != key);
         self.shared_holds.remove(key);
         self.delivered.insert((APP, key.clone(), inc), 0);
+        self.authorized_at.insert(key.clone(), Instant::now());
         self.log(format!("authorized {key} incarnation {inc}"));
         TokenSet::new(AccessToken::new(token_name("at", key, inc, 0)))
             .with_refresh_token(RefreshToken::new(token_name("rt", key, inc, 0)))
@@ -1143,8 +1152,21 @@ impl World {
                 match e {
                     tokenkeeper::Error::ReauthorizationRequired { .. } => {
                         let g = self.grants.get(key).cloned();
+                        // A death held in memory (the store would not take it) is answered while
+                        // the store cannot be read: an instance that has not read the store since
+                        // the new incarnation was authorized cannot know of it (issue 10, A4).
+                        let blind = self.authorized_at.get(key).is_some_and(|auth| {
+                            self.load_failed
+                                .get(&(inst, key.clone()))
+                                .is_some_and(|failed| failed >= auth)
+                                && self
+                                    .load_ok
+                                    .get(&(inst, key.clone()))
+                                    .is_none_or(|ok| ok < auth)
+                        });
                         if let Some(g) = g {
-                            if Some(g.inc) == inc_at_start && self.recoverable(key, true) {
+                            if Some(g.inc) == inc_at_start && self.recoverable(key, true) && !blind
+                            {
                                 found.push((
                                     Inv::FalseDeath,
                                     format!("m{inst} {op} {key}: caller told {e} but incarnation {} is alive at the provider and its token {}.{} is known", g.inc, g.inc, g.latest),
