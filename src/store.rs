@@ -541,6 +541,45 @@ pub(crate) fn lock_deadline(wait: Duration) -> tokio::time::Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
+/// The wait between attempts to take a lease lock held by someone else: jittered exponential
+/// pauses (5 ms up to 200 ms), ending in a typed [`StoreErrorKind::LockTimeout`] after `wait`.
+#[cfg(any(feature = "redis", feature = "sqlite"))]
+pub(crate) struct LockWait {
+    wait: Duration,
+    deadline: tokio::time::Instant,
+    pause: Duration,
+}
+
+#[cfg(any(feature = "redis", feature = "sqlite"))]
+impl LockWait {
+    pub(crate) fn new(wait: Duration) -> Self {
+        Self {
+            wait,
+            deadline: lock_deadline(wait),
+            pause: Duration::from_millis(5),
+        }
+    }
+
+    /// Sleeps before the next attempt, or fails once the wait is over; `holder` names who
+    /// may hold the lock (for the message).
+    pub(crate) async fn pause(&mut self, key: &TokenKey, holder: &str) -> Result<(), StoreError> {
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            return Err(StoreError::with_kind(
+                crate::error::StoreErrorKind::LockTimeout,
+                format!(
+                    "the refresh lock of `{key}` was held by another {holder} for more than {:?}",
+                    self.wait
+                ),
+            ));
+        }
+        let jitter = self.pause.mul_f64(fastrand::f64() * 0.5);
+        tokio::time::sleep((self.pause + jitter).min(self.deadline - now)).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(200));
+        Ok(())
+    }
+}
+
 /// A held cross-process refresh lock (see [`TokenStore::lock`]).
 #[async_trait]
 pub trait RefreshLock: Send + Sync {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use crate::error::{StoreError, StoreErrorKind};
+use crate::error::StoreError;
 use crate::store::{Cas, GrantRecord, GrantState, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
 
@@ -80,14 +80,14 @@ return 0
 ///
 /// Redis accepts keys of up to 512 MB, but this store, like every built-in store, refuses a
 /// [`TokenKey`] longer than [`TokenKey::MAX_LEN`] bytes with
-/// [`StoreErrorKind::InvalidKey`] before sending anything.
+/// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) before sending anything.
 ///
 /// # The refresh lock
 ///
 /// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
 /// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (75 s by default, longer
 /// than the manager's default 60 s lock ttl, so a peer outwaits a crashed holder), then
-/// [`StoreErrorKind::LockTimeout`]. Only its owner releases it (a compare-and-delete script);
+/// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout). Only its owner releases it (a compare-and-delete script);
 /// a holder that dies (even by `kill -9`) leaves it to expire after `ttl`
 /// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)).
 ///
@@ -194,7 +194,7 @@ impl RedisStoreBuilder {
     }
 
     /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
-    /// [`StoreErrorKind::LockTimeout`] (default 75 s).
+    /// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout) (default 75 s).
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
@@ -400,8 +400,7 @@ impl TokenStore for RedisStore {
             .unwrap_or(u64::MAX)
             .max(1);
         let mut conn = self.conn.clone();
-        let deadline = crate::store::lock_deadline(self.lock_wait);
-        let mut pause = Duration::from_millis(5);
+        let mut wait = crate::store::LockWait::new(self.lock_wait);
         loop {
             let set: Option<String> = redis::cmd("SET")
                 .arg(&lock_key)
@@ -420,19 +419,7 @@ impl TokenStore for RedisStore {
                     released: false,
                 })));
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(StoreError::with_kind(
-                    StoreErrorKind::LockTimeout,
-                    format!(
-                        "the refresh lock of `{key}` was held by another instance for more than {:?}",
-                        self.lock_wait
-                    ),
-                ));
-            }
-            let jitter = pause.mul_f64(fastrand::f64() * 0.5);
-            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            wait.pause(key, "instance").await?;
         }
     }
 }
@@ -539,6 +526,7 @@ mod tests {
 
     use super::*;
     use crate::error::InvalidationReason;
+    use crate::error::StoreErrorKind;
     use crate::token::{AccessToken, RefreshToken, TokenSet};
 
     use super::test_server::RedisServer;

@@ -491,8 +491,7 @@ impl TokenStore for SqliteStore {
         let ttl_ms = i64::try_from(ttl.min(MAX_TTL).as_millis())
             .unwrap_or(i64::MAX)
             .max(1);
-        let deadline = crate::store::lock_deadline(self.lock_wait);
-        let mut pause = Duration::from_millis(5);
+        let mut wait = crate::store::LockWait::new(self.lock_wait);
         loop {
             let (key_, owner_) = (key.clone(), owner.clone());
             let taken = self
@@ -516,19 +515,7 @@ impl TokenStore for SqliteStore {
                     released: false,
                 })));
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(StoreError::with_kind(
-                    StoreErrorKind::LockTimeout,
-                    format!(
-                        "the refresh lock of `{key}` was held by another process for more than {:?}",
-                        self.lock_wait
-                    ),
-                ));
-            }
-            let jitter = pause.mul_f64(fastrand::f64() * 0.5);
-            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            wait.pause(key, "process").await?;
         }
     }
 }
