@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_core::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -125,6 +125,20 @@ impl Event {
             | Event::AccessTokenExpiring { at, .. }
             | Event::GrantSkipped { at, .. }
             | Event::PersistFailed { at, .. } => *at,
+        }
+    }
+
+    /// For an expiry warning ([`RefreshTokenExpiring`](Self::RefreshTokenExpiring),
+    /// [`AccessTokenExpiring`](Self::AccessTokenExpiring)): the time left between the warning
+    /// and the expiry (zero if none). A warning is planned ahead of the configured lead, so
+    /// this is usually at least that; after a long outage it can be less, and says how much.
+    pub fn time_left(&self) -> Option<Duration> {
+        match self {
+            Event::RefreshTokenExpiring { at, expires_at, .. }
+            | Event::AccessTokenExpiring { at, expires_at, .. } => {
+                Some(expires_at.duration_since(*at).unwrap_or_default())
+            }
+            _ => None,
         }
     }
 

@@ -191,10 +191,10 @@ pub use provider::{
     DEFAULT_BODY_LIMIT, INSTAGRAM_EXCHANGE_URL, INSTAGRAM_REFRESH_URL,
 };
 pub use refresher::{Progress, RefresherConfig, RefresherHandle};
-pub use status::{GrantHealth, GrantPage, Page, TokenStatus};
+pub use status::{GrantHealth, GrantPage, NextRefresh, Page, TokenStatus};
 pub use store::{
-    Cas, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore, Version,
-    Versioned,
+    Cas, ExpiryWarning, FileStore, GrantRecord, GrantState, MemoryStore, RefreshLock, TokenStore,
+    Version, Versioned,
 };
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]

@@ -61,7 +61,7 @@ pub(crate) struct Inner {
     events: broadcast::Sender<Event>,
     scheduler: Mutex<Option<mpsc::UnboundedSender<Control>>>,
     /// The background refresher's next check per grant, when one runs.
-    planned: Mutex<Option<Arc<DashMap<TokenKey, SystemTime>>>>,
+    planned: Mutex<Option<Arc<DashMap<TokenKey, crate::refresher::Planned>>>>,
     /// Refreshes in flight plus records held unsaved; [`TokenManager::drain`] waits for zero.
     busy: watch::Sender<usize>,
     /// Whether the missing cross-process lock was already reported.
@@ -254,6 +254,11 @@ impl TokenManager {
         if tokens.issued_at().is_none() {
             tokens = tokens.with_issued_at(self.inner.clock.now());
         }
+        if tokens.refresh_expiry().is_none() {
+            if let Some(declared) = self.inner.provider.refresh_expiry() {
+                tokens = tokens.with_refresh_expiry(declared);
+            }
+        }
         let mut record = GrantRecord::new(tokens);
         record.origin = Some(record.tokens.origin());
         loop {
@@ -367,9 +372,11 @@ impl TokenManager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if let Some(at) = planned.and_then(|p| p.get(key).map(|at| *at)) {
+        if let Some(plan) = planned.and_then(|p| p.get(key).map(|plan| *plan)) {
             if !status.needs_reauthorization() {
-                status.next_refresh = Some(at);
+                status.next_refresh = Some(plan.at);
+                status.next_refresh_kind = Some(plan.kind);
+                status.next_expiry_warning = plan.warning;
             }
         }
         // A backoff this process keeps to itself (see `TokenManagerBuilder::refresh_timeout`
@@ -383,6 +390,7 @@ impl TokenManager {
                 {
                     status.health = GrantHealth::BackingOff { until: local.until };
                     status.next_refresh = Some(local.until);
+                    status.next_refresh_kind = Some(crate::status::NextRefresh::AfterBackoff);
                     status.last_error = Some(local.error.to_string());
                 }
             }
@@ -395,6 +403,8 @@ impl TokenManager {
                         since: *since,
                     };
                     status.next_refresh = None;
+                    status.next_refresh_kind = None;
+                    status.next_expiry_warning = None;
                 }
             }
             status.refreshing = slot
@@ -927,7 +937,7 @@ impl Inner {
     pub(crate) fn set_scheduler(
         &self,
         control: mpsc::UnboundedSender<Control>,
-        planned: Arc<DashMap<TokenKey, SystemTime>>,
+        planned: Arc<DashMap<TokenKey, crate::refresher::Planned>>,
     ) {
         *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
         *self.planned.lock().unwrap_or_else(|e| e.into_inner()) = Some(planned);

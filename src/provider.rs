@@ -113,6 +113,19 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// How this provider's refresh tokens expire, for grants whose tokens do not declare it
+    /// ([`TokenSet::with_refresh_expiry`]): a declaration made once for every grant of a
+    /// provider. [`RefreshExpiry::Sliding`](crate::RefreshExpiry::Sliding) sets the background
+    /// refresher's keep-alive from the idle lifetime, and moves the known expiry on each
+    /// refresh; [`RefreshExpiry::Fixed`](crate::RefreshExpiry::Fixed) keeps a known end across
+    /// rotations. The default, `None`: nothing declared.
+    ///
+    /// [`TokenManager::insert`](crate::TokenManager::insert) writes the declaration into the
+    /// tokens it stores, so that status listings show it.
+    fn refresh_expiry(&self) -> Option<crate::token::RefreshExpiry> {
+        None
+    }
+
     /// Revokes the grant at the provider (RFC 7009), as an app should when a user disconnects
     /// it; called by [`TokenManager::disconnect`](crate::TokenManager::disconnect) with the
     /// grant's current tokens.
@@ -174,6 +187,10 @@ impl<T: Provider + ?Sized> Provider for std::sync::Arc<T> {
 
     fn refresh_not_before(&self, tokens: &TokenSet) -> Option<SystemTime> {
         (**self).refresh_not_before(tokens)
+    }
+
+    fn refresh_expiry(&self) -> Option<crate::token::RefreshExpiry> {
+        (**self).refresh_expiry()
     }
 
     async fn revoke(&self, request: RefreshRequest<'_>) -> Result<(), ProviderError> {

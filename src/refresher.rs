@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 
 use crate::event::Event;
 use crate::manager::{later, Inner, Need};
-use crate::store::GrantRecord;
+use crate::status::NextRefresh;
+use crate::store::{Cas, ExpiryWarning, GrantRecord, Versioned};
 use crate::token::TokenKey;
 
 /// When and how fast the background refresher works.
@@ -22,7 +23,12 @@ use crate::token::TokenKey;
 /// - **Every** grant, used or idle, is refreshed at least every `keep_alive` (default 7 days),
 ///   so refresh tokens that die unused (180 days at some providers) never do.
 /// - When a refresh token's expiry is known (providers that say when it dies and never extend
-///   it), [`Event::RefreshTokenExpiring`] fires `expiry_warning` ahead (default 7 days).
+///   it), [`Event::RefreshTokenExpiring`] fires at least `expiry_warning` ahead (default 7
+///   days): it is planned `expiry_warning_margin` (default 1 day) earlier still, so a
+///   refresher that was down or busy for up to that long still warns in time. The warning is
+///   stored with the grant, so it goes out once per expiry across restarts and across every
+///   process sharing the store; when it can only arrive late, it goes out at once and says how
+///   much time is left ([`Event::time_left`]).
 /// - At most `max_concurrency` refreshes run at once and at most `max_per_minute` start in any
 ///   minute, for all grants together.
 #[derive(Debug, Clone)]
@@ -37,6 +43,7 @@ pub struct RefresherConfig {
     max_per_minute: usize,
     rescan_interval: Duration,
     expiry_warning: Duration,
+    expiry_warning_margin: Duration,
     min_sleep: Duration,
     retry_floor: Duration,
     shutdown_timeout: Duration,
@@ -54,6 +61,7 @@ impl Default for RefresherConfig {
             max_per_minute: 120,
             rescan_interval: Duration::from_secs(10 * 60),
             expiry_warning: Duration::from_secs(7 * 24 * 3600),
+            expiry_warning_margin: Duration::from_secs(24 * 3600),
             min_sleep: Duration::from_secs(1),
             retry_floor: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
@@ -109,6 +117,11 @@ impl RefresherConfig {
     /// lifetime instead: every quarter of it (at least an hour), which leaves three more
     /// chances, backoffs included, before the token would die unused. A 180-day idle lifetime
     /// then costs a refresh every 45 days instead of every 7; a 2-day one, every 12 hours.
+    /// A grant that declares a fixed expiry ([`RefreshExpiry::Fixed`](crate::RefreshExpiry::Fixed):
+    /// a hard end no refresh moves, and no idle lifetime) is not kept alive at all: it is
+    /// refreshed when used, and warned about ahead of its end. A declaration on the provider
+    /// ([`Provider::refresh_expiry`](crate::Provider::refresh_expiry)) counts for every grant
+    /// whose tokens do not declare their own.
     pub fn keep_alive(mut self, every: Option<Duration>) -> Self {
         self.keep_alive = every.map(|d| d.max(MINUTE));
         self
@@ -139,6 +152,15 @@ impl RefresherConfig {
     /// be renewed) to warn (default 7 days).
     pub fn expiry_warning(mut self, ahead: Duration) -> Self {
         self.expiry_warning = ahead.min(MAX_SETTING);
+        self
+    }
+
+    /// How much earlier than [`expiry_warning`](Self::expiry_warning) the warning is planned
+    /// (default 1 day; at most 30 days), so that a refresher stopped, restarted or busy for up
+    /// to this long around that moment still warns at least `expiry_warning` ahead. Zero plans
+    /// it exactly `expiry_warning` ahead.
+    pub fn expiry_warning_margin(mut self, margin: Duration) -> Self {
+        self.expiry_warning_margin = margin.min(MAX_SETTING);
         self
     }
 
@@ -270,6 +292,8 @@ pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHand
         semaphore: Arc::new(Semaphore::new(config.max_concurrency)),
         config,
         queue: BTreeSet::new(),
+        warn_queue: BTreeSet::new(),
+        warn_planned: HashMap::new(),
         planned: planned.clone(),
         warned: HashMap::new(),
         last_attempt: HashMap::new(),
@@ -297,9 +321,14 @@ struct Scheduler {
     config: RefresherConfig,
     /// Next check per grant, ordered by time.
     queue: BTreeSet<(SystemTime, TokenKey)>,
-    /// Shared with the manager, for `status().next_refresh`.
-    planned: Arc<DashMap<TokenKey, SystemTime>>,
-    /// The refresh-token expiry already warned about, per grant.
+    /// Next expiry warning per grant, ordered by time. Not held back by the rate or
+    /// concurrency caps, which apply to refreshes.
+    warn_queue: BTreeSet<(SystemTime, TokenKey)>,
+    warn_planned: HashMap<TokenKey, SystemTime>,
+    /// Shared with the manager, for `status().next_refresh` and `next_expiry_warning`.
+    planned: Arc<DashMap<TokenKey, Planned>>,
+    /// The expiry warned about by this process, per grant: the stored record says so too,
+    /// unless the store failed when the warning went out (it is then saved at a later check).
     warned: HashMap<TokenKey, SystemTime>,
     last_attempt: HashMap<TokenKey, SystemTime>,
     in_flight: HashSet<TokenKey>,
@@ -312,13 +341,52 @@ struct Scheduler {
 }
 
 /// What to do with a grant at a check.
+#[derive(Clone, Copy)]
 enum Plan {
     Refresh,
-    CheckAt(SystemTime),
+    CheckAt(SystemTime, NextRefresh),
     Forget,
 }
 
+/// What a check found about a grant's expiry warning.
+#[derive(Default)]
+struct WarnPlan {
+    /// A warning to send (or, already sent by this process, to record) now.
+    now: Option<Warning>,
+    /// When one will be due.
+    at: Option<SystemTime>,
+}
+
+#[derive(Clone, Copy)]
+struct Warning {
+    expires: SystemTime,
+    /// About the access token of a grant nothing can renew (else the refresh token).
+    access: bool,
+    /// Already sent by this process while the store could not record it: record it only.
+    record_only: bool,
+}
+
+/// How sending an expiry warning went.
+enum Claim {
+    /// Recorded with the grant (and sent, unless it had been already).
+    Recorded,
+    /// Sent (or had been), but the store failed: record it later.
+    Unrecorded,
+    /// The record changed meanwhile: nothing sent, look again.
+    Changed,
+}
+
+/// The scheduler's plan for one grant, as `TokenManager::status` shows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Planned {
+    pub(crate) at: SystemTime,
+    pub(crate) kind: NextRefresh,
+    pub(crate) warning: Option<SystemTime>,
+}
+
 const MINUTE: Duration = Duration::from_secs(60);
+/// Looks at a grant whose record keeps changing under a warning being recorded.
+const CAS_ATTEMPTS: usize = 4;
 
 impl Scheduler {
     async fn run(
@@ -358,6 +426,9 @@ impl Scheduler {
                     wake = wake.min(*t);
                 }
             }
+            if let Some((t, _)) = self.warn_queue.first() {
+                wake = wake.min(*t);
+            }
             let wake = wake.max(later(now, self.config.min_sleep));
             tokio::select! {
                 biased;
@@ -380,6 +451,7 @@ impl Scheduler {
         match message {
             Control::Changed(key) => {
                 self.unplan(&key);
+                self.unplan_warning(&key);
                 if !self.in_flight.contains(&key) {
                     self.check(key, now).await;
                 }
@@ -411,6 +483,20 @@ impl Scheduler {
 
     /// Starts the refreshes that are due, within the concurrency and rate caps.
     async fn start_due(&mut self, now: SystemTime) -> Blocked {
+        // Warnings first, whatever the caps: they cost the provider nothing.
+        while let Some((at, _)) = self.warn_queue.first() {
+            if *at > now {
+                break;
+            }
+            let Some((_, key)) = self.warn_queue.pop_first() else {
+                break;
+            };
+            self.warn_planned.remove(&key);
+            // A refresh in flight re-checks the grant (warning included) when it ends.
+            if !self.in_flight.contains(&key) {
+                self.check(key, now).await;
+            }
+        }
         while let Some((at, _)) = self.queue.first() {
             if *at > now {
                 break;
@@ -432,68 +518,146 @@ impl Scheduler {
 
     /// Decides what a grant needs now and does it: refresh, or plan the next check.
     async fn check(&mut self, key: TokenKey, now: SystemTime) {
-        let record = match self.inner.store.load(&key).await {
-            Ok(Some(loaded)) => {
-                // A store gone back in time must not leave this process on its newer cache.
-                self.inner.note_stored_version(&key, loaded.version);
-                loaded.value
+        // A warning is recorded with the grant by compare-and-swap: when the record changed
+        // meanwhile (a refresh, a peer's warning), look again.
+        for _ in 0..CAS_ATTEMPTS {
+            let loaded = match self.inner.store.load(&key).await {
+                Ok(Some(loaded)) => {
+                    // A store gone back in time must not leave this process on its newer cache.
+                    self.inner.note_stored_version(&key, loaded.version);
+                    loaded
+                }
+                Ok(None) => {
+                    self.forget(&key);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "refresher could not load a grant");
+                    let retry_at = later(now, self.config.retry_floor);
+                    self.inner.emit(Event::RefreshFailed {
+                        at: self.inner.clock.now(),
+                        key: key.clone(),
+                        error: e.into(),
+                        retry_at: Some(retry_at),
+                    });
+                    self.plan(key, retry_at, NextRefresh::Check);
+                    return;
+                }
+            };
+            let (plan, warning) = self.decide(&key, &loaded.value, now);
+            let mut warn_at = warning.at;
+            if let Some(due) = warning.now {
+                match self.warn(&key, &loaded, due).await {
+                    Claim::Changed => continue,
+                    Claim::Recorded => {}
+                    // Record it when the store takes writes again.
+                    Claim::Unrecorded => warn_at = Some(later(now, self.config.retry_floor)),
+                }
             }
-            Ok(None) => {
-                self.forget(&key);
-                return;
-            }
+            self.apply(key, loaded.value, plan, warn_at);
+            return;
+        }
+        let retry_at = later(now, self.config.retry_floor);
+        self.plan(key, retry_at, NextRefresh::Check);
+    }
+
+    /// Sends (or only records) an expiry warning.
+    async fn warn(
+        &mut self,
+        key: &TokenKey,
+        loaded: &Versioned<GrantRecord>,
+        due: Warning,
+    ) -> Claim {
+        let sent_at = self.inner.clock.now();
+        let mut record = loaded.value.clone();
+        record.warned = Some(ExpiryWarning::new(due.expires, sent_at));
+        let saved = match self
+            .inner
+            .store
+            .save(key, &record, Some(loaded.version))
+            .await
+        {
+            Ok(Cas::Saved(_)) => true,
+            Ok(Cas::Conflict) => return Claim::Changed,
             Err(e) => {
-                tracing::warn!(key = %key, error = %e, "refresher could not load a grant");
-                let retry_at = later(now, self.config.retry_floor);
-                self.inner.emit(Event::RefreshFailed {
-                    at: self.inner.clock.now(),
-                    key: key.clone(),
-                    error: e.into(),
-                    retry_at: Some(retry_at),
-                });
-                self.plan(key, retry_at);
-                return;
+                // Better twice (after a restart) than never: send it, and record it later.
+                tracing::warn!(key = %key, error = %e, "refresher could not record an expiry warning");
+                false
             }
         };
-        match self.decide(&key, &record, now) {
-            Plan::Forget => self.forget(&key),
-            Plan::CheckAt(at) => self.plan(key, at),
-            Plan::Refresh => {
-                if let Some(last) = self.last_attempt.get(&key) {
-                    let floor = later(*last, self.config.retry_floor);
-                    if floor > now {
-                        self.plan(key, floor);
-                        return;
-                    }
+        if !due.record_only {
+            self.warned.insert(key.clone(), due.expires);
+            let (at, key, expires_at) = (sent_at, key.clone(), due.expires);
+            self.inner.emit(if due.access {
+                Event::AccessTokenExpiring {
+                    at,
+                    key,
+                    expires_at,
                 }
-                self.spawn_refresh(key, record);
-            }
+            } else {
+                Event::RefreshTokenExpiring {
+                    at,
+                    key,
+                    expires_at,
+                }
+            });
+        }
+        if saved {
+            Claim::Recorded
+        } else {
+            Claim::Unrecorded
         }
     }
 
-    fn decide(&mut self, key: &TokenKey, record: &GrantRecord, now: SystemTime) -> Plan {
+    fn apply(
+        &mut self,
+        key: TokenKey,
+        record: GrantRecord,
+        plan: Plan,
+        warn_at: Option<SystemTime>,
+    ) {
+        match (plan, warn_at) {
+            (Plan::Forget, None) => return self.forget(&key),
+            // Nothing else to plan: look again when the warning is due.
+            (Plan::Forget, Some(at)) => self.plan(key.clone(), at, NextRefresh::Check),
+            (Plan::CheckAt(at, kind), _) => self.plan(key.clone(), at, kind),
+            (Plan::Refresh, _) => {}
+        }
+        self.plan_warning(&key, warn_at);
+        if let Plan::Refresh = plan {
+            let now = self.inner.clock.now();
+            if let Some(last) = self.last_attempt.get(&key) {
+                let floor = later(*last, self.config.retry_floor);
+                if floor > now {
+                    self.plan(key, floor, NextRefresh::AfterBackoff);
+                    return;
+                }
+            }
+            self.spawn_refresh(key, record);
+        }
+    }
+
+    fn decide(
+        &mut self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        now: SystemTime,
+    ) -> (Plan, WarnPlan) {
+        let mut warning = WarnPlan::default();
         if record.dead_reason().is_some() {
-            return Plan::Forget;
+            return (Plan::Forget, warning);
         }
         let tokens = record.tokens();
-        let mut next: Option<SystemTime> = None;
-        let mut earliest = |t: SystemTime| next = Some(next.map_or(t, |n| n.min(t)));
+        let mut next: Option<(SystemTime, NextRefresh)> = None;
+        let mut earliest = |t: SystemTime, kind: NextRefresh| {
+            if next.is_none_or(|(n, _)| t < n) {
+                next = Some((t, kind));
+            }
+        };
 
         // Warn once per known, approaching refresh-token expiry.
         if let Some(dies) = tokens.refresh_expires_at() {
-            let warn_at = dies.checked_sub(self.config.expiry_warning).unwrap_or(dies);
-            if self.warned.get(key) != Some(&dies) {
-                if warn_at <= now {
-                    self.warned.insert(key.clone(), dies);
-                    self.inner.emit(Event::RefreshTokenExpiring {
-                        at: self.inner.clock.now(),
-                        key: key.clone(),
-                        expires_at: dies,
-                    });
-                } else {
-                    earliest(warn_at);
-                }
-            }
+            warning = self.warning(key, record, dies, false, now);
         }
 
         // Nothing can renew this grant: warn ahead of its expiry, look again then (when it
@@ -510,44 +674,41 @@ impl Scheduler {
                 }
             });
             let Some(expires) = tokens.expires_at() else {
-                return renewable_at.map_or(Plan::Forget, Plan::CheckAt);
+                let plan =
+                    renewable_at.map_or(Plan::Forget, |at| Plan::CheckAt(at, NextRefresh::Check));
+                return (plan, warning);
             };
             if let Some(at) = renewable_at {
-                earliest(at);
+                earliest(at, NextRefresh::Check);
             }
             if expires <= now {
-                return Plan::Refresh;
+                return (Plan::Refresh, warning);
             }
-            let warn_at = expires
-                .checked_sub(self.config.expiry_warning)
-                .unwrap_or(expires);
-            if self.warned.get(key) != Some(&expires) {
-                if warn_at <= now {
-                    self.warned.insert(key.clone(), expires);
-                    self.inner.emit(Event::AccessTokenExpiring {
-                        at: self.inner.clock.now(),
-                        key: key.clone(),
-                        expires_at: expires,
-                    });
-                } else {
-                    earliest(warn_at);
-                }
+            let access = self.warning(key, record, expires, true, now);
+            if access.now.is_some() || warning.now.is_none() {
+                warning.now = access.now.or(warning.now);
             }
-            earliest(expires);
-            return Plan::CheckAt(next.unwrap_or(expires));
+            warning.at = match (warning.at, access.at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            earliest(expires, NextRefresh::Check);
+            let (at, kind) = next.unwrap_or((expires, NextRefresh::Check));
+            return (Plan::CheckAt(at, kind), warning);
         }
 
         // Past a known refresh-token expiry no refresh is expected to succeed: look again when
         // the access token runs out, which is when the grant dies.
         if tokens.is_refresh_token_expired(now) {
-            return match tokens.expires_at() {
-                Some(expires) if expires > now => Plan::CheckAt(expires),
+            let plan = match tokens.expires_at() {
+                Some(expires) if expires > now => Plan::CheckAt(expires, NextRefresh::Check),
                 _ => Plan::Refresh,
             };
+            return (plan, warning);
         }
 
         let used = self.inner.was_used(key);
-        let mut refresh_at: Option<SystemTime> = None;
+        let mut refresh_at: Option<(SystemTime, NextRefresh)> = None;
         if let Some(expires) = tokens.expires_at() {
             let lifetime = tokens
                 .issued_at()
@@ -567,31 +728,78 @@ impl Scheduler {
             };
             let ahead = expires.checked_sub(lead).unwrap_or(expires);
             if used || self.config.refresh_idle {
-                refresh_at = Some(ahead);
+                refresh_at = Some((ahead, NextRefresh::BeforeExpiry));
             } else if ahead > now {
                 // Idle now; look again then, in case it is used meanwhile.
-                earliest(ahead);
+                earliest(ahead, NextRefresh::Check);
             }
         }
-        if let Some(every) = keep_alive_for(tokens, self.config.keep_alive) {
+        let declared = tokens
+            .refresh_expiry()
+            .or_else(|| self.inner.provider.refresh_expiry());
+        if let Some(every) = keep_alive_for(declared, self.config.keep_alive) {
             let since = record.last_refresh().or(tokens.issued_at()).unwrap_or(now);
             let due = later(since, every);
-            refresh_at = Some(refresh_at.map_or(due, |r| r.min(due)));
+            if refresh_at.is_none_or(|(r, _)| due < r) {
+                refresh_at = Some((due, NextRefresh::KeepAlive));
+            }
         }
-        if let Some(mut at) = refresh_at {
+        if let Some((mut at, mut kind)) = refresh_at {
             if let Some(not_before) = record.retry_not_before() {
-                at = at.max(not_before);
+                if not_before > at {
+                    at = not_before;
+                    kind = NextRefresh::AfterBackoff;
+                }
             }
             if at <= now {
-                return Plan::Refresh;
+                return (Plan::Refresh, warning);
             }
-            earliest(at);
+            earliest(at, kind);
         }
-        match next {
-            Some(at) => Plan::CheckAt(at),
+        let plan = match next {
+            Some((at, kind)) => Plan::CheckAt(at, kind),
             // Nothing will ever be due (no expiry, no keep-alive): rescans will look again.
             None => Plan::Forget,
+        };
+        (plan, warning)
+    }
+
+    /// Whether a warning about `expires` is due now, or when it will be: planned
+    /// `expiry_warning + expiry_warning_margin` ahead, sent once per expiry (the stored record
+    /// says whether it went out, from this process or another), never after the expiry itself
+    /// (the grant's death is reported then).
+    fn warning(
+        &self,
+        key: &TokenKey,
+        record: &GrantRecord,
+        expires: SystemTime,
+        access: bool,
+        now: SystemTime,
+    ) -> WarnPlan {
+        let mut plan = WarnPlan::default();
+        if record.warned.is_some_and(|w| w.expires_at() == expires) || expires <= now {
+            return plan;
         }
+        let due = Warning {
+            expires,
+            access,
+            record_only: false,
+        };
+        if self.warned.get(key) == Some(&expires) {
+            plan.now = Some(Warning {
+                record_only: true,
+                ..due
+            });
+            return plan;
+        }
+        let ahead = self.config.expiry_warning + self.config.expiry_warning_margin;
+        let warn_at = expires.checked_sub(ahead).unwrap_or(SystemTime::UNIX_EPOCH);
+        if warn_at <= now {
+            plan.now = Some(due);
+        } else {
+            plan.at = Some(warn_at);
+        }
+        plan
     }
 
     /// When the per-minute cap is reached: the instant a start is allowed again.
@@ -618,11 +826,11 @@ impl Scheduler {
         let now = self.inner.clock.now();
         // Every start respects the per-minute cap, whichever path asked for it.
         if let Some(until) = self.rate_blocked() {
-            self.plan(key, until);
+            self.plan(key, until, NextRefresh::Queued);
             return;
         }
         let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
-            self.plan(key, now);
+            self.plan(key, now, NextRefresh::Queued);
             return;
         };
         self.starts.push_back(now);
@@ -645,20 +853,39 @@ impl Scheduler {
         });
     }
 
-    fn plan(&mut self, key: TokenKey, at: SystemTime) {
+    fn plan(&mut self, key: TokenKey, at: SystemTime, kind: NextRefresh) {
         self.unplan(&key);
         self.queue.insert((at, key.clone()));
-        self.planned.insert(key, at);
+        let warning = self.warn_planned.get(&key).copied();
+        self.planned.insert(key, Planned { at, kind, warning });
     }
 
     fn unplan(&mut self, key: &TokenKey) {
-        if let Some((_, at)) = self.planned.remove(key) {
-            self.queue.remove(&(at, key.clone()));
+        if let Some((_, planned)) = self.planned.remove(key) {
+            self.queue.remove(&(planned.at, key.clone()));
+        }
+    }
+
+    fn plan_warning(&mut self, key: &TokenKey, at: Option<SystemTime>) {
+        self.unplan_warning(key);
+        if let Some(at) = at {
+            self.warn_queue.insert((at, key.clone()));
+            self.warn_planned.insert(key.clone(), at);
+        }
+        if let Some(mut planned) = self.planned.get_mut(key) {
+            planned.warning = at;
+        }
+    }
+
+    fn unplan_warning(&mut self, key: &TokenKey) {
+        if let Some(at) = self.warn_planned.remove(key) {
+            self.warn_queue.remove(&(at, key.clone()));
         }
     }
 
     fn forget(&mut self, key: &TokenKey) {
         self.unplan(key);
+        self.unplan_warning(key);
         self.warned.remove(key);
         self.last_attempt.remove(key);
     }
@@ -681,15 +908,18 @@ enum Blocked {
 }
 
 /// How often keep-alive refreshes a grant: from its declared idle lifetime if it has one (a
-/// quarter of it, at least an hour), else the configured interval (`None`: off).
+/// quarter of it, at least an hour), never for a declared fixed end, else the configured
+/// interval (`None`: off).
 fn keep_alive_for(
-    tokens: &crate::token::TokenSet,
+    declared: Option<crate::token::RefreshExpiry>,
     configured: Option<Duration>,
 ) -> Option<Duration> {
-    match tokens.refresh_expiry() {
+    match declared {
         Some(crate::token::RefreshExpiry::Sliding { idle }) if configured.is_some() => {
             Some((idle / 4).max(Duration::from_secs(3600)))
         }
+        // A hard end no refresh moves, and no idle lifetime: nothing to keep alive.
+        Some(crate::token::RefreshExpiry::Fixed) => None,
         _ => configured,
     }
 }

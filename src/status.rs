@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::error::InvalidationReason;
-use crate::store::GrantRecord;
+use crate::store::{ExpiryWarning, GrantRecord};
 use crate::token::TokenKey;
 
 /// Which part of a grant listing to read, for
@@ -90,12 +90,42 @@ pub struct TokenStatus {
     /// expiry less the refresh margin, or the end of a backoff). `None` for a dead grant or one
     /// that never expires.
     pub next_refresh: Option<SystemTime>,
+    /// What happens at [`next_refresh`](Self::next_refresh): a refresh ahead of expiry, a
+    /// keep-alive, a retry after a backoff, or only a look at the grant.
+    pub next_refresh_kind: Option<NextRefresh>,
+    /// The expiry warning already sent for the grant's current expiry (its refresh token's, or
+    /// the access token's of a grant nothing can renew), from any process sharing the store.
+    pub expiry_warning_sent: Option<ExpiryWarning>,
+    /// With a background refresher running: when it plans to send the expiry warning, if one
+    /// is to come.
+    pub next_expiry_warning: Option<SystemTime>,
     /// Consecutive failed refreshes.
     pub failures: u32,
     /// The last refresh error, as text.
     pub last_error: Option<String>,
     /// A refresh of this grant is in flight in this process right now.
     pub refreshing: bool,
+}
+
+/// What the next planned look at a grant is for ([`TokenStatus::next_refresh_kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NextRefresh {
+    /// A refresh ahead of the access token's expiry (a grant in use; with
+    /// [`refresh_idle`](crate::RefresherConfig::refresh_idle), every grant). Without a
+    /// background refresher, the first call from then on refreshes.
+    BeforeExpiry,
+    /// A keep-alive refresh, so that a refresh token that dies unused does not
+    /// ([`keep_alive`](crate::RefresherConfig::keep_alive)).
+    KeepAlive,
+    /// A refresh once a backoff after failures ends.
+    AfterBackoff,
+    /// A refresh that is due, waiting for the refresher's per-minute cap or a free slot.
+    Queued,
+    /// A look at the grant, not necessarily a refresh: whether an idle grant was used
+    /// meanwhile, when a token too young to renew becomes renewable, when a grant nothing can
+    /// renew runs out, or a retry after the store failed.
+    Check,
 }
 
 /// The lifecycle state of a grant.
@@ -127,13 +157,22 @@ impl TokenStatus {
     ) -> Self {
         let health = GrantHealth::of(record, now);
         let tokens = record.tokens();
-        let next_refresh = match &health {
-            GrantHealth::ReauthorizationRequired { .. } => None,
-            GrantHealth::BackingOff { until } => Some(*until),
-            GrantHealth::Active => tokens
-                .expires_at()
-                .map(|at| at.checked_sub(tokens.scaled_margin(margin)).unwrap_or(at)),
+        let (next_refresh, next_refresh_kind) = match &health {
+            GrantHealth::ReauthorizationRequired { .. } => (None, None),
+            GrantHealth::BackingOff { until } => (Some(*until), Some(NextRefresh::AfterBackoff)),
+            GrantHealth::Active => match tokens.expires_at() {
+                Some(at) => (
+                    Some(at.checked_sub(tokens.scaled_margin(margin)).unwrap_or(at)),
+                    Some(NextRefresh::BeforeExpiry),
+                ),
+                None => (None, None),
+            },
         };
+        let current_expiries = [tokens.refresh_expires_at(), tokens.expires_at()];
+        let expiry_warning_sent = record
+            .expiry_warning()
+            .filter(|w| current_expiries.contains(&Some(w.expires_at())))
+            .copied();
         Self {
             key,
             health,
@@ -143,6 +182,9 @@ impl TokenStatus {
             has_refresh_token: tokens.refresh_token().is_some(),
             last_refresh: record.last_refresh(),
             next_refresh,
+            next_refresh_kind,
+            expiry_warning_sent,
+            next_expiry_warning: None,
             failures: record.failures(),
             last_error: record.last_error().map(str::to_owned),
             refreshing: false,

@@ -91,6 +91,54 @@ pub struct GrantRecord {
     /// insert of the same tokens is recognised as a retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) origin: Option<u64>,
+    /// The expiry warning already sent for this grant, kept with it so that a restart, or
+    /// another process's refresher, neither repeats nor misses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) warned: Option<ExpiryWarning>,
+}
+
+/// An expiry warning sent for a grant ([`Event::RefreshTokenExpiring`] or
+/// [`Event::AccessTokenExpiring`]), stored with the grant: which expiry it was about and when it
+/// went out. See [`GrantRecord::expiry_warning`].
+///
+/// [`Event::RefreshTokenExpiring`]: crate::Event::RefreshTokenExpiring
+/// [`Event::AccessTokenExpiring`]: crate::Event::AccessTokenExpiring
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ExpiryWarning {
+    /// The expiry the warning was about (a refresh token's, or the access token's of a grant
+    /// nothing can renew).
+    #[serde(with = "epoch_ms_opt")]
+    expires_at: Option<SystemTime>,
+    /// When it was sent, by the manager's [`Clock`](crate::Clock).
+    #[serde(with = "epoch_ms_opt")]
+    sent_at: Option<SystemTime>,
+}
+
+impl ExpiryWarning {
+    pub(crate) fn new(expires_at: SystemTime, sent_at: SystemTime) -> Self {
+        Self {
+            expires_at: Some(expires_at),
+            sent_at: Some(sent_at),
+        }
+    }
+
+    /// The expiry the warning was about.
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at.unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// When the warning was sent.
+    pub fn sent_at(&self) -> SystemTime {
+        self.sent_at.unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// How long before the expiry the warning went out (zero if after it).
+    pub fn lead(&self) -> Duration {
+        self.expires_at()
+            .duration_since(self.sent_at())
+            .unwrap_or_default()
+    }
 }
 
 /// The class of the last refresh failure, kept so that every manager sharing the store (and
@@ -185,6 +233,7 @@ impl GrantRecord {
             failed_at: None,
             reply_lost: false,
             origin: None,
+            warned: None,
         }
     }
 
@@ -211,6 +260,13 @@ impl GrantRecord {
     /// The last refresh error, as text (never holds a secret).
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
+    }
+
+    /// The expiry warning already sent for this grant, if any: a grant whose refresh token
+    /// cannot be renewed is warned about once per expiry, across restarts and processes. A
+    /// refresh that moves the expiry (a sliding one) makes this refer to an older expiry.
+    pub fn expiry_warning(&self) -> Option<&ExpiryWarning> {
+        self.warned.as_ref()
     }
 
     /// When the grant was last refreshed successfully.

@@ -435,7 +435,9 @@ impl fmt::Debug for TokenSet {
 #[non_exhaustive]
 pub enum RefreshExpiry {
     /// A hard end no refresh moves: a dashboard-minted refresh token that only a human can
-    /// renew, or a grant-level deadline kept across rotations.
+    /// renew, or a grant-level deadline kept across rotations. Such a grant has no idle
+    /// lifetime: the background refresher does not keep it alive (a refresh would not move
+    /// the end), and warns ahead of the end.
     Fixed,
     /// The end moves with each refresh to `idle` after it: a refresh token that expires after
     /// a period of disuse (180 days unused, say).

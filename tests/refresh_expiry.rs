@@ -97,3 +97,46 @@ async fn a_sliding_refresh_expiry_moves_with_each_refresh() {
     assert_eq!(status.refresh_expiry, Some(RefreshExpiry::Sliding { idle }));
     assert_eq!(status.refresh_expires_at, Some(clock.now() + idle));
 }
+
+/// A declaration made once on the provider counts for every grant whose tokens do not declare
+/// their own: stored with the grant at insert (so status shows it), it sets keep-alive from
+/// the idle lifetime (sliding) or turns it off (fixed: a refresh would not move the end).
+#[tokio::test]
+async fn a_declaration_on_the_provider_counts_for_every_grant() {
+    use tokenkeeper::{OAuth2Provider, RefresherConfig};
+
+    let mut plans = Vec::new();
+    for declared in [
+        None,
+        Some(RefreshExpiry::Sliding { idle: 180 * DAY }),
+        Some(RefreshExpiry::Fixed),
+    ] {
+        let clock = Arc::new(ManualClock::fixed());
+        let server = FakeAuthServer::start(FakeConfig::constant_contact(), clock.clone()).await;
+        let mut provider = OAuth2Provider::builder(server.client_id(), server.token_url())
+            .client_secret(tokenkeeper::ClientSecret::new(server.client_secret()));
+        if let Some(expiry) = declared {
+            provider = provider.refresh_expiry(expiry);
+        }
+        let manager = TokenManager::builder(provider.build().unwrap())
+            .clock(clock.clone())
+            .build();
+        manager
+            .insert(key(), tokens(&server.issue_grant()))
+            .await
+            .unwrap();
+        let status = manager.status(&key()).await.unwrap();
+        assert_eq!(status.refresh_expiry, declared);
+        // 60 days unused.
+        let refresher = manager.start_refresher(RefresherConfig::new());
+        let end = clock.now() + 60 * DAY;
+        while clock.now() < end {
+            clock.advance(DAY / 4);
+            refresher.wait_idle().await;
+        }
+        plans.push(server.refresh_calls());
+        refresher.shutdown().await;
+    }
+    // Every 7 days by default; every 45 (a quarter of 180); never for a fixed end.
+    assert_eq!(plans, [8, 1, 0]);
+}

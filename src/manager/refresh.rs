@@ -299,6 +299,8 @@ impl Inner {
                 let mut fresh = GrantRecord::new(tokens);
                 fresh.last_refresh = Some(now);
                 fresh.origin = record.origin;
+                fresh.warned = record.warned;
+
                 metrics::rotated(&span, rotated);
                 let outcome = self
                     .save_refreshed(key, slot, fresh, &record, version)
@@ -418,7 +420,12 @@ impl Inner {
                 .malformed_fields()
                 .iter()
                 .any(|f| is_access_expiry_field(f));
-        let tokens = current.apply(response, now);
+        let tokens = match (current.refresh_expiry(), self.provider.refresh_expiry()) {
+            // A grant stored before its provider declared how its refresh tokens expire.
+            (None, Some(declared)) => current.clone().with_refresh_expiry(declared),
+            _ => current.clone(),
+        }
+        .apply(response, now);
         if unreadable_expiry {
             tokens.with_expires_at(later(now, self.config.fallback_lifetime))
         } else {
@@ -464,6 +471,7 @@ impl Inner {
             }
             let mut record = p.record.clone();
             keep_backoff(&mut record, &current.value);
+            keep_warning(&mut record, &current.value);
             if current.value.reply_lost {
                 // A peer recorded meanwhile that a reply for this refresh token was lost: a
                 // refusal of it means the rotation was lost, whoever saw the refusal.
@@ -577,6 +585,7 @@ impl Inner {
                         {
                             expected = c.version;
                             keep_backoff(&mut fresh, &c.value);
+                            keep_warning(&mut fresh, &c.value);
                         }
                         // A new grant was inserted, or a peer refreshed too: the store wins.
                         Some(c) => {
@@ -932,6 +941,20 @@ fn keep_backoff(ours: &mut GrantRecord, theirs: &GrantRecord) {
         ours.failures = theirs.failures;
         ours.last_failure = theirs.last_failure.clone();
         ours.last_error = theirs.last_error.clone();
+    }
+}
+
+/// Writing `ours` over `theirs` must not erase an expiry warning a refresher recorded
+/// meanwhile: it would be sent again.
+fn keep_warning(ours: &mut GrantRecord, theirs: &GrantRecord) {
+    if theirs.warned.is_some() && ours.warned != theirs.warned {
+        let newer = match (&ours.warned, &theirs.warned) {
+            (Some(o), Some(t)) => t.sent_at() > o.sent_at(),
+            _ => true,
+        };
+        if newer {
+            ours.warned = theirs.warned;
+        }
     }
 }
 

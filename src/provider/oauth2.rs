@@ -14,7 +14,7 @@ use super::http::transport_error;
 use super::{Classifier, HttpReply, Provider, RefreshRequest, StandardClassifier};
 use crate::error::{ConfigProblem, Error, InvalidationReason, ProviderError, ProviderErrorKind};
 use crate::provider::DEFAULT_BODY_LIMIT;
-use crate::token::{ClientSecret, TokenResponse};
+use crate::token::{ClientSecret, RefreshExpiry, TokenResponse};
 
 type Client =
     BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
@@ -102,6 +102,7 @@ pub struct OAuth2Provider {
     body_limit: usize,
     timeout: Option<Duration>,
     revocation: Option<Revocation>,
+    refresh_expiry: Option<RefreshExpiry>,
 }
 
 /// Where and how to revoke tokens (RFC 7009).
@@ -131,6 +132,7 @@ impl OAuth2Provider {
             body_limit: DEFAULT_BODY_LIMIT,
             timeout: Some(Duration::from_secs(30)),
             revocation_url: None,
+            refresh_expiry: None,
         }
     }
 }
@@ -162,6 +164,7 @@ pub struct OAuth2ProviderBuilder {
     body_limit: usize,
     timeout: Option<Duration>,
     revocation_url: Option<String>,
+    refresh_expiry: Option<RefreshExpiry>,
 }
 
 impl fmt::Debug for OAuth2ProviderBuilder {
@@ -247,6 +250,24 @@ impl OAuth2ProviderBuilder {
         self
     }
 
+    /// How this provider's refresh tokens expire, for every grant whose tokens do not say
+    /// (see [`Provider::refresh_expiry`]): say, `RefreshExpiry::Sliding { idle: 180 days }` for
+    /// a provider whose refresh tokens die after 180 days unused, which sets keep-alive to
+    /// every 45 days.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenkeeper::{OAuth2Provider, RefreshExpiry};
+    /// let provider = OAuth2Provider::builder("client-id", "https://auth.example.com/token")
+    ///     .refresh_expiry(RefreshExpiry::Sliding { idle: Duration::from_secs(180 * 86_400) })
+    ///     .build()?;
+    /// # Ok::<(), tokenkeeper::Error>(())
+    /// ```
+    pub fn refresh_expiry(mut self, expiry: RefreshExpiry) -> Self {
+        self.refresh_expiry = Some(expiry);
+        self
+    }
+
     /// Largest reply body accepted (default [`DEFAULT_BODY_LIMIT`]).
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
@@ -306,6 +327,7 @@ impl OAuth2ProviderBuilder {
             body_limit: self.body_limit,
             timeout: self.timeout,
             revocation,
+            refresh_expiry: self.refresh_expiry,
         })
     }
 }
@@ -465,6 +487,10 @@ impl Provider for OAuth2Provider {
 
     /// RFC 7009: revokes the refresh token (or, without one, the access token), which ends
     /// the grant at servers that follow §2.1. A `200` is success, whatever the token's state.
+    fn refresh_expiry(&self) -> Option<RefreshExpiry> {
+        self.refresh_expiry
+    }
+
     async fn revoke(&self, req: RefreshRequest<'_>) -> Result<(), ProviderError> {
         let Some(revocation) = &self.revocation else {
             return Ok(());
