@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, IssuedGrant, ManualClock};
 use tokenkeeper::{
-    AccessToken, ClientSecret, Event, EventItem, OAuth2Provider, RefreshToken, RefresherConfig,
-    TokenKey, TokenManager, TokenSet,
+    AccessToken, ClientSecret, Event, EventItem, OAuth2Provider, RefreshExpiry, RefreshToken,
+    RefresherConfig, TokenKey, TokenManager, TokenSet,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -35,8 +35,13 @@ fn tokens(grant: &IssuedGrant) -> TokenSet {
 async fn main() -> anyhow::Result<()> {
     let clock = Arc::new(ManualClock::fixed());
     let server = FakeAuthServer::start(FakeConfig::constant_contact(), clock.clone()).await;
+    // Constant Contact-style refresh tokens die after 180 days unused: declared once here, the
+    // refresher keeps idle grants alive every 45 days (README, "Keeping idle grants alive").
     let provider = OAuth2Provider::builder(server.client_id(), server.token_url())
         .client_secret(ClientSecret::new(server.client_secret()))
+        .refresh_expiry(RefreshExpiry::Sliding {
+            idle: 180 * 24 * HOUR,
+        })
         .build()?;
     let manager = TokenManager::builder(provider).clock(clock.clone()).build();
 
@@ -80,11 +85,8 @@ async fn main() -> anyhow::Result<()> {
         manager.insert(key.clone(), tokens(&grant)).await?;
         grants.push((key, grant.grant));
     }
-    let refresher = manager.start_refresher(
-        RefresherConfig::new()
-            .refresh_idle(true)
-            .keep_alive(Some(12 * HOUR)),
-    );
+    // The defaults: grants in use are refreshed ahead of expiry, idle ones kept alive.
+    let refresher = manager.start_refresher(RefresherConfig::new());
     println!("day 0   5 widgets connected; the refresher keeps them alive");
 
     server.revoke(&grants[1].1);
