@@ -1,7 +1,7 @@
 //! Save and load latency of the persistent stores against the raw operation on the same
 //! bytes, measured in the same run, and the refresh lock's acquire+release overhead.
 //!
-//! Run with `cargo benches --bench stores --features redis` (`redis-server` must be installed:
+//! Run with `cargo benches --bench stores --features stores` (`redis-server` must be installed:
 //! the bench starts its own on a free loopback port). It measures one realistic grant record
 //! (a 64-byte access token, a 48-byte refresh token, expiries), one operation at a time:
 //!
@@ -12,8 +12,14 @@
 //!    (`raw_read_decode`), in one temporary directory.
 //! 2. **`RedisStore`** (group `stores/redis`): `save` and `load` against a plain `SET` / `GET`
 //!    (+ decode) of the same JSON through a `redis::aio::ConnectionManager` on the same server.
-//! 3. **The refresh lock** (group `stores/lock`): `lock(&key, ttl)` then `release()` for
-//!    `FileStore`, `RedisStore` and `MemoryStore`, uncontended.
+//! 3. **`SqliteStore`** (group `stores/sqlite`): `save` and `load` against a single-row
+//!    `UPDATE` / `SELECT` (+ decode) of the same JSON on a `rusqlite` connection to another
+//!    database file in the same directory, with the store's settings (WAL, `synchronous=FULL`).
+//! 4. **`EncryptedStore`** (group `stores/encrypted`): the wrapper over `MemoryStore` against the
+//!    bare `MemoryStore` (its added cost per operation: XChaCha20-Poly1305 and the envelope),
+//!    and over `FileStore` against the bare `FileStore`.
+//! 5. **The refresh lock** (group `stores/lock`): `lock(&key, ttl)` then `release()` for
+//!    `FileStore`, `RedisStore`, `SqliteStore` and `MemoryStore`, uncontended.
 //!
 //! A final summary, timed with plain `Instant` loops in alternating rounds, prints per store
 //! the save and load latency with the ratio store / raw, and the lock's acquire+release time
@@ -28,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::Criterion;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokenkeeper::{
-    AccessToken, Cas, FileStore, GrantRecord, MemoryStore, RedisStore, RefreshToken, TokenKey,
-    TokenSet, TokenStore,
+    AccessToken, Cas, EncryptedStore, FileStore, GrantRecord, KeyId, Keyring, MemoryStore,
+    RedisStore, RefreshToken, SqliteStore, TokenKey, TokenSet, TokenStore,
 };
 use tokio::runtime::Runtime;
 
@@ -61,6 +67,11 @@ struct Fixture {
     file: Subject,
     memory: Subject,
     redis: Subject,
+    sqlite: Subject,
+    encrypted_memory: Subject,
+    encrypted_file: Subject,
+    /// The raw SQLite baseline's connection (another database file, the store's settings).
+    raw_sqlite: std::sync::Mutex<rusqlite::Connection>,
     /// The raw file baseline's directory, next to the store's (same file system).
     raw_dir: PathBuf,
     /// The raw Redis baseline's connection and key.
@@ -160,6 +171,43 @@ fn fixture(server: RedisServer) -> Fixture {
     });
     let redis = Subject::new(&rt, redis, &key, &record);
     let memory = Subject::new(&rt, MemoryStore::new(), &key, &record);
+    let sqlite = SqliteStore::open(tmp.path().join("grants.sqlite")).expect("sqlite store");
+    let sqlite = Subject::new(&rt, sqlite, &key, &record);
+    let raw_sqlite = rusqlite::Connection::open(tmp.path().join("raw.sqlite")).expect("raw db");
+    let mode: String = raw_sqlite
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .expect("WAL");
+    assert_eq!(mode, "wal");
+    raw_sqlite
+        .pragma_update(None, "synchronous", "FULL")
+        .expect("synchronous=FULL");
+    raw_sqlite
+        .execute_batch(
+            "CREATE TABLE grants (key TEXT PRIMARY KEY, version INTEGER NOT NULL, record BLOB NOT NULL)",
+        )
+        .expect("raw table");
+    raw_sqlite
+        .execute(
+            "INSERT INTO grants (key, version, record) VALUES (?1, 1, ?2)",
+            rusqlite::params![key.as_str(), json],
+        )
+        .expect("raw row");
+    let keyring = Keyring::new(KeyId::new(1), [7; 32]);
+    let encrypted_memory = Subject::new(
+        &rt,
+        EncryptedStore::new(MemoryStore::new(), keyring.clone()),
+        &key,
+        &record,
+    );
+    let encrypted_file = Subject::new(
+        &rt,
+        EncryptedStore::new(
+            FileStore::create(tmp.path().join("encrypted")).expect("file store"),
+            keyring,
+        ),
+        &key,
+        &record,
+    );
 
     let fx = Fixture {
         rt,
@@ -169,6 +217,10 @@ fn fixture(server: RedisServer) -> Fixture {
         file,
         memory,
         redis,
+        sqlite,
+        encrypted_memory,
+        encrypted_file,
+        raw_sqlite: std::sync::Mutex::new(raw_sqlite),
         raw_dir,
         raw_redis,
         raw_redis_key: "raw:tenant-0042".to_owned(),
@@ -296,6 +348,39 @@ fn raw_redis_get(fx: &Fixture, iters: u64) -> Duration {
     })
 }
 
+/// A single-row `UPDATE` of the record (autocommit), as a plain application would write it.
+fn raw_sqlite_update(fx: &Fixture, iters: u64) -> Duration {
+    let conn = fx.raw_sqlite.lock().expect("raw connection");
+    let mut update = conn
+        .prepare_cached("UPDATE grants SET record = ?1, version = version + 1 WHERE key = ?2")
+        .expect("prepare");
+    let start = Instant::now();
+    for _ in 0..iters {
+        let changed = update
+            .execute(rusqlite::params![fx.json, fx.key.as_str()])
+            .expect("UPDATE");
+        assert_eq!(changed, 1);
+    }
+    start.elapsed()
+}
+
+/// A single-row `SELECT` of the record, then the decode.
+fn raw_sqlite_select(fx: &Fixture, iters: u64) -> Duration {
+    let conn = fx.raw_sqlite.lock().expect("raw connection");
+    let mut select = conn
+        .prepare_cached("SELECT version, record FROM grants WHERE key = ?1")
+        .expect("prepare");
+    let start = Instant::now();
+    for _ in 0..iters {
+        let (version, bytes): (i64, Vec<u8>) = select
+            .query_row([fx.key.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .expect("SELECT");
+        let record: GrantRecord = serde_json::from_slice(&bytes).expect("decode");
+        std::hint::black_box((version, record));
+    }
+    start.elapsed()
+}
+
 // ---- criterion groups ---------------------------------------------------------------------
 
 fn bench_file(c: &mut Criterion, fx: &Fixture) {
@@ -333,11 +418,46 @@ fn bench_redis(c: &mut Criterion, fx: &Fixture) {
     group.finish();
 }
 
+fn bench_sqlite(c: &mut Criterion, fx: &Fixture) {
+    let mut group = c.benchmark_group("stores/sqlite");
+    group.bench_function("raw_update", |b| {
+        b.iter_custom(|n| raw_sqlite_update(fx, n))
+    });
+    group.bench_function("store_save", |b| {
+        b.iter_custom(|n| store_save(fx, &fx.sqlite, n))
+    });
+    group.bench_function("raw_select_decode", |b| {
+        b.iter_custom(|n| raw_sqlite_select(fx, n))
+    });
+    group.bench_function("store_load", |b| {
+        b.iter_custom(|n| store_load(fx, &fx.sqlite, n))
+    });
+    group.finish();
+}
+
+fn bench_encrypted(c: &mut Criterion, fx: &Fixture) {
+    let mut group = c.benchmark_group("stores/encrypted");
+    for (name, subject) in [
+        ("memory_save", &fx.memory),
+        ("encrypted_memory_save", &fx.encrypted_memory),
+    ] {
+        group.bench_function(name, |b| b.iter_custom(|n| store_save(fx, subject, n)));
+    }
+    for (name, subject) in [
+        ("memory_load", &fx.memory),
+        ("encrypted_memory_load", &fx.encrypted_memory),
+    ] {
+        group.bench_function(name, |b| b.iter_custom(|n| store_load(fx, subject, n)));
+    }
+    group.finish();
+}
+
 fn bench_lock(c: &mut Criterion, fx: &Fixture) {
     let mut group = c.benchmark_group("stores/lock");
     for (name, subject) in [
         ("file_lock_release", &fx.file),
         ("redis_lock_release", &fx.redis),
+        ("sqlite_lock_release", &fx.sqlite),
         ("memory_lock_release", &fx.memory),
     ] {
         group.bench_function(name, |b| b.iter_custom(|n| store_lock(fx, subject, n)));
@@ -400,6 +520,8 @@ fn main() {
         .configure_from_args();
     bench_file(&mut c, &fx);
     bench_redis(&mut c, &fx);
+    bench_sqlite(&mut c, &fx);
+    bench_encrypted(&mut c, &fx);
     bench_lock(&mut c, &fx);
     c.final_summary();
 
@@ -443,6 +565,42 @@ fn main() {
             raw_redis_get(&fx, n)
         }],
     );
+    let [sqlite_save, sqlite_raw_save, sqlite_lock] = timed(
+        rounds,
+        round,
+        [
+            &mut |n| store_save(&fx, &fx.sqlite, n),
+            &mut |n| raw_sqlite_update(&fx, n),
+            &mut |n| store_lock(&fx, &fx.sqlite, n),
+        ],
+    );
+    let [sqlite_load, sqlite_raw_load] = timed(
+        rounds,
+        round,
+        [&mut |n| store_load(&fx, &fx.sqlite, n), &mut |n| {
+            raw_sqlite_select(&fx, n)
+        }],
+    );
+    let [enc_mem_save, plain_mem_save, enc_mem_load, plain_mem_load] = timed(
+        rounds,
+        round,
+        [
+            &mut |n| store_save(&fx, &fx.encrypted_memory, n),
+            &mut |n| store_save(&fx, &fx.memory, n),
+            &mut |n| store_load(&fx, &fx.encrypted_memory, n),
+            &mut |n| store_load(&fx, &fx.memory, n),
+        ],
+    );
+    let [enc_file_save, plain_file_save, enc_file_load, plain_file_load] = timed(
+        rounds,
+        round,
+        [
+            &mut |n| store_save(&fx, &fx.encrypted_file, n),
+            &mut |n| store_save(&fx, &fx.file, n),
+            &mut |n| store_load(&fx, &fx.encrypted_file, n),
+            &mut |n| store_load(&fx, &fx.file, n),
+        ],
+    );
     let [memory_save, memory_lock] = timed(
         rounds,
         round,
@@ -455,7 +613,10 @@ fn main() {
     for (name, s) in [
         ("file", &fx.file),
         ("redis", &fx.redis),
+        ("sqlite", &fx.sqlite),
         ("memory", &fx.memory),
+        ("encrypted memory", &fx.encrypted_memory),
+        ("encrypted file", &fx.encrypted_file),
     ] {
         let loaded = fx
             .rt
@@ -500,6 +661,28 @@ fn main() {
     println!(
         "             lock+release {redis_lock:.1} µs = {:.3} of a save",
         redis_lock / redis_save,
+    );
+    println!(
+        "SqliteStore: save {sqlite_save:.1} µs vs raw UPDATE {sqlite_raw_save:.1} µs, ratio {:.2}",
+        sqlite_save / sqlite_raw_save,
+    );
+    println!(
+        "             load {sqlite_load:.1} µs vs raw SELECT+decode {sqlite_raw_load:.1} µs, \
+         ratio {:.2}",
+        sqlite_load / sqlite_raw_load,
+    );
+    println!(
+        "             lock+release {sqlite_lock:.1} µs = {:.3} of a save",
+        sqlite_lock / sqlite_save,
+    );
+    println!(
+        "EncryptedStore: over MemoryStore save +{:.2} µs ({enc_mem_save:.2} vs {plain_mem_save:.2}), \
+         load +{:.2} µs ({enc_mem_load:.2} vs {plain_mem_load:.2}); over FileStore save ratio {:.3}, \
+         load ratio {:.2}",
+        enc_mem_save - plain_mem_save,
+        enc_mem_load - plain_mem_load,
+        enc_file_save / plain_file_save,
+        enc_file_load / plain_file_load,
     );
     println!(
         "MemoryStore: save {memory_save:.3} µs; lock+release {memory_lock:.3} µs = {:.3} of a save",
