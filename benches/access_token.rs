@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use criterion::Criterion;
 use tokenkeeper::{
-    provider_fn, AccessToken, MemoryStore, ProviderError, RefreshToken, TokenKey, TokenManager,
-    TokenSet, UnavailableCause,
+    provider_fn, AccessToken, GrantHandle, MemoryStore, ProviderError, RefreshToken, TokenKey,
+    TokenManager, TokenSet, UnavailableCause,
 };
 use tokio::runtime::Runtime;
 
@@ -93,6 +93,33 @@ fn manager_loop(rt: &Runtime, manager: &TokenManager, key: &TokenKey, calls: u64
                 .await
                 .expect("access_token");
             black_box(token);
+        }
+        start.elapsed()
+    })
+}
+
+/// The same through a `GrantHandle` (no key lookup).
+fn handle_loop(rt: &Runtime, grant: &GrantHandle, calls: u64) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..calls {
+            let token = black_box(grant).access_token().await.expect("access_token");
+            black_box(token);
+        }
+        start.elapsed()
+    })
+}
+
+/// The closure API through a `GrantHandle`: the token is lent, not cloned.
+fn closure_loop(rt: &Runtime, grant: &GrantHandle, calls: u64) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..calls {
+            let len = black_box(grant)
+                .with_access_token(|t| t.secret().len())
+                .await
+                .expect("with_access_token");
+            black_box(len);
         }
         start.elapsed()
     })
@@ -232,6 +259,36 @@ fn main() {
         rounds,
         |n| manager_loop(&rt, &fx.manager, &fx.key, n),
         |n| baseline_loop(&fx.baseline, n),
+    );
+    let grant = fx.manager.grant(&fx.key);
+    summarize(
+        "single_thread handle",
+        calls,
+        rounds,
+        |n| handle_loop(&rt, &grant, n),
+        |n| baseline_loop(&fx.baseline, n),
+    );
+    summarize(
+        "single_thread handle closure",
+        calls,
+        rounds,
+        |n| closure_loop(&rt, &grant, n),
+        |n| baseline_loop(&fx.baseline, n),
+    );
+    summarize(
+        "two_threads handle",
+        calls,
+        rounds,
+        |n| {
+            two_threads(n, |i, k| {
+                handle_loop(&rts[i], &grant, k);
+            })
+        },
+        |n| {
+            two_threads(n, |_, k| {
+                baseline_loop(&fx.baseline, k);
+            })
+        },
     );
     summarize(
         "two_threads",

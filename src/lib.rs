@@ -183,7 +183,7 @@ pub use error::{
     SharedError, StoreError, StoreErrorKind, UnavailableCause,
 };
 pub use event::{Event, EventItem, EventStream};
-pub use manager::{TokenManager, TokenManagerBuilder};
+pub use manager::{GrantHandle, TokenManager, TokenManagerBuilder};
 pub use provider::{
     provider_fn, Classifier, ClientAuth, FnProvider, Grant, GraphClassifier, GraphTokenExchange,
     HttpReply, InstagramProvider, InstagramProviderBuilder, OAuth2Provider, OAuth2ProviderBuilder,

@@ -57,7 +57,7 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn TokenStore>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: Config,
-    grants: DashMap<TokenKey, Arc<Slot>>,
+    grants: DashMap<TokenKey, Arc<Slot>, foldhash::fast::RandomState>,
     events: broadcast::Sender<Event>,
     scheduler: Mutex<Option<mpsc::UnboundedSender<Control>>>,
     /// The background refresher's next check per grant, when one runs.
@@ -89,6 +89,9 @@ pub(crate) struct Slot {
     cached: ArcSwapOption<Cached>,
     /// Read by a caller since its last refresh (the refresher refreshes such grants ahead).
     used: AtomicBool,
+    /// Removed from the manager's map (the grant was removed): a `GrantHandle` holding it
+    /// reads through the manager instead.
+    detached: AtomicBool,
     flight: Mutex<Option<watch::Receiver<Option<Outcome>>>>,
     /// A record this process must still save: rotated tokens or a death the store refused.
     pending: Mutex<Option<Pending>>,
@@ -134,6 +137,10 @@ pub(crate) struct LocalHold {
 /// What this process knows of a grant.
 pub(crate) struct Cached {
     pub(crate) tokens: Arc<TokenSet>,
+    /// The fast path's whole test, computed once: the tokens are served from memory while the
+    /// clock reads less than this (nanoseconds since the epoch; the access expiry less the
+    /// refresh margin; 0 for a dead grant, `u64::MAX` for tokens that never expire).
+    pub(crate) fresh_before: u64,
     pub(crate) version: Version,
     pub(crate) dead: Option<InvalidationReason>,
     pub(crate) retry_not_before: Option<SystemTime>,
@@ -206,6 +213,60 @@ impl TokenManager {
             .await?
             .access_token()
             .clone())
+    }
+
+    /// Lends the access token to `f` instead of returning a clone of it: on the fast path (a
+    /// cached, valid token) nothing is cloned or allocated. Otherwise as
+    /// [`access_token`](Self::access_token), then `f` on the result.
+    ///
+    /// ```
+    /// # async fn run(manager: tokenkeeper::TokenManager, key: tokenkeeper::TokenKey) -> tokenkeeper::Result<()> {
+    /// let header = manager
+    ///     .with_access_token(&key, |token| format!("Bearer {}", token.secret()))
+    ///     .await?;
+    /// # let _ = header; Ok(()) }
+    /// ```
+    pub async fn with_access_token<R>(
+        &self,
+        key: &TokenKey,
+        f: impl FnOnce(&AccessToken) -> R,
+    ) -> Result<R> {
+        // The slot leaves the map's lock before `f` runs: `f` may call the manager.
+        let slot = self.inner.grants.get(key).map(|slot| slot.value().clone());
+        if let Some(slot) = slot {
+            if let Some(guard) = self.inner.fresh_guard(&slot) {
+                if let Some(cached) = guard.as_ref() {
+                    self.inner.metrics.cache(true);
+                    return Ok(f(cached.tokens.access_token()));
+                }
+            }
+        }
+        self.inner.metrics.cache(false);
+        let tokens = self.token_slow(key, Need::Expiring).await?;
+        Ok(f(tokens.access_token()))
+    }
+
+    /// A handle on one grant, cheap to clone and to keep: its calls skip the lookup of `key`
+    /// that every [`access_token`](Self::access_token) does (the fastest way to read a grant an
+    /// application uses often: one per tenant, say).
+    ///
+    /// The grant need not exist yet; the handle answers as the manager would
+    /// ([`Error::NotFound`] until it is inserted). A handle taken before the grant was
+    /// [removed](Self::remove) still answers correctly, through the manager's lookup: take a
+    /// new one to get the fast path back.
+    ///
+    /// ```
+    /// # async fn run(manager: tokenkeeper::TokenManager) -> tokenkeeper::Result<()> {
+    /// let grant = manager.grant(&tokenkeeper::TokenKey::from("tenant-42"));
+    /// let token = grant.access_token().await?;
+    /// # let _ = token; Ok(()) }
+    /// ```
+    pub fn grant(&self, key: &TokenKey) -> GrantHandle {
+        GrantHandle {
+            manager: self.clone(),
+            slot: self.inner.slot(key),
+            key: key.clone(),
+        }
     }
 
     /// Like [`access_token`](Self::access_token), with the whole [`TokenSet`].
@@ -686,18 +747,32 @@ fn hold_until(
 impl Inner {
     /// The fast path: a cached, live token valid beyond the margin.
     fn fresh<T>(&self, key: &TokenKey, f: impl FnOnce(&Arc<TokenSet>) -> T) -> Option<T> {
-        let slot = self.grants.get(key)?;
+        self.fresh_in(self.grants.get(key)?.value(), f)
+    }
+
+    /// The fast path: the cached tokens if they are fresh, read from memory only.
+    #[inline]
+    pub(crate) fn fresh_in<T>(
+        &self,
+        slot: &Slot,
+        f: impl FnOnce(&Arc<TokenSet>) -> T,
+    ) -> Option<T> {
+        let guard = self.fresh_guard(slot)?;
+        guard.as_ref().map(|cached| f(&cached.tokens))
+    }
+
+    /// The fast path, lending the cache entry: `Some` (holding a `Some`) if it is fresh.
+    #[inline]
+    pub(crate) fn fresh_guard(&self, slot: &Slot) -> Option<arc_swap::Guard<Option<Arc<Cached>>>> {
         if !slot.used.load(Ordering::Relaxed) {
             slot.used.store(true, Ordering::Relaxed);
         }
-        let cached = slot.cached.load();
-        let cached = cached.as_ref()?;
-        (cached.dead.is_none()
-            && cached.tokens.is_fresh(
-                self.clock.now(),
-                cached.tokens.scaled_margin(self.config.refresh_margin),
-            ))
-        .then(|| f(&cached.tokens))
+        let guard = slot.cached.load();
+        let now = epoch_nanos(self.clock.now());
+        guard
+            .as_ref()
+            .is_some_and(|cached| now < cached.fresh_before)
+            .then_some(guard)
     }
 
     fn cached(&self, key: &TokenKey) -> Option<Arc<Cached>> {
@@ -717,7 +792,11 @@ impl Inner {
             None => {
                 slot.cached.store(None);
                 // Lookups of keys that do not exist must not grow the map.
-                self.grants.remove_if(key, |_, s| s.cached.load().is_none());
+                // A slot a `GrantHandle` holds stays, so the handle keeps its fast path
+                // (held by the map and by this call only: no handle, no other caller).
+                self.grants.remove_if(key, |_, s| {
+                    s.cached.load().is_none() && Arc::strong_count(s) <= 2
+                });
                 self.metrics.health(key, || None);
                 Err(Error::NotFound { key: key.clone() })
             }
@@ -732,6 +811,9 @@ impl Inner {
     /// Forgets everything this process knows of `key` (the grant was deleted).
     fn forget(&self, key: &TokenKey) {
         if let Some((_, slot)) = self.grants.remove(key) {
+            // A `GrantHandle` may still hold the slot: it must not serve the removed grant.
+            slot.detached.store(true, Ordering::Relaxed);
+            slot.cached.store(None);
             self.clear_pending(&slot, None);
         }
         self.metrics.health(key, || None);
@@ -868,8 +950,16 @@ impl Inner {
             }
             *mono
         };
+        let fresh_before = match (record.dead_reason(), record.tokens.expires_at()) {
+            (Some(_), _) => 0,
+            (None, None) => u64::MAX,
+            (None, Some(at)) => at
+                .checked_sub(record.tokens.scaled_margin(self.config.refresh_margin))
+                .map_or(0, epoch_nanos),
+        };
         let fresh = Arc::new(Cached {
             tokens: Arc::new(record.tokens.clone()),
+            fresh_before,
             version,
             dead: record.dead_reason().cloned(),
             retry_not_before,
@@ -1077,6 +1167,90 @@ impl fmt::Debug for TokenManager {
     }
 }
 
+/// One grant of a [`TokenManager`], from [`TokenManager::grant`]: the same answers as the
+/// manager's methods for its key, without looking the key up on each call.
+#[derive(Clone)]
+pub struct GrantHandle {
+    manager: TokenManager,
+    slot: Arc<Slot>,
+    key: TokenKey,
+}
+
+impl fmt::Debug for GrantHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrantHandle")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrantHandle {
+    /// The grant's key.
+    pub fn key(&self) -> &TokenKey {
+        &self.key
+    }
+
+    /// The manager the handle reads through.
+    pub fn manager(&self) -> &TokenManager {
+        &self.manager
+    }
+
+    /// The slot, unless its grant was removed since the handle was taken.
+    #[inline]
+    fn live(&self) -> Option<&Slot> {
+        (!self.slot.detached.load(Ordering::Relaxed)).then_some(&*self.slot)
+    }
+
+    /// [`TokenManager::access_token`] for this grant.
+    pub async fn access_token(&self) -> Result<AccessToken> {
+        let inner = &self.manager.inner;
+        if let Some(token) = self
+            .live()
+            .and_then(|slot| inner.fresh_in(slot, |t| t.access_token().clone()))
+        {
+            inner.metrics.cache(true);
+            return Ok(token);
+        }
+        self.manager.access_token(&self.key).await
+    }
+
+    /// [`TokenManager::with_access_token`] for this grant: lends the token to `f`, without
+    /// cloning it on the fast path.
+    pub async fn with_access_token<R>(&self, f: impl FnOnce(&AccessToken) -> R) -> Result<R> {
+        let inner = &self.manager.inner;
+        if let Some(guard) = self.live().and_then(|slot| inner.fresh_guard(slot)) {
+            if let Some(cached) = guard.as_ref() {
+                inner.metrics.cache(true);
+                return Ok(f(cached.tokens.access_token()));
+            }
+        }
+        self.manager.with_access_token(&self.key, f).await
+    }
+
+    /// [`TokenManager::token`] for this grant.
+    pub async fn token(&self) -> Result<Arc<TokenSet>> {
+        let inner = &self.manager.inner;
+        if let Some(tokens) = self
+            .live()
+            .and_then(|slot| inner.fresh_in(slot, Arc::clone))
+        {
+            inner.metrics.cache(true);
+            return Ok(tokens);
+        }
+        self.manager.token(&self.key).await
+    }
+
+    /// [`TokenManager::invalidate`] for this grant.
+    pub async fn invalidate(&self, failed: &AccessToken) -> Result<AccessToken> {
+        self.manager.invalidate(&self.key, failed).await
+    }
+
+    /// [`TokenManager::status`] for this grant.
+    pub async fn status(&self) -> Result<TokenStatus> {
+        self.manager.status(&self.key).await
+    }
+}
+
 /// Builds a [`TokenManager`].
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct TokenManagerBuilder {
@@ -1220,7 +1394,7 @@ impl TokenManagerBuilder {
                 ),
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
-                grants: DashMap::new(),
+                grants: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 events,
                 scheduler: Mutex::new(None),
                 planned: Mutex::new(None),
@@ -1280,4 +1454,11 @@ impl GrantHealth {
             },
         }
     }
+}
+
+/// `t` as nanoseconds since the epoch (0 before it; saturating in the year 2554).
+#[inline]
+pub(crate) fn epoch_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
