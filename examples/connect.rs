@@ -1,4 +1,4 @@
-//! Connecting a user's account, and reconnecting it after it died: a small axum web app.
+//! Connecting a user's account, and reconnecting it after it died: a small web app.
 //!
 //! The app has three routes on a loopback port: `/connect?account=…` sends the browser to the
 //! provider's consent screen (authorization-code flow with PKCE and a single-use state),
@@ -12,81 +12,82 @@
 //! happens, ends with a line starting `ok:` if everything went as described, and exits non-zero
 //! otherwise.
 //!
+//! The routes are plain `async fn`s; `examples/web/` serves them over HTTP/1.1 with `hyper`.
+//! In a real app they are the handlers of its web framework (axum, actix-web, …).
+//!
 //! Run it (offline):
 //!
 //! ```sh
 //! cargo run --example connect
 //! ```
 
-use std::collections::HashMap;
+mod web;
+
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context};
-use axum::extract::{Query, RawQuery, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
-use axum::Router;
+use hyper::StatusCode;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
 use tokenkeeper::{
     ClientSecret, ConnectError, Connector, Event, OAuth2Provider, StartOptions, TokenKey,
     TokenManager,
 };
+use web::{Page, Request};
+
+/// The app's routes.
+async fn app(connector: Connector, request: Request) -> Page {
+    match request.path.as_str() {
+        "/connect" => connect(&connector, &request).await,
+        "/reconnect" => reconnect(&connector, &request).await,
+        "/callback" => callback(&connector, &request).await,
+        _ => Page::status(StatusCode::NOT_FOUND, "no such page"),
+    }
+}
 
 /// `/connect?account=…`: a new attempt for the account, and off to the provider.
-async fn connect(
-    State(connector): State<Connector>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+async fn connect(connector: &Connector, request: &Request) -> Page {
     // A real app takes the account from the signed-in user's session.
-    let Some(account) = query.get("account") else {
-        return (StatusCode::BAD_REQUEST, "which account?").into_response();
+    let Some(account) = request.param("account") else {
+        return Page::status(StatusCode::BAD_REQUEST, "which account?");
     };
     match connector
-        .start(TokenKey::from(account.as_str()), StartOptions::new())
+        .start(TokenKey::from(account), StartOptions::new())
         .await
     {
-        Ok(authorization) => Redirect::to(authorization.url()).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Ok(authorization) => Page::redirect(authorization.url()),
+        Err(e) => Page::status(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 /// `/reconnect?account=…`: the link in the "please reconnect" email.
-async fn reconnect(
-    State(connector): State<Connector>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
-    let Some(account) = query.get("account") else {
-        return (StatusCode::BAD_REQUEST, "which account?").into_response();
+async fn reconnect(connector: &Connector, request: &Request) -> Page {
+    let Some(account) = request.param("account") else {
+        return Page::status(StatusCode::BAD_REQUEST, "which account?");
     };
-    match connector
-        .reconnect_url(&TokenKey::from(account.as_str()))
-        .await
-    {
-        Ok(authorization) => Redirect::to(authorization.url()).into_response(),
+    match connector.reconnect_url(&TokenKey::from(account)).await {
+        Ok(authorization) => Page::redirect(authorization.url()),
         Err(ConnectError::NotFound { .. }) => {
-            (StatusCode::NOT_FOUND, "nothing to reconnect").into_response()
+            Page::status(StatusCode::NOT_FOUND, "nothing to reconnect")
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => Page::status(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 /// `/callback?code=…&state=…` (or `?error=…`): check, exchange, store.
-async fn callback(State(connector): State<Connector>, RawQuery(query): RawQuery) -> Response {
-    match connector.complete(query.unwrap_or_default().as_str()).await {
-        Ok(done) if done.recovered => format!("reconnected {}", done.key).into_response(),
-        Ok(done) => format!("connected {}", done.key).into_response(),
+async fn callback(connector: &Connector, request: &Request) -> Page {
+    match connector.complete(request.query.as_str()).await {
+        Ok(done) if done.recovered => Page::ok(format!("reconnected {}", done.key)),
+        Ok(done) => Page::ok(format!("connected {}", done.key)),
         Err(ConnectError::Denied { error, .. }) => {
-            (StatusCode::FORBIDDEN, format!("not connected: {error}")).into_response()
+            Page::status(StatusCode::FORBIDDEN, format!("not connected: {error}"))
         }
         Err(e) if e.is_retryable() => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("try again: {e}")).into_response()
+            Page::status(StatusCode::SERVICE_UNAVAILABLE, format!("try again: {e}"))
         }
-        Err(e) => (
+        Err(e) => Page::status(
             StatusCode::BAD_REQUEST,
             format!("please connect again: {e}"),
-        )
-            .into_response(),
+        ),
     }
 }
 
@@ -136,12 +137,7 @@ async fn main() -> anyhow::Result<()> {
     .scopes(["offline_access"])
     .auth_param("prompt", "consent")
     .build()?;
-    let app = Router::new()
-        .route("/connect", get(connect))
-        .route("/reconnect", get(reconnect))
-        .route("/callback", get(callback))
-        .with_state(connector);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(web::serve(listener, connector, app));
     println!("app listening on {app_url}; provider at {}", server.uri());
 
     let browser = reqwest::Client::new(); // follows redirects, like a browser

@@ -22,17 +22,15 @@
 //! cargo run --example lightwidget
 //! ```
 
-use std::collections::{HashMap, HashSet};
+mod web;
+
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use axum::extract::{Query, RawQuery, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
-use axum::Router;
+use hyper::StatusCode;
 use tokenkeeper::testing::{FakeSocialServer, GraphFailure, ManualClock, SocialConfig, UserId};
 use tokenkeeper::{
     ClientAuth, ClientSecret, Clock, ConnectError, Connector, Event, EventItem, EventStream,
@@ -40,6 +38,7 @@ use tokenkeeper::{
     TokenKey, TokenManager,
 };
 use tokio::sync::{mpsc, oneshot};
+use web::{Page, Request};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -48,54 +47,54 @@ const REVOKED: usize = 17;
 
 // ---- the app's routes (a real app takes the account from the signed-in user's session) ----
 
+/// The app's routes.
+async fn app(connector: Connector, request: Request) -> Page {
+    match request.path.as_str() {
+        "/connect" => connect(&connector, &request).await,
+        "/reconnect" => reconnect(&connector, &request).await,
+        "/callback" => callback(&connector, &request).await,
+        _ => Page::status(StatusCode::NOT_FOUND, "no such page"),
+    }
+}
+
 /// `/connect?account=…`: a new attempt for the account, and off to Instagram.
-async fn connect(
-    State(connector): State<Connector>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
-    let Some(account) = query.get("account") else {
-        return (StatusCode::BAD_REQUEST, "which account?").into_response();
+async fn connect(connector: &Connector, request: &Request) -> Page {
+    let Some(account) = request.param("account") else {
+        return Page::status(StatusCode::BAD_REQUEST, "which account?");
     };
     match connector
-        .start(TokenKey::from(account.as_str()), StartOptions::new())
+        .start(TokenKey::from(account), StartOptions::new())
         .await
     {
-        Ok(authorization) => Redirect::to(authorization.url()).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Ok(authorization) => Page::redirect(authorization.url()),
+        Err(e) => Page::status(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 /// `/reconnect?account=…`: the link in the email. A fresh attempt each time it is followed,
 /// so the link never expires the way an authorization URL does.
-async fn reconnect(
-    State(connector): State<Connector>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
-    let Some(account) = query.get("account") else {
-        return (StatusCode::BAD_REQUEST, "which account?").into_response();
+async fn reconnect(connector: &Connector, request: &Request) -> Page {
+    let Some(account) = request.param("account") else {
+        return Page::status(StatusCode::BAD_REQUEST, "which account?");
     };
-    match connector
-        .reconnect_url(&TokenKey::from(account.as_str()))
-        .await
-    {
-        Ok(authorization) => Redirect::to(authorization.url()).into_response(),
+    match connector.reconnect_url(&TokenKey::from(account)).await {
+        Ok(authorization) => Page::redirect(authorization.url()),
         Err(ConnectError::NotFound { .. }) => {
-            (StatusCode::NOT_FOUND, "nothing to reconnect").into_response()
+            Page::status(StatusCode::NOT_FOUND, "nothing to reconnect")
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => Page::status(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 /// `/callback?code=…&state=…`: state check, code exchange, long-lived exchange, store.
-async fn callback(State(connector): State<Connector>, RawQuery(query): RawQuery) -> Response {
-    match connector.complete(query.unwrap_or_default().as_str()).await {
-        Ok(done) if done.recovered => format!("reconnected {}", done.key).into_response(),
-        Ok(done) => format!("connected {}", done.key).into_response(),
-        Err(e) => (
+async fn callback(connector: &Connector, request: &Request) -> Page {
+    match connector.complete(request.query.as_str()).await {
+        Ok(done) if done.recovered => Page::ok(format!("reconnected {}", done.key)),
+        Ok(done) => Page::ok(format!("connected {}", done.key)),
+        Err(e) => Page::status(
             StatusCode::BAD_REQUEST,
             format!("please connect again: {e}"),
-        )
-            .into_response(),
+        ),
     }
 }
 
@@ -262,12 +261,7 @@ async fn main() -> anyhow::Result<()> {
         ClientSecret::new(server.client_secret()),
     )?)
     .build()?;
-    let app = Router::new()
-        .route("/connect", get(connect))
-        .route("/reconnect", get(reconnect))
-        .route("/callback", get(callback))
-        .with_state(connector);
-    let web = tokio::spawn(async move { axum::serve(listener, app).await });
+    let web_app = tokio::spawn(web::serve(listener, connector, app));
 
     let outbox = std::env::temp_dir().join(format!(
         "tokenkeeper-lightwidget-outbox-{}",
@@ -425,7 +419,7 @@ async fn main() -> anyhow::Result<()> {
     refresher.shutdown().await;
     let _ = stop.send(());
     mailer.await??;
-    web.abort();
+    web_app.abort();
     let emails = files_in(&outbox)?;
     ensure!(emails.len() == 1, "{} emails in the outbox", emails.len());
     ensure!(mail.try_recv().is_err(), "more mail than expected");

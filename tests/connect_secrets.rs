@@ -7,26 +7,12 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use support::oauth2_provider;
+use support::trace::Capture;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, ManualClock};
 use tokenkeeper::{CallbackParams, ClientSecret, Connector, StartOptions, TokenKey, TokenManager};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn builder(server: &FakeAuthServer, manager: &TokenManager) -> tokenkeeper::ConnectorBuilder {
     Connector::builder(
@@ -53,12 +39,7 @@ fn code_and_state(callback: &str) -> (String, String) {
 
 #[tokio::test]
 async fn no_secret_in_debug_display_or_traces() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .init();
+    let capture = Capture::install_global();
 
     let clock = Arc::new(ManualClock::fixed());
     let server = FakeAuthServer::start(FakeConfig::standard(), clock.clone()).await;
@@ -86,7 +67,7 @@ async fn no_secret_in_debug_display_or_traces() {
         server.client_secret().to_owned(),
         token.secret().to_owned(),
     ];
-    let trace = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let trace = capture.text();
     assert!(
         trace.contains("authorization completed"),
         "the capture works"

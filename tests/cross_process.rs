@@ -15,7 +15,8 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::{ExitCode, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,8 @@ use tokenkeeper::{
     ClientSecret, FileStore, GrantRecord, OAuth2Provider, Provider, ProviderError, RefreshRequest,
     TokenKey, TokenManager, TokenResponse, TokenStore,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
 
 const NAME: &str = "cross_process";
 /// Processes sharing the grant (plus one more that is killed).
@@ -187,7 +188,7 @@ async fn worker(args: &[String]) -> anyhow::Result<()> {
         builder = builder.refresh_timeout(PEER_REFRESH_TIMEOUT);
     }
     let manager = builder.build();
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
@@ -234,11 +235,15 @@ async fn run_tasks(manager: &TokenManager) -> anyhow::Result<(String, usize)> {
 
 // ---- the test process --------------------------------------------------------------------
 
+/// A worker process, killed when dropped. Plain `std::process` (tokio's `process` feature
+/// would compile two more packages): its stdout is read on a thread of its own, and the
+/// few blocking calls are short.
 struct Worker {
     name: String,
     child: Child,
     stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
+    /// The worker's stdout, line by line.
+    lines: mpsc::UnboundedReceiver<std::io::Result<String>>,
 }
 
 impl Worker {
@@ -249,36 +254,58 @@ impl Worker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
             .context("starting a worker")?;
         let stdin = child.stdin.take().context("worker stdin")?;
         let stdout = child.stdout.take().context("worker stdout")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         Ok(Self {
             name,
             child,
             stdin,
-            lines: BufReader::new(stdout).lines(),
+            lines,
         })
     }
 
+    /// Writes one command line (a few bytes into the pipe: does not block for long).
     async fn send(&mut self, line: &str) -> anyhow::Result<()> {
         self.stdin
             .write_all(format!("{line}\n").as_bytes())
-            .await
             .with_context(|| format!("{}: sending `{line}`", self.name))
+    }
+
+    /// Waits for the process to end.
+    fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let name = &self.name;
+        tokio::task::block_in_place(|| self.child.wait())
+            .with_context(|| format!("{name}: waiting for the process"))
     }
 
     /// The next line, which must start with `word`; returns the rest.
     async fn expect(&mut self, word: &str) -> anyhow::Result<String> {
-        let line = tokio::time::timeout(REPLY, self.lines.next_line())
+        let line = tokio::time::timeout(REPLY, self.lines.recv())
             .await
-            .map_err(|_| anyhow!("{}: no `{word}` within {REPLY:?}", self.name))??
-            .ok_or_else(|| anyhow!("{}: exited before `{word}`", self.name))?;
+            .map_err(|_| anyhow!("{}: no `{word}` within {REPLY:?}", self.name))?
+            .ok_or_else(|| anyhow!("{}: exited before `{word}`", self.name))??;
         match line.strip_prefix(word) {
             Some(rest) => Ok(rest.trim().to_owned()),
             None => bail!("{}: expected `{word}`, got `{line}`", self.name),
         }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Already ended or killed: nothing to do, and nothing to report from a drop.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -411,8 +438,8 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     check_server(EXPIRIES)?;
     let killed_at = Instant::now();
-    victim.child.start_kill()?;
-    victim.child.wait().await?;
+    victim.child.kill()?;
+    victim.wait()?;
     collect_phase(&server, &mut peers, phase).await?;
     let recovery = killed_at.elapsed();
     check_server(phase)?;
@@ -431,7 +458,7 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
         w.send("exit").await?;
     }
     for w in peers.iter_mut() {
-        let status = w.child.wait().await?;
+        let status = w.wait()?;
         ensure!(status.success(), "{} exited with {status}", w.name);
     }
     #[cfg(feature = "redis")]

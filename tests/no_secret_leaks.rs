@@ -1,6 +1,6 @@
 //! Invariant 8: no access token, refresh token or client secret appears in tracing output
-//! (at TRACE: the formatted log, and every span and event field as recorded, including span
-//! fields recorded after the span's last event), in `Debug` or `Display` of errors, events,
+//! (at TRACE: every span name and every span and event field as recorded, including span
+//! fields recorded after the span's last event, and each error field's source chain), in `Debug` or `Display` of errors, events,
 //! token sets, statuses, grant listings, records, or the provider and its builder.
 //!
 //! This file holds a single test because it installs a global tracing subscriber (refreshes
@@ -8,25 +8,20 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
 use support::drain;
 use support::encoding::base64;
+use support::trace::Capture;
 use tokenkeeper::testing::ManualClock;
 use tokenkeeper::{
     AccessToken, ClientAuth, ClientSecret, Clock, ConfigProblem, Error, Event, EventItem,
     InvalidationReason, MemoryStore, OAuth2Provider, Page, RefreshToken, TokenKey, TokenManager,
     TokenSet, TokenStore, UnavailableCause,
 };
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::Layer;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -41,70 +36,6 @@ struct Scenario {
     status: u16,
     body: String,
     retry_after: Option<&'static str>,
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Every span with every field value recorded on it, and every event's fields, as recorded
-/// (not as a formatter chooses to print them).
-#[derive(Clone, Default)]
-struct Fields(Arc<Mutex<FieldLog>>);
-
-#[derive(Default)]
-struct FieldLog {
-    /// (span name, `name=value` of each field recorded, in order).
-    spans: Vec<(&'static str, Vec<String>)>,
-    /// Open spans by id (ids are reused once a span closes).
-    open: HashMap<Id, usize>,
-    events: Vec<String>,
-}
-
-struct Collect<'a>(&'a mut Vec<String>);
-
-impl Visit for Collect<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.push(format!("{}={value}", field.name()));
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.push(format!("{}={value:?}", field.name()));
-    }
-}
-
-impl<S: tracing::Subscriber> Layer<S> for Fields {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
-        let mut log = self.0.lock().unwrap();
-        let mut fields = Vec::new();
-        attrs.record(&mut Collect(&mut fields));
-        log.spans.push((attrs.metadata().name(), fields));
-        let at = log.spans.len() - 1;
-        log.open.insert(id.clone(), at);
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, _: Context<'_, S>) {
-        let mut log = self.0.lock().unwrap();
-        if let Some(&at) = log.open.get(id) {
-            values.record(&mut Collect(&mut log.spans[at].1));
-        }
-    }
-
-    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        let mut fields = Vec::new();
-        event.record(&mut Collect(&mut fields));
-        self.0.lock().unwrap().events.extend(fields);
-    }
 }
 
 fn assert_clean(what: &str, text: &str, secrets: &[String]) {
@@ -130,17 +61,7 @@ fn error_texts(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
 
 #[test]
 fn no_secret_reaches_traces_errors_events_or_debug_output() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let fields = Fields::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(move || writer.clone())
-                .with_ansi(false),
-        )
-        .with(fields.clone());
-    tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+    let capture = Capture::install_global();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -151,7 +72,7 @@ fn no_secret_reaches_traces_errors_events_or_debug_output() {
     let mut texts: Vec<(String, String)> = Vec::new();
     let keys = runtime.block_on(run(&mut secrets, &mut texts));
 
-    let trace = String::from_utf8(captured.0.lock().unwrap().clone()).expect("utf-8 trace");
+    let trace = capture.text();
     assert!(!trace.is_empty(), "nothing was traced");
     assert!(trace.contains("tokenkeeper.refresh"), "{trace}");
     for key in &keys {
@@ -168,12 +89,12 @@ fn no_secret_reaches_traces_errors_events_or_debug_output() {
 
     // The fields themselves, span by span: one refresh span per refresh, with the key, the
     // outcome, the attempt number and the duration, and no secret in any field.
-    let log = fields.0.lock().unwrap();
+    let log = capture.log();
     let refreshes: Vec<&Vec<String>> = log
         .spans
         .iter()
-        .filter(|(name, _)| *name == "tokenkeeper.refresh")
-        .map(|(_, fields)| fields)
+        .filter(|span| span.name == "tokenkeeper.refresh")
+        .map(|span| &span.fields)
         .collect();
     assert!(refreshes.len() >= keys.len(), "{}", refreshes.len());
     for key in &keys {
@@ -193,13 +114,19 @@ fn no_secret_reaches_traces_errors_events_or_debug_output() {
     assert!(refreshes
         .iter()
         .any(|f| f.contains(&"attempt=2".to_owned())));
-    for (name, fields) in &log.spans {
-        for field in fields {
-            assert_clean(&format!("a field of span {name}"), field, &secrets);
+    for span in &log.spans {
+        for field in &span.fields {
+            assert_clean(&format!("a field of span {}", span.name), field, &secrets);
         }
     }
-    for field in &log.events {
-        assert_clean("an event field", field, &secrets);
+    for event in &log.events {
+        for field in &event.fields {
+            assert_clean(
+                &format!("a field of an event of {}", event.target),
+                field,
+                &secrets,
+            );
+        }
     }
 }
 

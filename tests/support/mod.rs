@@ -1,11 +1,12 @@
 //! Helpers shared by the integration tests: tokens and providers for the fake authorization
-//! server, a Xoxoday-style JSON provider, event draining, and (in submodules) encoders and a
-//! recording harness for classification tests against wiremock.
+//! server, a Xoxoday-style JSON provider, event draining, and (in submodules) encoders, a
+//! recording harness for classification tests against wiremock, and a tracing capture.
 #![allow(dead_code)]
 
 pub mod encoding;
 pub mod harness;
 pub mod store;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
