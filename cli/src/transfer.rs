@@ -149,3 +149,123 @@ async fn save_to_destination(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use tokenkeeper::{
+        AccessToken, MemoryStore, RefreshLock, RefreshToken, StoreError, TokenSet, Versioned,
+    };
+
+    use super::*;
+
+    fn record(refresh: &str) -> GrantRecord {
+        GrantRecord::new(
+            TokenSet::new(AccessToken::new(format!("at-{refresh}")))
+                .with_refresh_token(RefreshToken::new(refresh)),
+        )
+    }
+
+    /// A store without a refresh lock whose grant an instance refreshes (rotating the refresh
+    /// token) just before each of the first `rotations` saves of the move's marker.
+    struct RefreshedMeanwhile {
+        inner: MemoryStore,
+        rotations: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl TokenStore for RefreshedMeanwhile {
+        async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+            self.inner.load(key).await
+        }
+
+        async fn save(
+            &self,
+            key: &TokenKey,
+            record: &GrantRecord,
+            expected: Option<Version>,
+        ) -> Result<Cas, StoreError> {
+            if record.moved_to().is_some() {
+                let left = self.rotations.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.rotations.store(left - 1, Ordering::SeqCst);
+                    let current = self.inner.load(key).await?.expect("the grant");
+                    let rotated = record_for(left);
+                    self.inner
+                        .save(key, &rotated, Some(current.version))
+                        .await?;
+                }
+            }
+            self.inner.save(key, record, expected).await
+        }
+
+        async fn delete(&self, key: &TokenKey) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+
+        async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+            self.inner.keys().await
+        }
+
+        async fn lock(
+            &self,
+            _key: &TokenKey,
+            _ttl: Duration,
+        ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    fn record_for(rotation: usize) -> GrantRecord {
+        record(&format!("rt-rotated-{rotation}"))
+    }
+
+    #[tokio::test]
+    async fn a_refresh_in_the_source_during_a_move_is_carried_to_the_destination() {
+        let key = TokenKey::from("k");
+        let from = Arc::new(RefreshedMeanwhile {
+            inner: MemoryStore::new(),
+            rotations: AtomicUsize::new(2),
+        });
+        from.inner.save(&key, &record("rt-0"), None).await.unwrap();
+        let to = MemoryStore::new();
+        let ends = Ends {
+            from: &*from,
+            to: &to,
+            to_shown: "memory://staging",
+            force: false,
+        };
+        move_grant(&ends, &key).await.unwrap();
+
+        // Two rotations happened in the source during the move: the destination holds the
+        // last one, and the source is marked moved over it.
+        let moved = to.load(&key).await.unwrap().unwrap().value;
+        assert_eq!(moved, record_for(1));
+        let source = from.load(&key).await.unwrap().unwrap().value;
+        assert_eq!(source.moved_to(), Some("memory://staging"));
+        assert_eq!(source.tokens(), record_for(1).tokens());
+    }
+
+    #[tokio::test]
+    async fn a_source_that_never_settles_is_left_unmarked() {
+        let key = TokenKey::from("k");
+        let from = RefreshedMeanwhile {
+            inner: MemoryStore::new(),
+            rotations: AtomicUsize::new(ATTEMPTS + 1),
+        };
+        from.inner.save(&key, &record("rt-0"), None).await.unwrap();
+        let to = MemoryStore::new();
+        let ends = Ends {
+            from: &from,
+            to: &to,
+            to_shown: "memory://staging",
+            force: false,
+        };
+        let failure = move_grant(&ends, &key).await.unwrap_err();
+        assert!(failure.to_string().contains("run the move again"), "{failure}");
+        assert_eq!(from.load(&key).await.unwrap().unwrap().value.moved_to(), None);
+    }
+}
