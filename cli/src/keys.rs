@@ -77,6 +77,8 @@ pub struct KeyArgs {
     pub current: Option<(u32, KeySource)>,
     /// Old keys that still decrypt records written under their ids.
     pub old: Vec<(u32, KeySource)>,
+    /// The encrypted store's namespace, if any.
+    pub namespace: Option<String>,
     /// Read records written without encryption (a migration, with `rekey`).
     pub accept_unencrypted: bool,
 }
@@ -91,9 +93,9 @@ impl KeyArgs {
                     source.describe()
                 )));
             }
-            if self.accept_unencrypted {
+            if self.accept_unencrypted || self.namespace.is_some() {
                 return Err(Failure::usage(
-                    "--accept-unencrypted needs a key (--key-env or --key-file)",
+                    "--accept-unencrypted and --namespace need a key (--key-env or --key-file)",
                 ));
             }
             return Ok(store);
@@ -138,8 +140,11 @@ impl KeyArgs {
                 .with_old_base64(KeyId::new(*old_id), old.read()?.trim())
                 .map_err(|e| bad(old, e))?;
         }
-        Ok(Some(
-            EncryptedStore::new(store, keyring).accept_unencrypted(self.accept_unencrypted),
-        ))
+        let mut store =
+            EncryptedStore::new(store, keyring).accept_unencrypted(self.accept_unencrypted);
+        if let Some(namespace) = &self.namespace {
+            store = store.with_namespace(namespace.clone());
+        }
+        Ok(Some(store))
     }
 }

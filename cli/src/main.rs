@@ -150,6 +150,9 @@ struct StoreArgs {
     /// An old key that still decrypts records written under ID, from a file (repeatable).
     #[arg(long, value_name = "ID=PATH")]
     old_key_file: Vec<String>,
+    /// The encrypted store's namespace (`EncryptedStore::with_namespace`), if it has one.
+    #[arg(long, value_name = "NAME")]
+    namespace: Option<String>,
     /// Also read records written without encryption (to encrypt them with `rekey`).
     #[arg(long)]
     accept_unencrypted: bool,
@@ -168,6 +171,7 @@ impl StoreArgs {
             current: KeySource::of(self.key_env.clone(), self.key_file.clone())
                 .map(|source| (self.key_id, source)),
             old,
+            namespace: self.namespace.clone(),
             accept_unencrypted: self.accept_unencrypted,
         })
     }
@@ -201,6 +205,9 @@ struct TransferArgs {
     /// The id of the source's key.
     #[arg(long, value_name = "ID", default_value_t = 1)]
     from_key_id: u32,
+    /// The source's namespace, if it is an encrypted store with one.
+    #[arg(long, value_name = "NAME")]
+    from_namespace: Option<String>,
     /// The destination's encryption key, from an environment variable.
     #[arg(long, value_name = "VAR", conflicts_with = "to_key_file")]
     to_key_env: Option<String>,
@@ -210,6 +217,9 @@ struct TransferArgs {
     /// The id of the destination's key.
     #[arg(long, value_name = "ID", default_value_t = 1)]
     to_key_id: u32,
+    /// The destination's namespace, if it is an encrypted store with one.
+    #[arg(long, value_name = "NAME")]
+    to_namespace: Option<String>,
 }
 
 impl TransferArgs {
@@ -217,6 +227,7 @@ impl TransferArgs {
         KeyArgs {
             current: KeySource::of(self.from_key_env.clone(), self.from_key_file.clone())
                 .map(|source| (self.from_key_id, source)),
+            namespace: self.from_namespace.clone(),
             ..KeyArgs::default()
         }
     }
@@ -225,6 +236,7 @@ impl TransferArgs {
         KeyArgs {
             current: KeySource::of(self.to_key_env.clone(), self.to_key_file.clone())
                 .map(|source| (self.to_key_id, source)),
+            namespace: self.to_namespace.clone(),
             ..KeyArgs::default()
         }
     }

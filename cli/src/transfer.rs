@@ -265,7 +265,13 @@ mod tests {
             force: false,
         };
         let failure = move_grant(&ends, &key).await.unwrap_err();
-        assert!(failure.to_string().contains("run the move again"), "{failure}");
-        assert_eq!(from.load(&key).await.unwrap().unwrap().value.moved_to(), None);
+        assert!(
+            failure.to_string().contains("run the move again"),
+            "{failure}"
+        );
+        assert_eq!(
+            from.load(&key).await.unwrap().unwrap().value.moved_to(),
+            None
+        );
     }
 }

@@ -188,3 +188,51 @@ fn rekey_encrypts_a_store_written_without_encryption() {
         assert_no_secret(&text);
     }
 }
+
+#[test]
+fn a_namespaced_store_is_read_with_its_namespace_and_moved_into_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (prod, staging) = (dir.path().join("prod"), dir.path().join("staging"));
+    std::fs::create_dir(&prod).unwrap();
+    let record = grant("a", true);
+    seed(
+        &encrypted(&prod, 1, KEY_1).with_namespace("prod"),
+        &[("site-a", record.clone())],
+    );
+    let url = file_url(&prod);
+    tokenkeeper()
+        .args(["grants", "list", "--store", &url, "--key-env", "TK_KEY"])
+        .env("TK_KEY", KEY_1)
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("cannot be decrypted"));
+    tokenkeeper()
+        .args(["grants", "list", "--store", &url, "--key-env", "TK_KEY"])
+        .args(["--namespace", "prod"])
+        .env("TK_KEY", KEY_1)
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("site-a"));
+
+    // Re-encrypted on the way: another key, another namespace.
+    tokenkeeper()
+        .args([
+            "grants",
+            "move",
+            "site-a",
+            "--from",
+            &url,
+            "--from-key-env",
+            "TK_KEY",
+        ])
+        .args(["--from-namespace", "prod", "--to"])
+        .arg(file_url(&staging))
+        .args(["--to-key-env", "TK_STAGING", "--to-key-id", "7"])
+        .args(["--to-namespace", "staging"])
+        .env("TK_KEY", KEY_1)
+        .env("TK_STAGING", KEY_2)
+        .assert()
+        .success();
+    let moved = encrypted(&staging, 7, KEY_2).with_namespace("staging");
+    assert_eq!(load(&moved, "site-a").unwrap().value, record);
+}
