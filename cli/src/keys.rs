@@ -3,9 +3,24 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokenkeeper::TokenStore;
+use tokenkeeper::{GrantRecord, TokenStore};
 
 use crate::failure::Failure;
+
+/// How `EncryptedStore` marks the access-token field of the envelope record it hands its inner
+/// store (the library's stored format, version 1; `tests/encrypted.rs` pins it through the
+/// library).
+const ENVELOPE_PREFIX: &str = "tkenc1:";
+
+/// Whether `record` is an `EncryptedStore` envelope read without the key: its real state,
+/// tokens and expiry are inside the ciphertext.
+pub fn is_envelope(record: &GrantRecord) -> bool {
+    record
+        .tokens()
+        .access_token()
+        .secret()
+        .starts_with(ENVELOPE_PREFIX)
+}
 
 /// Where one base64 key comes from.
 #[derive(Debug, Clone)]

@@ -11,7 +11,8 @@ use tokenkeeper::{GrantHealth, GrantRecord, InvalidationReason, TokenKey};
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub key: String,
-    /// `active`, `backing_off` or `reauthorization_required`.
+    /// `active`, `backing_off`, `reauthorization_required`, or `encrypted` (read without the
+    /// store's key).
     pub health: &'static str,
     /// Why the grant is dead (snake case), for `reauthorization_required`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,6 +54,14 @@ impl Summary {
             failures: record.failures(),
             last_error: record.last_error().map(str::to_owned),
         };
+        if crate::keys::is_envelope(record) {
+            // Read without the key: nothing here is the grant's (the tokens' expiry and state
+            // are inside the ciphertext).
+            summary.health = "encrypted";
+            summary.access_expires_at = None;
+            summary.refresh_expires_at = None;
+            return summary;
+        }
         match GrantHealth::of(record, now) {
             GrantHealth::BackingOff { until } => {
                 summary.health = "backing_off";
@@ -80,6 +89,7 @@ impl Summary {
             ("reauthorization_required", _) => {
                 format!("dead: {}", self.reason.unwrap_or("unknown"))
             }
+            ("encrypted", _) => "encrypted (give --key-env or --key-file)".to_owned(),
             (health, _) => health.to_owned(),
         }
     }

@@ -47,6 +47,14 @@ pub async fn move_grant(ends: &Ends<'_>, key: &TokenKey) -> Result<(), Failure> 
 
 async fn move_locked(ends: &Ends<'_>, key: &TokenKey) -> Result<(), Failure> {
     let mut source = load(ends.from, key, "source").await?;
+    // A mark on the envelope would be invisible to the applications, which read the state
+    // inside the ciphertext: they would go on refreshing.
+    if crate::keys::is_envelope(&source.1) {
+        return Err(Failure::refused(format!(
+            "`{key}` is encrypted in the source: give its key (--from-key-env or \
+             --from-key-file) so that the move can mark it where applications look; nothing moved"
+        )));
+    }
     let mut dest_version = destination_version(ends, key).await?;
     for _ in 0..ATTEMPTS {
         dest_version = Some(save_to_destination(ends, key, &source.1, dest_version).await?);

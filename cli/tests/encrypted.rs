@@ -27,6 +27,26 @@ fn an_encrypted_store_is_read_with_its_key_and_rekeyed_under_a_new_one() {
     );
     let url = file_url(dir.path());
 
+    // Without the key: listed as encrypted, and a move (whose mark the applications could not
+    // see) is refused.
+    tokenkeeper()
+        .args(["grants", "list", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("encrypted (give --key-env"));
+    let elsewhere = file_url(&dir.path().join("elsewhere"));
+    tokenkeeper()
+        .args([
+            "grants", "move", "site-a", "--from", &url, "--to", &elsewhere,
+        ])
+        .assert()
+        .code(4)
+        .stderr(predicates::str::contains("--from-key-env"));
+    let kept = load(&encrypted(dir.path(), 1, KEY_1), "site-a")
+        .unwrap()
+        .value;
+    assert_eq!(kept, record);
+
     let out = tokenkeeper()
         .args([
             "grants",
