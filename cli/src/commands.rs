@@ -302,12 +302,12 @@ async fn transfer(args: &TransferArgs, mode: Mode) -> Result<(), Failure> {
             .collect::<Result<_, _>>()?
     };
     for key in &keys {
+        if args.all && is_moved(&*from, key).await? {
+            eprintln!("skipped `{key}`: already moved");
+            continue;
+        }
         match mode {
             Mode::Move => {
-                if args.all && is_moved(&*from, key).await? {
-                    eprintln!("skipped `{key}`: already moved");
-                    continue;
-                }
                 transfer::move_grant(&ends, key).await?;
                 eprintln!("moved `{key}` to {to_shown}");
             }

@@ -25,8 +25,9 @@ use crate::keys::{KeyArgs, KeySource};
 const EXIT_CODES: &str = "\
 Store URLs:
   file:///DIR                 a FileStore directory
-  sqlite:///FILE              a SqliteStore database file
-  redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://…
+  sqlite:///FILE[?table_prefix=NAME]
+                              a SqliteStore database file
+  redis://[:PASSWORD@]HOST[:PORT][/DB][?prefix=PREFIX], rediss://…
   postgres://…                not built in yet
 Add --key-env VAR or --key-file PATH (base64, 32 bytes) to read an EncryptedStore.
 
@@ -183,7 +184,7 @@ struct TransferArgs {
     /// The grants' keys.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     keys: Vec<String>,
-    /// Every grant of the source (for `move`: every one not already moved).
+    /// Every grant of the source not already moved out of it.
     #[arg(long)]
     all: bool,
     /// The source store's URL.

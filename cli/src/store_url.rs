@@ -97,7 +97,7 @@ impl StoreUrl {
                 let store = store.map_err(|e| Failure::store(format!("cannot open {shown}"), e))?;
                 Ok(Arc::new(store))
             }
-            "sqlite" => self.open_sqlite(&shown),
+            "sqlite" => self.open_sqlite(&shown, access),
             "redis" | "rediss" => self.open_redis(&shown).await,
             // `PostgresStore` arrives with the `postgres` feature of the library; then this
             // arm opens it like the others.
@@ -133,24 +133,73 @@ impl StoreUrl {
         Ok(PathBuf::from(decoded.into_owned()))
     }
 
+    /// The URL's `name=value` query option, and the URL without it.
+    fn take_option(&self, name: &str) -> (Option<String>, Url) {
+        let mut url = self.url.clone();
+        let mut value = None;
+        let rest: Vec<(String, String)> = self
+            .url
+            .query_pairs()
+            .filter_map(|(k, v)| {
+                if k == name {
+                    value = Some(v.into_owned());
+                    None
+                } else {
+                    Some((k.into_owned(), v.into_owned()))
+                }
+            })
+            .collect();
+        if rest.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(rest);
+        }
+        (value, url)
+    }
+
+    /// `sqlite:///FILE[?table_prefix=NAME]`.
     #[cfg(feature = "sqlite")]
-    fn open_sqlite(&self, shown: &str) -> Result<Arc<dyn TokenStore>, Failure> {
+    fn open_sqlite(&self, shown: &str, access: Access) -> Result<Arc<dyn TokenStore>, Failure> {
+        let (prefix, rest) = self.take_option("table_prefix");
+        if rest.query().is_some() {
+            return Err(Failure::usage(format!(
+                "{shown}: the only query option of a sqlite:// URL is table_prefix"
+            )));
+        }
         let path = self.absolute_path()?;
-        let store = tokenkeeper::SqliteStore::open(&path)
+        // Reading a database that is not there would create an empty one (a typo would then
+        // list nothing and exit 0).
+        if access == Access::Read && !path.exists() {
+            return Err(Failure::runtime(format!(
+                "cannot open {shown}: the database file does not exist"
+            )));
+        }
+        let mut builder = tokenkeeper::SqliteStore::builder(&path);
+        if let Some(prefix) = prefix {
+            builder = builder.table_prefix(prefix);
+        }
+        let store = builder
+            .build()
             .map_err(|e| Failure::store(format!("cannot open {shown}"), e))?;
         Ok(Arc::new(store))
     }
 
     #[cfg(not(feature = "sqlite"))]
-    fn open_sqlite(&self, shown: &str) -> Result<Arc<dyn TokenStore>, Failure> {
+    fn open_sqlite(&self, shown: &str, _access: Access) -> Result<Arc<dyn TokenStore>, Failure> {
         Err(Failure::usage(format!(
             "cannot open {shown}: this tokenkeeper was built without the `sqlite` feature"
         )))
     }
 
+    /// `redis://…[?prefix=PREFIX]`; other query options go to the Redis client.
     #[cfg(feature = "redis")]
     async fn open_redis(&self, shown: &str) -> Result<Arc<dyn TokenStore>, Failure> {
-        let store = tokenkeeper::RedisStore::builder(self.url.as_str())
+        let (prefix, rest) = self.take_option("prefix");
+        let mut builder = tokenkeeper::RedisStore::builder(rest.as_str());
+        if let Some(prefix) = prefix {
+            builder = builder.prefix(prefix);
+        }
+        let store = builder
             .build()
             .await
             .map_err(|e| Failure::store(format!("cannot open {shown}"), e))?;
@@ -203,6 +252,18 @@ mod tests {
                 .redacted(),
             "postgres://db/grants"
         );
+    }
+
+    #[test]
+    fn query_options_are_taken_out_of_the_url() {
+        let url = StoreUrl::parse("redis://:pw@h:1/2?prefix=app%3A&protocol=resp3").unwrap();
+        let (prefix, rest) = url.take_option("prefix");
+        assert_eq!(prefix.as_deref(), Some("app:"));
+        assert_eq!(rest.as_str(), "redis://:pw@h:1/2?protocol=resp3");
+        let (none, rest) = StoreUrl::parse("sqlite:///x.db")
+            .unwrap()
+            .take_option("table_prefix");
+        assert_eq!((none, rest.as_str()), (None, "sqlite:///x.db"));
     }
 
     #[test]

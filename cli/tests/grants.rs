@@ -221,6 +221,13 @@ fn usage_errors_exit_2_with_a_message() {
         .assert()
         .code(1)
         .stderr(predicates::str::contains("does not exist"));
+    tokenkeeper()
+        .args(["grants", "list", "--store"])
+        .arg(sqlite_url(&dir.path().join("typo.db")))
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("does not exist"));
+    assert!(!dir.path().join("typo.db").exists());
     // The exit codes are documented in --help.
     tokenkeeper()
         .arg("--help")
@@ -264,4 +271,32 @@ fn an_unreadable_record_is_reported_and_the_rest_listed() {
         stderr.contains("cannot read `bad`") && stderr.contains("corrupt"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_sqlite_table_prefix_is_a_query_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let app = SqliteStore::builder(&db)
+        .table_prefix("app_")
+        .build()
+        .unwrap();
+    seed(&app, &[("site-a", grant("a", true))]);
+    tokenkeeper()
+        .args(["grants", "list", "--json", "--store"])
+        .arg(format!("{}?table_prefix=app_", sqlite_url(&db)))
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("\"key\":\"site-a\""));
+    // The default prefix's tables are another store in the same file.
+    tokenkeeper()
+        .args(["grants", "list", "--json", "--store", &sqlite_url(&db)])
+        .assert()
+        .success()
+        .stdout("");
+    tokenkeeper()
+        .args(["grants", "list", "--store"])
+        .arg(format!("{}?prefix=app_", sqlite_url(&db)))
+        .assert()
+        .code(2);
 }
