@@ -134,6 +134,7 @@ impl StoreUrl {
     }
 
     /// The URL's `name=value` query option, and the URL without it.
+    #[cfg(any(feature = "sqlite", feature = "redis", test))]
     fn take_option(&self, name: &str) -> (Option<String>, Url) {
         let mut url = self.url.clone();
         let mut value = None;
