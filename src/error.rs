@@ -188,6 +188,19 @@ pub enum InvalidationReason {
         /// The provider's code.
         code: String,
     },
+    /// An operator moved the grant to another store (`tokenkeeper grants move`), and marked
+    /// the record left here with this reason
+    /// ([`GrantRecord::into_moved`](crate::GrantRecord::into_moved)).
+    ///
+    /// The grant is alive where it went: no user needs to reconnect, but this instance must
+    /// stop using it, so that it does not race the new environment with the same refresh token
+    /// (for a rotating provider, two stores refreshing one grant kill it at the next
+    /// rotation). Point this instance at the new store, or insert a grant again here (moving it
+    /// back does) to revive it, as with any dead grant.
+    Moved {
+        /// Where the grant went: a store URL without user, password or query, never a secret.
+        to: String,
+    },
 }
 
 impl fmt::Display for InvalidationReason {
@@ -211,6 +224,7 @@ impl fmt::Display for InvalidationReason {
                 f.write_str("the access token expired and cannot be renewed once expired")
             }
             Self::Provider { code } => write!(f, "provider code `{code}`"),
+            Self::Moved { to } => write!(f, "the grant was moved to another store ({to})"),
         }
     }
 }

@@ -1440,7 +1440,11 @@ fn problem(setting: &str, reason: &str) -> ConfigProblem {
 }
 
 impl GrantHealth {
-    pub(crate) fn of(record: &GrantRecord, now: SystemTime) -> Self {
+    /// The health of a stored record at `now`, as [`TokenManager::status`] reports it (without
+    /// what only a running manager knows): dead if its state says so, backing off while
+    /// [`retry_not_before`](GrantRecord::retry_not_before) is after `now`, else active. For
+    /// tools that read a store directly, such as the `tokenkeeper` CLI.
+    pub fn of(record: &GrantRecord, now: SystemTime) -> Self {
         match &record.state {
             GrantState::ReauthorizationRequired { reason, since } => {
                 GrantHealth::ReauthorizationRequired {

@@ -292,6 +292,8 @@ fn reason_label(reason: &InvalidationReason) -> &'static str {
         InvalidationReason::AccessTokenExpired => "access_token_expired",
         // Provider codes are free text: never a label value.
         InvalidationReason::Provider { .. } => "provider",
+        // Where it went is free text too.
+        InvalidationReason::Moved { .. } => "moved",
     }
 }
 

@@ -282,6 +282,51 @@ impl GrantRecord {
         self.reply_lost
     }
 
+    /// This record marked as moved to `to`: what an operator leaves in a store a grant was
+    /// moved out of (`tokenkeeper grants move`), so that instances still reading this store
+    /// stop refreshing it and answer
+    /// [`Error::ReauthorizationRequired`] with [`InvalidationReason::Moved`] instead of racing
+    /// the new environment with the same refresh token.
+    ///
+    /// The tokens are kept (the record still shows what was moved); the state becomes
+    /// [`GrantState::ReauthorizationRequired`] since `at`, the backoff is cleared and
+    /// [`last_error`](Self::last_error) says where the grant went. `to` names the destination
+    /// and is shown in errors, so it must not hold a secret: give a store URL without its
+    /// user, password or query. Inserting a grant under the key again (moving it back does)
+    /// revives it, as with any dead grant.
+    ///
+    /// ```
+    /// use std::time::SystemTime;
+    /// use tokenkeeper::{AccessToken, GrantRecord, GrantState, InvalidationReason, TokenSet};
+    ///
+    /// let record = GrantRecord::new(TokenSet::new(AccessToken::new("at")));
+    /// let moved = record.into_moved("sqlite:///srv/grants.db", SystemTime::now());
+    /// assert!(matches!(
+    ///     moved.state(),
+    ///     GrantState::ReauthorizationRequired { reason: InvalidationReason::Moved { to }, .. }
+    ///         if to == "sqlite:///srv/grants.db"
+    /// ));
+    /// ```
+    pub fn into_moved(mut self, to: impl Into<String>, at: SystemTime) -> GrantRecord {
+        let reason = InvalidationReason::Moved { to: to.into() };
+        self.last_error = Some(reason.to_string());
+        self.state = GrantState::ReauthorizationRequired {
+            reason,
+            since: Some(at),
+        };
+        self.retry_not_before = None;
+        self
+    }
+
+    /// Where the grant was moved, if this record was marked moved
+    /// ([`into_moved`](Self::into_moved)).
+    pub fn moved_to(&self) -> Option<&str> {
+        match self.dead_reason() {
+            Some(InvalidationReason::Moved { to }) => Some(to),
+            _ => None,
+        }
+    }
+
     pub(crate) fn dead_reason(&self) -> Option<&InvalidationReason> {
         match &self.state {
             GrantState::ReauthorizationRequired { reason, .. } => Some(reason),
