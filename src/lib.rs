@@ -167,6 +167,7 @@ mod refresher;
 mod status;
 mod store;
 mod token;
+pub mod transfer;
 
 pub use authorized::{AuthorizedClient, Rejection, RequestError};
 #[cfg(feature = "middleware")]

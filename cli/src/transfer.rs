@@ -1,16 +1,18 @@
-//! Moving and copying one grant between stores, without losing a rotation.
+//! Moving and copying one grant between stores, without losing a rotation: the library's
+//! `tokenkeeper::transfer`, with the CLI's messages and exit codes.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use tokenkeeper::{Cas, GrantRecord, TokenKey, TokenStore, Version};
+use tokenkeeper::transfer::{self, MoveOptions, TransferError};
+use tokenkeeper::{TokenKey, TokenStore};
 
 use crate::failure::Failure;
 
 /// How long the source's refresh lock is held at most: as long as a manager holds it for a
 /// refresh by default (`TokenManagerBuilder::lock_ttl`), far longer than a move takes.
 const LOCK_TTL: Duration = Duration::from_secs(60);
-/// Rounds of "a peer refreshed meanwhile, copy its newer record" before giving up (only a store
-/// without a refresh lock can need more than one).
+/// The library's rounds of "the source changed meanwhile" before giving up (for the tests).
+#[cfg(test)]
 const ATTEMPTS: usize = 16;
 
 /// The stores and names of one transfer.
@@ -23,138 +25,80 @@ pub struct Ends<'a> {
     pub force: bool,
 }
 
-/// Moves `key`: under the source's refresh lock (which waits out an in-flight refresh), copies
-/// the record to the destination, then marks the source record moved by compare-and-swap at the
-/// version copied. If the source changed meanwhile (a store without a lock, refreshed by an
-/// instance), copies the newer record again and retries, so the destination always ends with
-/// the source's last rotation.
+/// Moves `key` (see `tokenkeeper::transfer::move_grant`): the destination always ends with the
+/// source's last rotation, and the source is marked moved.
 pub async fn move_grant(ends: &Ends<'_>, key: &TokenKey) -> Result<(), Failure> {
-    let lock = ends
-        .from
-        .lock(key, LOCK_TTL)
-        .await
-        .map_err(|e| Failure::store(format!("cannot lock `{key}` in the source"), e))?;
-    let result = move_locked(ends, key).await;
-    if let Some(lock) = lock {
-        let released = lock.release().await;
-        if let (Ok(()), Err(e)) = (&result, released) {
-            // The move is done; the lease expires on its own after LOCK_TTL.
-            eprintln!("tokenkeeper: warning: could not release the lock on `{key}`: {e}");
-        }
-    }
-    result
-}
-
-async fn move_locked(ends: &Ends<'_>, key: &TokenKey) -> Result<(), Failure> {
-    let mut source = load(ends.from, key, "source").await?;
     // A mark on the envelope would be invisible to the applications, which read the state
     // inside the ciphertext: they would go on refreshing.
-    if crate::keys::is_envelope(&source.1) {
-        return Err(Failure::refused(format!(
-            "`{key}` is encrypted in the source: give its key (--from-key-env or \
-             --from-key-file) so that the move can mark it where applications look; nothing moved"
-        )));
-    }
-    let mut dest_version = destination_version(ends, key).await?;
-    for _ in 0..ATTEMPTS {
-        dest_version = Some(save_to_destination(ends, key, &source.1, dest_version).await?);
-        let marked = source
-            .1
-            .clone()
-            .into_moved(ends.to_shown, SystemTime::now());
-        match ends
-            .from
-            .save(key, &marked, Some(source.0))
-            .await
-            .map_err(|e| Failure::store(format!("cannot mark `{key}` moved in the source"), e))?
-        {
-            Cas::Saved(_) => return Ok(()),
-            // Refreshed (or changed) in the source since it was read: copy the newer record.
-            Cas::Conflict => source = load(ends.from, key, "source").await?,
+    if let Some(loaded) = ends
+        .from
+        .load(key)
+        .await
+        .map_err(|e| Failure::store(format!("cannot read `{key}` from the source"), e))?
+    {
+        if crate::keys::is_envelope(&loaded.value) {
+            return Err(Failure::refused(format!(
+                "`{key}` is encrypted in the source: give its key (--from-key-env or \
+                 --from-key-file) so that the move can mark it where applications look; nothing moved"
+            )));
         }
     }
-    Err(Failure::runtime(format!(
-        "`{key}` kept changing in the source; the destination holds a copy, the source is not \
-         marked moved: run the move again"
-    )))
+    let options = MoveOptions::new(ends.to_shown)
+        .overwrite(ends.force)
+        .lock_ttl(LOCK_TTL);
+    transfer::move_grant(ends.from, ends.to, key, &options)
+        .await
+        .map_err(failure)
 }
 
 /// Copies `key` without marking the source; a grant with a refresh token only with `--force`
 /// (and a warning either way).
 pub async fn copy_grant(ends: &Ends<'_>, key: &TokenKey) -> Result<(), Failure> {
-    let (_, record) = load(ends.from, key, "source").await?;
-    if record.tokens().refresh_token().is_some() {
+    let has_refresh_token = ends
+        .from
+        .load(key)
+        .await
+        .map_err(|e| Failure::store(format!("cannot read `{key}` from the source"), e))?
+        .is_some_and(|loaded| loaded.value.tokens().refresh_token().is_some());
+    if has_refresh_token {
         eprintln!(
             "tokenkeeper: warning: `{key}` has a refresh token: if both stores refresh it, a \
              rotating provider kills the grant at the next rotation (`grants move` hands it \
              over instead)"
         );
-        if !ends.force {
-            return Err(Failure::refused(format!(
-                "copying `{key}`, which has a refresh token, needs --force; nothing copied"
-            )));
+    }
+    transfer::copy_grant(ends.from, ends.to, key, ends.force, ends.force)
+        .await
+        .map_err(failure)
+}
+
+/// The CLI's message and exit code for a failed transfer.
+fn failure(error: TransferError) -> Failure {
+    match error {
+        TransferError::NotFound { key } => {
+            Failure::not_found(format!("no grant `{key}` in the source"))
         }
-    }
-    let version = destination_version(ends, key).await?;
-    save_to_destination(ends, key, &record, version).await?;
-    Ok(())
-}
-
-/// The source record and its version; refuses a record already marked moved.
-async fn load(
-    store: &dyn TokenStore,
-    key: &TokenKey,
-    side: &str,
-) -> Result<(Version, GrantRecord), Failure> {
-    let loaded = store
-        .load(key)
-        .await
-        .map_err(|e| Failure::store(format!("cannot read `{key}` from the {side}"), e))?
-        .ok_or_else(|| Failure::not_found(format!("no grant `{key}` in the {side}")))?;
-    if let Some(to) = loaded.value.moved_to() {
-        return Err(Failure::refused(format!(
-            "`{key}` in the {side} was already moved to {to}; nothing to take from it"
-        )));
-    }
-    Ok((loaded.version, loaded.value))
-}
-
-/// The destination's version of `key`, if it has one: refused without `--force`, unless the
-/// destination's record is only the marker of an earlier move out of it.
-async fn destination_version(ends: &Ends<'_>, key: &TokenKey) -> Result<Option<Version>, Failure> {
-    let existing = ends
-        .to
-        .load(key)
-        .await
-        .map_err(|e| Failure::store(format!("cannot read `{key}` from the destination"), e))?;
-    match existing {
-        // A grant moved away from the destination earlier (now moving back): only a marker.
-        Some(existing) if existing.value.moved_to().is_some() => Ok(Some(existing.version)),
-        Some(_) if !ends.force => Err(Failure::refused(format!(
+        TransferError::AlreadyMoved { key, to } => Failure::refused(format!(
+            "`{key}` in the source was already moved to {to}; nothing to take from it"
+        )),
+        TransferError::Exists { key } => Failure::refused(format!(
             "the destination already has `{key}`; --force overwrites it"
-        ))),
-        Some(existing) => Ok(Some(existing.version)),
-        None => Ok(None),
-    }
-}
-
-async fn save_to_destination(
-    ends: &Ends<'_>,
-    key: &TokenKey,
-    record: &GrantRecord,
-    expected: Option<Version>,
-) -> Result<Version, Failure> {
-    match ends
-        .to
-        .save(key, record, expected)
-        .await
-        .map_err(|e| Failure::store(format!("cannot write `{key}` to the destination"), e))?
-    {
-        Cas::Saved(version) => Ok(version),
-        Cas::Conflict => Err(Failure::refused(format!(
+        )),
+        TransferError::HasRefreshToken { key } => Failure::refused(format!(
+            "copying `{key}`, which has a refresh token, needs --force; nothing copied"
+        )),
+        TransferError::ChangedInDestination { key } => Failure::refused(format!(
             "`{key}` changed in the destination during the transfer (someone else writes it \
              there); nothing was marked in the source"
-        ))),
+        )),
+        TransferError::KeptChanging { key } => Failure::runtime(format!(
+            "`{key}` kept changing in the source; the destination holds a copy, the source is not \
+             marked moved: run the move again"
+        )),
+        TransferError::Store { key, side, source } => {
+            Failure::store(format!("cannot transfer `{key}` ({side} store)"), source)
+        }
+        other => Failure::runtime(other.to_string()),
     }
 }
 
@@ -165,7 +109,8 @@ mod tests {
 
     use async_trait::async_trait;
     use tokenkeeper::{
-        AccessToken, MemoryStore, RefreshLock, RefreshToken, StoreError, TokenSet, Versioned,
+        AccessToken, Cas, GrantRecord, MemoryStore, RefreshLock, RefreshToken, StoreError,
+        TokenSet, Version, Versioned,
     };
 
     use super::*;
