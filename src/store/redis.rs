@@ -118,7 +118,7 @@ return 0
 ///
 /// # The refresh lock
 ///
-/// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
+/// [`lock`](TokenStore::lock) is `SET {prefix}{key}:lock <random token> NX PX <ttl>`, retried
 /// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (75 s by default, longer
 /// than the manager's default 60 s lock ttl, so a peer outwaits a crashed holder), then
 /// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout). Only its owner releases it (a compare-and-delete script);
