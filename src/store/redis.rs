@@ -1,6 +1,5 @@
 //! The Redis store: grants shared by every instance of an app (feature `redis`).
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::LazyLock;
@@ -10,13 +9,15 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, RedisError, Script};
 
-use crate::error::{StoreError, StoreErrorKind};
+use crate::error::StoreError;
 use crate::store::{Cas, GrantRecord, GrantState, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
 
 mod connection;
+mod layout;
 
 use connection::Connection;
+use layout::Layout;
 
 const DEFAULT_PREFIX: &str = "tokenkeeper:";
 /// Longer than the manager's default lock ttl (60 s), so a peer outwaits a crashed holder.
@@ -170,7 +171,7 @@ return 0
 pub struct RedisStore {
     conn: Connection,
     addr: String,
-    prefix: String,
+    layout: Layout,
     ttl: Option<Duration>,
     lock_wait: Duration,
 }
@@ -212,78 +213,16 @@ impl RedisStore {
 
     /// The prefix of every key this store uses.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.layout.prefix()
     }
 
     fn grant_key(&self, key: &TokenKey) -> String {
-        format!("{}{{{}}}{GRANT}", self.prefix, hash_tag(key.as_str()))
+        self.layout.grant(key)
     }
 
     fn lock_key(&self, key: &TokenKey) -> String {
-        format!("{}{{{}}}{LOCK}", self.prefix, hash_tag(key.as_str()))
+        self.layout.lock(key)
     }
-
-    /// The grant a key name returned by `SCAN` belongs to, if it is one of this store's.
-    fn grant_of(&self, name: &[u8]) -> Option<TokenKey> {
-        let name = std::str::from_utf8(name).ok()?;
-        let tag = name
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix('{')?
-            .strip_suffix(GRANT)?
-            .strip_suffix('}')?;
-        key_of_tag(tag).map(TokenKey::from)
-    }
-}
-
-/// What ends a grant's hash key (after its hash tag).
-const GRANT: &str = ":grant";
-/// What ends a grant's lock key (after its hash tag).
-const LOCK: &str = ":lock";
-
-/// The hash tag of a grant's keys: `key` with `%`, `{` and `}` percent-encoded, `%` for the
-/// empty key (an empty tag `{}` would not be a tag).
-fn hash_tag(key: &str) -> Cow<'_, str> {
-    if key.is_empty() {
-        return Cow::Borrowed("%");
-    }
-    if !key.contains(['%', '{', '}']) {
-        return Cow::Borrowed(key);
-    }
-    let mut tag = String::with_capacity(key.len() + 8);
-    for c in key.chars() {
-        match c {
-            '%' => tag.push_str("%25"),
-            '{' => tag.push_str("%7B"),
-            '}' => tag.push_str("%7D"),
-            c => tag.push(c),
-        }
-    }
-    Cow::Owned(tag)
-}
-
-/// The key a [`hash_tag`] stands for, if `tag` is one.
-fn key_of_tag(tag: &str) -> Option<String> {
-    if tag == "%" {
-        return Some(String::new());
-    }
-    if tag.is_empty() || tag.contains(['{', '}']) {
-        return None;
-    }
-    let mut key = String::with_capacity(tag.len());
-    let mut rest = tag;
-    while let Some(at) = rest.find('%') {
-        key.push_str(&rest[..at]);
-        let code = rest.get(at..at + 3)?;
-        key.push(match code {
-            "%25" => '%',
-            "%7B" => '{',
-            "%7D" => '}',
-            _ => return None,
-        });
-        rest = &rest[at + 3..];
-    }
-    key.push_str(rest);
-    Some(key)
 }
 
 impl RedisStoreBuilder {
@@ -340,18 +279,10 @@ impl RedisStoreBuilder {
     /// # Errors
     ///
     /// A [`StoreError`] if a URL is invalid or the server (or no node of the cluster) can be
-    /// reached; of kind [`StoreErrorKind::InvalidKey`] if the prefix holds `{` or `}`.
+    /// reached; of kind [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) if
+    /// the prefix holds `{` or `}`.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
-        if self.prefix.contains(['{', '}']) {
-            return Err(StoreError::with_kind(
-                StoreErrorKind::InvalidKey,
-                format!(
-                    "the prefix `{}` holds `{{` or `}}`, which would choose the Redis Cluster \
-                     hash slot of every key",
-                    self.prefix
-                ),
-            ));
-        }
+        let layout = Layout::new(&self.prefix)?;
         let (conn, addr) = match &self.target {
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(backend)?;
@@ -386,7 +317,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             conn,
             addr,
-            prefix: self.prefix,
+            layout,
             ttl: self.ttl,
             lock_wait: self.lock_wait,
         })
@@ -398,7 +329,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("addr", &self.addr)
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.layout.prefix())
             .field("ttl", &self.ttl)
             .field("lock_wait", &self.lock_wait)
             .finish_non_exhaustive()
@@ -511,9 +442,11 @@ impl TokenStore for RedisStore {
     }
 
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        let pattern = format!("{}{{*}}{GRANT}", glob_escape(&self.prefix));
-        let names = self.conn.scan(&pattern).await?;
-        let keys: BTreeSet<TokenKey> = names.iter().filter_map(|n| self.grant_of(n)).collect();
+        let names = self.conn.scan(&self.layout.grants_pattern()).await?;
+        let keys: BTreeSet<TokenKey> = names
+            .iter()
+            .filter_map(|n| self.layout.grant_of(n))
+            .collect();
         Ok(keys.into_iter().collect())
     }
 
@@ -633,18 +566,6 @@ fn ttl_ms(ttl: Option<Duration>, record: &GrantRecord, now: SystemTime) -> u64 {
         return 0;
     }
     u64::try_from(ttl.as_millis()).unwrap_or(0).max(1)
-}
-
-/// Escapes the glob characters of `SCAN … MATCH`.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The Redis test harness, shared with the integration tests.
@@ -939,51 +860,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_grants_keys_share_a_hash_slot_and_name_it_back() {
-        use redis::cluster_routing::Slot;
-        let awkward = [
-            "",
-            "k",
-            "customer-42",
-            "}",
-            "{",
-            "{}",
-            "}{",
-            "%",
-            "%7B",
-            "a{b}c",
-            "é/\\?*[x]:{%}",
-        ];
-        let mut slots = BTreeSet::new();
-        for key in awkward {
-            let tag = hash_tag(key);
-            assert!(
-                !tag.is_empty() && !tag.contains(['{', '}']),
-                "{key:?} -> {tag}"
-            );
-            assert_eq!(key_of_tag(&tag).as_deref(), Some(key), "{tag}");
-            let grant = format!("tokenkeeper:{{{tag}}}{GRANT}");
-            let lock = format!("tokenkeeper:{{{tag}}}{LOCK}");
-            assert_eq!(Slot::for_key(&grant), Slot::for_key(&lock), "{key:?}");
-            assert_eq!(
-                Slot::for_key(&grant),
-                Slot::for_key(tag.as_bytes()),
-                "{key:?}"
-            );
-            slots.insert(format!("{:?}", Slot::for_key(&grant)));
-        }
-        assert!(slots.len() > 5, "grants spread over slots: {slots:?}");
-        assert_eq!(hash_tag("customer-42"), "customer-42");
-        assert_eq!(hash_tag("a%{b}"), "a%25%7Bb%7D");
-        assert_eq!(hash_tag(""), "%");
-        for foreign in ["", "a{b", "a}b", "%", "%2", "%41", "a%zz"] {
-            if foreign != "%" {
-                assert_eq!(key_of_tag(foreign), None, "{foreign:?}");
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_prefix_with_braces_is_refused_before_connecting() {
         for prefix in ["{app}:", "app{", "app}", "a{}"] {
@@ -995,6 +871,30 @@ mod tests {
                 assert_eq!(err.kind(), StoreErrorKind::InvalidKey, "{prefix}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_password_never_shows_for_a_cluster() {
+        let server = RedisServer::start_with_password(Some("hunter2-secret"));
+        let wrong = server.url().replace("hunter2-secret", "wrong-secret");
+        let mut text = String::new();
+        // A wrong password, and a right one on a server that is no cluster.
+        for url in [wrong, server.url()] {
+            let builder = RedisStore::cluster([url.clone(), url]);
+            text.push_str(&format!(" {builder:?}"));
+            let err = builder.build().await.unwrap_err();
+            text.push_str(&format!(" {err} {err:?}"));
+            let mut source = std::error::Error::source(&err);
+            while let Some(s) = source {
+                text.push_str(&format!(" {s} {s:?}"));
+                source = s.source();
+            }
+        }
+        assert!(text.contains("urls"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("wrong-secret"),
+            "{text}"
+        );
     }
 
     #[test]
