@@ -1,6 +1,7 @@
 //! `RedisStore` on a real Redis Cluster: three `redis-server --cluster-enabled yes` on loopback
 //! ports, joined by `redis-cli --cluster create`, started and stopped by each test (see
-//! `support::redis::RedisCluster`). Fails, never skips, without `redis-server`.
+//! `support::redis::RedisCluster`); one test reshards it with `redis-cli --cluster reshard`
+//! while listing. Fails, never skips, without `redis-server`.
 //!
 //! Run with `cargo test --features redis --test redis_cluster`.
 
@@ -305,4 +306,92 @@ async fn managers_sharing_a_cluster_refresh_once_and_keep_the_rotated_token() {
         assert!(server.is_access_token_valid(token.secret()));
     }
     assert_eq!(server.refresh_calls(), 3 * grants.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_stay_complete_and_grants_usable_while_slots_move() {
+    let cluster = RedisCluster::start();
+    let store = Arc::new(store(&cluster).await);
+    let mut expected: Vec<TokenKey> = (0..400)
+        .map(|i| TokenKey::from(format!("tenant:{i}")))
+        .collect();
+    let mut versions = Vec::new();
+    for key in &expected {
+        let Cas::Saved(v) = store.save(key, &record("a"), None).await.unwrap() else {
+            panic!("{key:?}")
+        };
+        versions.push(v);
+    }
+    expected.sort();
+    let ports = cluster.ports();
+    let id = |port: u16| query(port, "CLUSTER MYID").expect("CLUSTER MYID");
+    let on_first = names_on(ports[0], "tokenkeeper:").len();
+
+    // Move 4000 slots (and their grants) from the first node to the second, while listing.
+    let reshard = {
+        let (from, to) = (id(ports[0]), id(ports[1]));
+        let seed = format!("127.0.0.1:{}", ports[0]);
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "reshard", &seed])
+                .args(["--cluster-from", &from, "--cluster-to", &to])
+                .args(["--cluster-slots", "4000", "--cluster-yes"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("redis-cli --cluster reshard")
+        })
+    };
+    let (mut complete, mut failed) = (0, 0);
+    while !reshard.is_finished() {
+        match store.keys().await {
+            Ok(keys) => {
+                assert_eq!(
+                    keys, expected,
+                    "a listing came back short while slots moved"
+                );
+                complete += 1;
+            }
+            // A listing may fail (the slot map kept changing), never come back short.
+            Err(e) => {
+                assert_eq!(e.kind(), StoreErrorKind::Backend, "{e}");
+                failed += 1;
+            }
+        }
+    }
+    let output = reshard.await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(
+        complete > 0,
+        "no listing while slots moved ({failed} failed)"
+    );
+    let moved = on_first - names_on(ports[0], "tokenkeeper:").len();
+    assert!(moved > 50, "only {moved} grants moved");
+
+    // The store follows the grants to their new node: the listing, loads, saves and locks.
+    assert_eq!(store.keys().await.unwrap(), expected);
+    let keys = (0..400).map(|i| TokenKey::from(format!("tenant:{i}")));
+    for (key, version) in keys.zip(versions) {
+        let loaded = store
+            .load(&key)
+            .await
+            .unwrap()
+            .expect("a moved grant loads");
+        assert_eq!(loaded.version, version, "{key:?}");
+        assert!(matches!(
+            store.save(&key, &record("b"), Some(version)).await.unwrap(),
+            Cas::Saved(v) if v > version
+        ));
+        store
+            .lock(&key, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
 }

@@ -106,12 +106,12 @@ return 0
 /// # Redis Cluster
 ///
 /// On a cluster, every command goes to the node serving its grant's slot, following
-/// redirections when slots move. [`keys`](TokenStore::keys) reads the slot map
-/// (`CLUSTER SLOTS`), scans every primary, and reads the slot map again: a listing during
-/// which it changed (resharding, a failover) is taken again (three times at most, then it
+/// redirections while slots move. [`keys`](TokenStore::keys) reads the slot map
+/// (`CLUSTER SLOTS`) and scans every primary; while a slot is being migrated (resharding), it
+/// scans every primary twice, so that a grant moving between two nodes is seen on one of them.
+/// A listing during which the slot map changed is taken again (three times at most, then it
 /// fails), and a cluster that does not serve all 16384 slots fails the listing rather than
-/// return it short. A grant moved by resharding between two of its node scans may still be
-/// missed by one listing; the next one finds it.
+/// return it short.
 ///
 /// Redis accepts keys of up to 512 MB, but this store, like every built-in store, refuses a
 /// [`TokenKey`] longer than [`TokenKey::MAX_LEN`] bytes with

@@ -55,11 +55,7 @@ impl redis::aio::ConnectionLike for Connection {
 
 impl Connection {
     /// The names of every key matching the glob `pattern`, by `SCAN` (never `KEYS`): on the
-    /// server, or on every primary of the cluster.
-    ///
-    /// On a cluster, the slot map is read (`CLUSTER SLOTS`) before and after scanning each
-    /// primary; a listing during which it changed (a slot moved, a failover) is taken again,
-    /// and one on a cluster that does not serve every slot fails rather than come back short.
+    /// server, or on every primary of the cluster (see [`scan_cluster`]).
     pub(super) async fn scan(&self, pattern: &str) -> Result<BTreeSet<Vec<u8>>, StoreError> {
         match self {
             Self::Single(conn) => {
@@ -69,32 +65,100 @@ impl Connection {
                 })
                 .await
             }
-            Self::Cluster(conn) => {
-                for _ in 0..LISTING_ATTEMPTS {
-                    let before = slot_map(conn).await?;
-                    let mut names = BTreeSet::new();
-                    for (host, port) in before.primaries() {
-                        let node = SingleNodeRoutingInfo::ByAddress { host, port };
-                        let routing = RoutingInfo::SingleNode(node);
-                        names.append(
-                            &mut scan_node(pattern, |cmd| {
-                                let mut conn = conn.clone();
-                                let routing = routing.clone();
-                                async move { conn.route_command(cmd, routing).await }
-                            })
-                            .await?,
-                        );
-                    }
-                    if slot_map(conn).await? == before {
-                        return Ok(names);
-                    }
-                }
-                Err(StoreError::new(format!(
-                    "the cluster's slot map changed during each of {LISTING_ATTEMPTS} listings"
-                )))
-            }
+            Self::Cluster(conn) => scan_cluster(conn, pattern).await,
         }
     }
+}
+
+/// Scans every primary of the cluster, so that no key is missed even while slots move.
+///
+/// The slot map (`CLUSTER SLOTS`) names the primaries; a cluster that does not serve every
+/// slot fails the listing rather than return it short. Each primary is asked whether it is
+/// migrating or importing a slot (`CLUSTER NODES`). When none is, one scan of each primary is
+/// complete if, afterwards, still none is and the slot map is the same. While one is, keys move
+/// between nodes during the listing, so every primary is scanned twice, in the same order: a
+/// key moving from X to Y is on X during a scan of X that precedes a scan of Y, or on Y by
+/// then; that listing is complete if the primaries are still the same afterwards. A listing
+/// that is not complete is taken again (scanning twice), [`LISTING_ATTEMPTS`] times at most,
+/// then fails.
+async fn scan_cluster(
+    conn: &ClusterConnection,
+    pattern: &str,
+) -> Result<BTreeSet<Vec<u8>>, StoreError> {
+    for attempt in 0..LISTING_ATTEMPTS {
+        let before = slot_map(conn).await?;
+        let primaries = before.primaries();
+        // After a listing that slots moved under, assume they still move.
+        let moving = attempt > 0 || any_slot_moving(conn, &primaries).await?;
+        let mut names = BTreeSet::new();
+        for _ in 0..if moving { 2 } else { 1 } {
+            for node in &primaries {
+                let routing = route_to(node);
+                names.append(
+                    &mut scan_node(pattern, |cmd| {
+                        let mut conn = conn.clone();
+                        let routing = routing.clone();
+                        async move { conn.route_command(cmd, routing).await }
+                    })
+                    .await?,
+                );
+            }
+        }
+        let after = slot_map(conn).await?;
+        let complete = if moving {
+            after.primaries() == primaries
+        } else {
+            after == before && !any_slot_moving(conn, &primaries).await?
+        };
+        if complete {
+            return Ok(names);
+        }
+    }
+    Err(StoreError::new(format!(
+        "the cluster's primaries changed during each of {LISTING_ATTEMPTS} listings"
+    )))
+}
+
+fn route_to((host, port): &(String, u16)) -> RoutingInfo {
+    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+        host: host.clone(),
+        port: *port,
+    })
+}
+
+/// Whether any of `primaries` is migrating a slot out or importing one.
+async fn any_slot_moving(
+    conn: &ClusterConnection,
+    primaries: &BTreeSet<(String, u16)>,
+) -> Result<bool, StoreError> {
+    for node in primaries {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("NODES");
+        let reply = conn
+            .clone()
+            .route_command(cmd, route_to(node))
+            .await
+            .map_err(StoreError::new)?;
+        let nodes: String = redis::from_redis_value(reply).map_err(StoreError::new)?;
+        if moving_slots(&nodes)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the node answering `CLUSTER NODES` with `nodes` says it is migrating or importing a
+/// slot: its own line (flag `myself`) lists it as `[slot->-node]` or `[slot-<-node]`.
+fn moving_slots(nodes: &str) -> Result<bool, StoreError> {
+    let own = nodes
+        .lines()
+        .find(|line| {
+            line.split(' ')
+                .nth(2)
+                .is_some_and(|flags| flags.split(',').any(|f| f == "myself"))
+        })
+        .ok_or_else(|| StoreError::new("a CLUSTER NODES reply without the node's own line"))?;
+    Ok(own.split(' ').skip(8).any(|slots| slots.starts_with('[')))
 }
 
 /// Runs one `SCAN` iteration to its end through `send` (one node).
@@ -201,6 +265,24 @@ mod tests {
     }
 
     #[test]
+    fn slots_on_the_move_are_seen_on_the_nodes_own_line() {
+        let stable = "\
+07c3 127.0.0.1:30004@31004 master - 0 1426238317239 4 connected 10923-16383
+67ed 127.0.0.1:30002@31002 myself,master - 0 1426238316232 2 connected 5461-10922
+e7d1 127.0.0.1:30001@31001 master - 0 1426238316232 1 connected 0-5460 [93-<-292f]
+";
+        assert!(!moving_slots(stable).unwrap());
+        let importing = stable.replace("5461-10922", "5461-10922 [93-<-292f]");
+        assert!(moving_slots(&importing).unwrap());
+        let migrating = stable.replace("5461-10922", "5461-10922 [5461->-e7d1]");
+        assert!(moving_slots(&migrating).unwrap());
+        let migrating_only = stable.replace("5461-10922", "[5461->-e7d1]");
+        assert!(moving_slots(&migrating_only).unwrap());
+        assert!(moving_slots("").is_err());
+        assert!(moving_slots(&stable.replace("myself,", "")).is_err());
+    }
+
+    #[test]
     fn slot_maps_are_read_and_malformed_ones_refused() {
         let reply = Value::Array(vec![
             Value::Array(vec![
@@ -224,6 +306,7 @@ mod tests {
             ]
         );
         assert_eq!(map.primaries().len(), 2);
+        assert!(parse_slots(Value::Array(vec![])).unwrap().ranges.is_empty());
 
         for bad in [
             Value::Int(3),
