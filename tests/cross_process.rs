@@ -1,6 +1,7 @@
 //! The cross-process proof: several real OS processes share one store (a `FileStore`
 //! directory; with the `sqlite` feature a `SqliteStore` database file; with the `redis`
-//! feature a `RedisStore`) and one fake authorization server
+//! feature a `RedisStore` on one server, and one on a three-node Redis Cluster) and one fake
+//! authorization server
 //! with strict rotation and reuse detection. Each process runs many tasks calling
 //! `access_token` while simulated expiries pass. Each expiry must be refreshed exactly once,
 //! reuse detection must never fire, and every process must end with a valid token. Then one
@@ -83,6 +84,8 @@ fn main() -> ExitCode {
         ("sqlite store", StoreKind::Sqlite),
         #[cfg(feature = "redis")]
         ("redis store", StoreKind::Redis),
+        #[cfg(feature = "redis")]
+        ("redis cluster store", StoreKind::RedisCluster),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, kind) in scenarios {
@@ -112,6 +115,8 @@ enum StoreKind {
     Sqlite,
     #[cfg(feature = "redis")]
     Redis,
+    #[cfg(feature = "redis")]
+    RedisCluster,
 }
 
 impl StoreKind {
@@ -122,6 +127,8 @@ impl StoreKind {
             StoreKind::Sqlite => "sqlite",
             #[cfg(feature = "redis")]
             StoreKind::Redis => "redis",
+            #[cfg(feature = "redis")]
+            StoreKind::RedisCluster => "redis-cluster",
         }
     }
 }
@@ -134,6 +141,14 @@ async fn open_store(kind: &str, location: &str) -> anyhow::Result<Arc<dyn TokenS
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(
             tokenkeeper::RedisStore::builder(location)
+                .prefix("cross-process:")
+                .build()
+                .await?,
+        )),
+        // `location`: the nodes' URLs, comma-separated.
+        #[cfg(feature = "redis")]
+        "redis-cluster" => Ok(Arc::new(
+            tokenkeeper::RedisStore::cluster(location.split(','))
                 .prefix("cross-process:")
                 .build()
                 .await?,
@@ -357,6 +372,8 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
     let tmp = tempfile::tempdir()?;
     #[cfg(feature = "redis")]
     let mut redis_server = None;
+    #[cfg(feature = "redis")]
+    let mut redis_cluster = None;
     let location = match kind {
         StoreKind::File => {
             let dir = tmp.path().join("grants");
@@ -375,6 +392,13 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
             let url = server.url();
             redis_server = Some(server);
             url
+        }
+        #[cfg(feature = "redis")]
+        StoreKind::RedisCluster => {
+            let cluster = support::redis::RedisCluster::start();
+            let urls = cluster.urls().join(",");
+            redis_cluster = Some(cluster);
+            urls
         }
     };
 
@@ -462,7 +486,7 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
         ensure!(status.success(), "{} exited with {status}", w.name);
     }
     #[cfg(feature = "redis")]
-    drop(redis_server);
+    drop((redis_server, redis_cluster));
     Ok(format!(
         "{WORKERS} processes x {TASKS} tasks, {phase} expiries, {phase} refreshes, 0 reuse \
          detections, recovered {:.2} s after the SIGKILL, {:.1} s in all",

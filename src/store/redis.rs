@@ -7,11 +7,17 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{IntoConnectionInfo, RedisError, Script};
 
 use crate::error::StoreError;
 use crate::store::{Cas, GrantRecord, GrantState, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
+
+mod connection;
+mod layout;
+
+use connection::Connection;
+use layout::Layout;
 
 const DEFAULT_PREFIX: &str = "tokenkeeper:";
 /// Longer than the manager's default lock ttl (60 s), so a peer outwaits a crashed holder.
@@ -21,9 +27,13 @@ const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Expiries beyond this are not worth a TTL (and would overflow Redis's clock).
 const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// Compare-and-swap. KEYS: the grant hash, the version counter. ARGV: the expected version
-/// (`""`: absent), the record, the TTL in milliseconds (`0`: none). Returns the new version,
-/// or nil on a conflict.
+/// Compare-and-swap. KEYS: the grant hash. ARGV: the expected version (`""`: absent), the
+/// record, the TTL in milliseconds (`0`: none). Returns the new version, or nil on a conflict.
+///
+/// The new version is the server's clock in microseconds, or the current version plus one if
+/// that is not greater: versions grow with every save, and a grant deleted (or expired, or
+/// lost in a failover) and saved again gets a version above every earlier one, with no counter
+/// key to share between grants (which a cluster would put in another slot).
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -33,8 +43,13 @@ if ARGV[1] == '' then
 elseif current ~= ARGV[1] then
   return false
 end
-redis.call('INCR', KEYS[2])
-local version = redis.call('GET', KEYS[2])
+local now = redis.call('TIME')
+local stamp = now[1] .. string.format('%06d', tonumber(now[2]))
+local version = stamp
+if current and tonumber(current) >= tonumber(stamp) then
+  redis.call('HINCRBY', KEYS[1], 'version', 1)
+  version = redis.call('HGET', KEYS[1], 'version')
+end
 redis.call('HSET', KEYS[1], 'version', version, 'record', ARGV[2])
 if ARGV[3] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -58,25 +73,45 @@ return 0
     )
 });
 
-/// A [`TokenStore`] in Redis, for apps running several instances (replicas, workers) that
-/// must refresh each grant once between them.
+/// A [`TokenStore`] in Redis or a Redis Cluster, for apps running several instances
+/// (replicas, workers) that must refresh each grant once between them.
+///
+/// [`RedisStore::builder`] connects to one server, [`RedisStore::cluster`] to a Redis
+/// Cluster; both keep the same keys, so a store can move from one to the other.
 ///
 /// # Layout
 ///
-/// Under a prefix (default `tokenkeeper:`, see [`RedisStoreBuilder::prefix`]):
+/// Under a prefix (default `tokenkeeper:`, see [`RedisStoreBuilder::prefix`]), for the
+/// grant `customer-42`:
 ///
 /// | key | holds |
 /// |---|---|
-/// | `{prefix}grant:{key}` | a hash: `version`, and `record` (the [`GrantRecord`] as JSON) |
-/// | `{prefix}lock:{key}` | the refresh lock: a random owner token, with an expiry |
-/// | `{prefix}version` | the counter versions are drawn from |
+/// | `tokenkeeper:{customer-42}:grant` | a hash: `version`, and `record` (the [`GrantRecord`] as JSON) |
+/// | `tokenkeeper:{customer-42}:lock` | the refresh lock: a random owner token, with an expiry |
 ///
-/// Versions come from one counter per prefix, so a version is never reused, even after a
-/// delete and a re-insert. Saves are compare-and-swap in a Lua script (atomic on the server).
-/// [`keys`](TokenStore::keys) walks `SCAN`, never `KEYS`. Each operation touches keys under
-/// one prefix only, but the store does not support Redis Cluster (the version counter and a
-/// grant can be in different slots). Run Redis with persistence if grants must survive its
-/// restart.
+/// The braces are a Redis Cluster *hash tag*: both keys of a grant live in the same hash slot
+/// (on the same node), and no command or script of this store touches keys of two grants. In
+/// the tag, `%`, `{` and `}` of the grant's key are written `%25`, `%7B` and `%7D`, and the
+/// empty key is written `%`, so the tag is never cut short or empty. The prefix therefore may
+/// not contain `{` or `}` (it would choose the slot instead).
+///
+/// A save is compare-and-swap in a Lua script (atomic on the server). Its new version is the
+/// server's clock in microseconds, or the previous version plus one if that is not greater: a
+/// version grows with every save, and a grant deleted (or expired, or lost in a failover) and
+/// saved again gets a version above every earlier one, as long as the server's clock does not
+/// go back by more than the time between the two saves. [`keys`](TokenStore::keys) walks
+/// `SCAN` (never `KEYS`), on a cluster on every primary (see "Redis Cluster"). Run Redis with
+/// persistence if grants must survive its restart.
+///
+/// # Redis Cluster
+///
+/// On a cluster, every command goes to the node serving its grant's slot, following
+/// redirections while slots move. [`keys`](TokenStore::keys) reads the slot map
+/// (`CLUSTER SLOTS`) and scans every primary; while a slot is being migrated (resharding), it
+/// scans every primary twice, so that a grant moving between two nodes is seen on one of them.
+/// A listing during which the slot map changed is taken again (three times at most, then it
+/// fails), and a cluster that does not serve all 16384 slots fails the listing rather than
+/// return it short.
 ///
 /// Redis accepts keys of up to 512 MB, but this store, like every built-in store, refuses a
 /// [`TokenKey`] longer than [`TokenKey::MAX_LEN`] bytes with
@@ -84,7 +119,7 @@ return 0
 ///
 /// # The refresh lock
 ///
-/// [`lock`](TokenStore::lock) is `SET {prefix}lock:{key} <random token> NX PX <ttl>`, retried
+/// [`lock`](TokenStore::lock) is `SET {prefix}{key}:lock <random token> NX PX <ttl>`, retried
 /// with a bounded backoff for at most [`RedisStoreBuilder::lock_wait`] (75 s by default, longer
 /// than the manager's default 60 s lock ttl, so a peer outwaits a crashed holder), then
 /// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout). Only its owner releases it (a compare-and-delete script);
@@ -122,15 +157,21 @@ return 0
 ///     .ttl(Duration::from_secs(30 * 24 * 3600))
 ///     .build()
 ///     .await?;
+/// // Or on a Redis Cluster, from any of its nodes:
+/// let clustered = RedisStore::cluster(["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"])
+///     .prefix("myapp:tokens:")
+///     .build()
+///     .await?;
+/// # drop(clustered);
 /// # let provider = provider_fn(|_, _| async { Ok(TokenResponse::new(AccessToken::new("a"))) });
 /// let manager = TokenManager::builder(provider).store(store).build();
 /// # Ok(())
 /// # }
 /// ```
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Connection,
     addr: String,
-    prefix: String,
+    layout: Layout,
     ttl: Option<Duration>,
     lock_wait: Duration,
 }
@@ -138,7 +179,7 @@ pub struct RedisStore {
 /// Configures a [`RedisStore`]; see [`RedisStore::builder`].
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct RedisStoreBuilder {
-    url: String,
+    target: Target,
     prefix: String,
     ttl: Option<Duration>,
     lock_wait: Duration,
@@ -146,12 +187,48 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
 }
 
+/// Where a [`RedisStoreBuilder`] connects.
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
 impl RedisStore {
     /// Configures a store on the Redis server at `url` (`redis://[:password@]host[:port][/db]`,
     /// or `rediss://` with a TLS feature of the `redis` crate enabled in your app).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
-        RedisStoreBuilder {
-            url: url.into(),
+        RedisStoreBuilder::new(Target::Single(url.into()))
+    }
+
+    /// Configures a store on a Redis Cluster, reached first through any of `urls`
+    /// (`redis://[[user]:password@]host:port`, one per node you know of; the rest of the
+    /// cluster is discovered). See [`RedisStore`]'s "Redis Cluster".
+    pub fn cluster<I>(urls: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        RedisStoreBuilder::new(Target::Cluster(urls.into_iter().map(Into::into).collect()))
+    }
+
+    /// The prefix of every key this store uses.
+    pub fn prefix(&self) -> &str {
+        self.layout.prefix()
+    }
+
+    fn grant_key(&self, key: &TokenKey) -> String {
+        self.layout.grant(key)
+    }
+
+    fn lock_key(&self, key: &TokenKey) -> String {
+        self.layout.lock(key)
+    }
+}
+
+impl RedisStoreBuilder {
+    fn new(target: Target) -> Self {
+        Self {
+            target,
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: None,
             lock_wait: DEFAULT_LOCK_WAIT,
@@ -160,27 +237,9 @@ impl RedisStore {
         }
     }
 
-    /// The prefix of every key this store uses.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    fn grant_key(&self, key: &TokenKey) -> String {
-        format!("{}grant:{}", self.prefix, key.as_str())
-    }
-
-    fn lock_key(&self, key: &TokenKey) -> String {
-        format!("{}lock:{}", self.prefix, key.as_str())
-    }
-
-    fn counter_key(&self) -> String {
-        format!("{}version", self.prefix)
-    }
-}
-
-impl RedisStoreBuilder {
     /// The prefix of every key the store uses (default `tokenkeeper:`). Give each app (or
-    /// each provider sharing one Redis) its own.
+    /// each provider sharing one Redis) its own. It may not contain `{` or `}`, which would
+    /// choose the Redis Cluster hash slot of every key (see [`RedisStore`]'s "Layout").
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -200,7 +259,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long one command may take (default 2 s).
+    /// How long one command may take (default 2 s). On a cluster, how long each node may take
+    /// to answer; a command redirected or retried (a slot moving, a failover) may take three
+    /// times as long in all.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -212,25 +273,51 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects. The connection is re-established automatically if it drops.
+    /// Connects. The connection is re-established automatically if it drops; a cluster's
+    /// connection follows its slot map as it changes.
     ///
     /// # Errors
     ///
-    /// A [`StoreError`] if the URL is invalid or the server cannot be reached.
+    /// A [`StoreError`] if a URL is invalid or the server (or no node of the cluster) can be
+    /// reached; of kind [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) if
+    /// the prefix holds `{` or `}`.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(self.url.as_str()).map_err(backend)?;
-        let addr = client.get_connection_info().addr().to_string();
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
-            .set_connection_timeout(Some(self.connection_timeout))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(backend)?;
+        let layout = Layout::new(&self.prefix)?;
+        let (conn, addr) = match &self.target {
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(backend)?;
+                let addr = client.get_connection_info().addr().to_string();
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_connection_timeout(Some(self.connection_timeout))
+                    .set_number_of_retries(2);
+                let conn = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(backend)?;
+                (Connection::Single(conn), addr)
+            }
+            Target::Cluster(urls) => {
+                let mut addrs = Vec::with_capacity(urls.len());
+                for url in urls {
+                    let info = url.as_str().into_connection_info().map_err(backend)?;
+                    addrs.push(info.addr().to_string());
+                }
+                let client =
+                    redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                        .connection_timeout(self.connection_timeout)
+                        .response_timeout(self.response_timeout)
+                        .overall_response_timeout(Some(self.response_timeout.saturating_mul(3)))
+                        .retries(2)
+                        .build()
+                        .map_err(backend)?;
+                let conn = client.get_async_connection().await.map_err(backend)?;
+                (Connection::Cluster(conn), addrs.join(","))
+            }
+        };
         Ok(RedisStore {
             conn,
             addr,
-            prefix: self.prefix,
+            layout,
             ttl: self.ttl,
             lock_wait: self.lock_wait,
         })
@@ -242,7 +329,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("addr", &self.addr)
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.layout.prefix())
             .field("ttl", &self.ttl)
             .field("lock_wait", &self.lock_wait)
             .finish_non_exhaustive()
@@ -252,7 +339,13 @@ impl fmt::Debug for RedisStore {
 impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStoreBuilder")
-            .field("url", &"[redacted]")
+            .field(
+                match self.target {
+                    Target::Single(_) => "url",
+                    Target::Cluster(_) => "urls",
+                },
+                &"[redacted]",
+            )
             .field("prefix", &self.prefix)
             .field("ttl", &self.ttl)
             .field("lock_wait", &self.lock_wait)
@@ -315,7 +408,6 @@ impl TokenStore for RedisStore {
         let expected = expected.map(|v| v.to_string()).unwrap_or_default();
         let saved: Option<String> = SAVE
             .key(self.grant_key(key))
-            .key(self.counter_key())
             .arg(expected)
             .arg(bytes)
             .arg(ttl_ms(self.ttl, record, SystemTime::now()))
@@ -324,9 +416,8 @@ impl TokenStore for RedisStore {
             .map_err(|e| {
                 if e.code() == Some("WRONGTYPE") {
                     StoreError::corrupt(format!(
-                        "`{}` or `{}` was not written by this store",
-                        self.grant_key(key),
-                        self.counter_key()
+                        "`{}` was not written by this store",
+                        self.grant_key(key)
                     ))
                 } else {
                     backend(e)
@@ -335,7 +426,7 @@ impl TokenStore for RedisStore {
         match saved {
             None => Ok(Cas::Conflict),
             Some(v) => v.parse().map(Cas::Saved).map_err(|_| {
-                StoreError::corrupt(format!("`{}` is not a counter", self.counter_key()))
+                StoreError::corrupt(format!("`{}` has an invalid version", self.grant_key(key)))
             }),
         }
     }
@@ -351,34 +442,12 @@ impl TokenStore for RedisStore {
     }
 
     async fn keys(&self) -> Result<Vec<TokenKey>, StoreError> {
-        let head = format!("{}grant:", self.prefix);
-        let pattern = format!("{}*", glob_escape(&head));
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        let mut keys = BTreeSet::new();
-        loop {
-            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await
-                .map_err(backend)?;
-            for name in batch {
-                let key = String::from_utf8(name)
-                    .ok()
-                    .and_then(|n| n.strip_prefix(head.as_str()).map(str::to_owned));
-                if let Some(key) = key {
-                    keys.insert(TokenKey::from(key));
-                }
-            }
-            if next == 0 {
-                return Ok(keys.into_iter().collect());
-            }
-            cursor = next;
-        }
+        let names = self.conn.scan(&self.layout.grants_pattern()).await?;
+        let keys: BTreeSet<TokenKey> = names
+            .iter()
+            .filter_map(|n| self.layout.grant_of(n))
+            .collect();
+        Ok(keys.into_iter().collect())
     }
 
     /// `SET … NX PX ttl` with a random owner token, retried until [`RedisStoreBuilder::lock_wait`].
@@ -427,18 +496,14 @@ impl TokenStore for RedisStore {
 /// A held refresh lock. Dropped without [`release`](RefreshLock::release), it is released in
 /// the background when a runtime is at hand, and otherwise expires.
 struct RedisLock {
-    conn: ConnectionManager,
+    conn: Connection,
     key: String,
     token: String,
     released: bool,
 }
 
 impl RedisLock {
-    async fn release_now(
-        mut conn: ConnectionManager,
-        key: &str,
-        token: &str,
-    ) -> Result<(), StoreError> {
+    async fn release_now(mut conn: Connection, key: &str, token: &str) -> Result<(), StoreError> {
         let deleted: u64 = RELEASE
             .key(key)
             .arg(token)
@@ -501,18 +566,6 @@ fn ttl_ms(ttl: Option<Duration>, record: &GrantRecord, now: SystemTime) -> u64 {
         return 0;
     }
     u64::try_from(ttl.as_millis()).unwrap_or(0).max(1)
-}
-
-/// Escapes the glob characters of `SCAN … MATCH`.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The Redis test harness, shared with the integration tests.
@@ -605,7 +658,7 @@ mod tests {
         assert!(a.load(&TokenKey::from("other")).await.unwrap().is_none());
         let mut raw = raw(&server);
         let exists: bool = redis::cmd("EXISTS")
-            .arg("app*[a]:grant:tenant:7")
+            .arg("app*[a]:{tenant:7}:grant")
             .query(&mut raw)
             .unwrap();
         assert!(exists);
@@ -618,7 +671,7 @@ mod tests {
         let mut raw = raw(&server);
         let key = TokenKey::from("k");
         let () = redis::cmd("SET")
-            .arg("tokenkeeper:grant:k")
+            .arg("tokenkeeper:{k}:grant")
             .arg("someone else's")
             .query(&mut raw)
             .unwrap();
@@ -635,13 +688,13 @@ mod tests {
             StoreErrorKind::Corrupt
         );
         let value: String = redis::cmd("GET")
-            .arg("tokenkeeper:grant:k")
+            .arg("tokenkeeper:{k}:grant")
             .query(&mut raw)
             .unwrap();
         assert_eq!(value, "someone else's");
 
         let () = redis::cmd("HSET")
-            .arg("tokenkeeper:grant:j")
+            .arg("tokenkeeper:{j}:grant")
             .arg("version")
             .arg("3")
             .arg("record")
@@ -702,7 +755,7 @@ mod tests {
         let short = Duration::from_millis(100);
         let mut raw = raw(&server);
         let () = redis::cmd("PEXPIRE")
-            .arg("tokenkeeper:lock:k")
+            .arg("tokenkeeper:{k}:lock")
             .arg(1)
             .query(&mut raw)
             .unwrap();
@@ -713,14 +766,14 @@ mod tests {
             }
         };
         let () = redis::cmd("PEXPIRE")
-            .arg("tokenkeeper:lock:k")
+            .arg("tokenkeeper:{k}:lock")
             .arg(1)
             .query(&mut raw)
             .unwrap();
         let peer = other.lock(&key, long).await.unwrap().unwrap();
         late.release().await.unwrap();
         let ttl: i64 = redis::cmd("PTTL")
-            .arg("tokenkeeper:lock:k")
+            .arg("tokenkeeper:{k}:lock")
             .query(&mut raw)
             .unwrap();
         assert!(
@@ -729,7 +782,7 @@ mod tests {
         );
         peer.release().await.unwrap();
         let exists: bool = redis::cmd("EXISTS")
-            .arg("tokenkeeper:lock:k")
+            .arg("tokenkeeper:{k}:lock")
             .query(&mut raw)
             .unwrap();
         assert!(!exists);
@@ -766,7 +819,7 @@ mod tests {
         let mut raw = raw(&server);
         let pttl = |raw: &mut redis::Connection| -> i64 {
             redis::cmd("PTTL")
-                .arg("tokenkeeper:grant:k")
+                .arg("tokenkeeper:{k}:grant")
                 .query(raw)
                 .unwrap()
         };
@@ -801,6 +854,43 @@ mod tests {
             source = s.source();
         }
         assert!(text.contains("127.0.0.1"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("wrong-secret"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prefix_with_braces_is_refused_before_connecting() {
+        for prefix in ["{app}:", "app{", "app}", "a{}"] {
+            for builder in [
+                RedisStore::builder("redis://127.0.0.1:1/"),
+                RedisStore::cluster(["redis://127.0.0.1:1/"]),
+            ] {
+                let err = builder.prefix(prefix).build().await.unwrap_err();
+                assert_eq!(err.kind(), StoreErrorKind::InvalidKey, "{prefix}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_password_never_shows_for_a_cluster() {
+        let server = RedisServer::start_with_password(Some("hunter2-secret"));
+        let wrong = server.url().replace("hunter2-secret", "wrong-secret");
+        let mut text = String::new();
+        // A wrong password, and a right one on a server that is no cluster.
+        for url in [wrong, server.url()] {
+            let builder = RedisStore::cluster([url.clone(), url]);
+            text.push_str(&format!(" {builder:?}"));
+            let err = builder.build().await.unwrap_err();
+            text.push_str(&format!(" {err} {err:?}"));
+            let mut source = std::error::Error::source(&err);
+            while let Some(s) = source {
+                text.push_str(&format!(" {s} {s:?}"));
+                source = s.source();
+            }
+        }
+        assert!(text.contains("urls"), "{text}");
         assert!(
             !text.contains("hunter2") && !text.contains("wrong-secret"),
             "{text}"
