@@ -199,6 +199,9 @@ pub use store::{
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use store::{EncryptedStore, KeyId, Keyring, RekeyReport};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
@@ -229,6 +232,16 @@ pub use reqwest;
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub use reqwest_middleware;
 
+/// The `deadpool-postgres` (0.14) whose [`Pool`](deadpool_postgres::Pool)
+/// [`PostgresStore::builder_with_pool`] takes, with its `tokio_postgres`
+/// ([`deadpool_postgres::tokio_postgres`]).
+///
+/// Build the pool with these, or depend on the same majors: a pool from another major is
+/// another type.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
+
 // The traits must stay dyn-compatible and the handles shareable across threads.
 const _: () = {
     fn _object_safe(
@@ -252,6 +265,8 @@ const _: () = {
         _assert_send_sync::<OAuth2Provider>();
         _assert_send_sync::<MemoryStore>();
         _assert_send_sync::<FileStore>();
+        #[cfg(feature = "postgres")]
+        _assert_send_sync::<PostgresStore>();
         #[cfg(feature = "redis")]
         _assert_send_sync::<RedisStore>();
         #[cfg(feature = "sqlite")]
