@@ -1,12 +1,13 @@
 //! The cross-process proof: several real OS processes share one store (a `FileStore`
 //! directory; with the `sqlite` feature a `SqliteStore` database file; with the `redis`
-//! feature a `RedisStore`) and one fake authorization server
+//! feature a `RedisStore`; with the `postgres` feature a `PostgresStore` on a PostgreSQL
+//! server this test starts) and one fake authorization server
 //! with strict rotation and reuse detection. Each process runs many tasks calling
 //! `access_token` while simulated expiries pass. Each expiry must be refreshed exactly once,
 //! reuse detection must never fire, and every process must end with a valid token. Then one
 //! process is killed with SIGKILL in the middle of its refresh (holding the refresh lock) and
-//! the others must recover (the OS drops a dead process's `flock`; a SQLite lease and a Redis
-//! lock expire)
+//! the others must recover (the OS drops a dead process's `flock`; a SQLite or PostgreSQL
+//! lease and a Redis lock expire)
 //! without a reuse.
 //!
 //! Runs with `harness = false`: `main` re-executes this binary with `--worker …` for each
@@ -39,8 +40,8 @@ const CALLS: usize = 10;
 const EXPIRIES: u64 = 5;
 /// A step of simulated time: past the fake's 1 h access-token life and the 60 s margin.
 const STEP: Duration = Duration::from_secs(3600 + 120);
-/// The workers' refresh-lock ttl (real time): how long a SQLite lease or a Redis lock outlives
-/// a killed holder.
+/// The workers' refresh-lock ttl (real time): how long a SQLite or PostgreSQL lease or a Redis
+/// lock outlives a killed holder.
 const LOCK_TTL: Duration = Duration::from_secs(5);
 /// The peers' refresh timeout: a provider call may start only while the lease can still cover
 /// it (ttl − timeout = 4 s of real time after asking for the lock, on a loaded machine too).
@@ -82,6 +83,8 @@ fn main() -> ExitCode {
         ("sqlite store", StoreKind::Sqlite),
         #[cfg(feature = "redis")]
         ("redis store", StoreKind::Redis),
+        #[cfg(feature = "postgres")]
+        ("postgres store", StoreKind::Postgres),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, kind) in scenarios {
@@ -111,6 +114,8 @@ enum StoreKind {
     Sqlite,
     #[cfg(feature = "redis")]
     Redis,
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 impl StoreKind {
@@ -121,6 +126,8 @@ impl StoreKind {
             StoreKind::Sqlite => "sqlite",
             #[cfg(feature = "redis")]
             StoreKind::Redis => "redis",
+            #[cfg(feature = "postgres")]
+            StoreKind::Postgres => "postgres",
         }
     }
 }
@@ -134,6 +141,13 @@ async fn open_store(kind: &str, location: &str) -> anyhow::Result<Arc<dyn TokenS
         "redis" => Ok(Arc::new(
             tokenkeeper::RedisStore::builder(location)
                 .prefix("cross-process:")
+                .build()
+                .await?,
+        )),
+        #[cfg(feature = "postgres")]
+        "postgres" => Ok(Arc::new(
+            tokenkeeper::PostgresStore::builder(location)
+                .table_prefix("cross_process_")
                 .build()
                 .await?,
         )),
@@ -330,6 +344,8 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
     let tmp = tempfile::tempdir()?;
     #[cfg(feature = "redis")]
     let mut redis_server = None;
+    #[cfg(feature = "postgres")]
+    let mut postgres_server = None;
     let location = match kind {
         StoreKind::File => {
             let dir = tmp.path().join("grants");
@@ -347,6 +363,13 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
             let server = support::redis::RedisServer::start();
             let url = server.url();
             redis_server = Some(server);
+            url
+        }
+        #[cfg(feature = "postgres")]
+        StoreKind::Postgres => {
+            let server = support::postgres::PostgresServer::start();
+            let url = server.create_database().await;
+            postgres_server = Some(server);
             url
         }
     };
@@ -436,6 +459,8 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
     }
     #[cfg(feature = "redis")]
     drop(redis_server);
+    #[cfg(feature = "postgres")]
+    drop(postgres_server);
     Ok(format!(
         "{WORKERS} processes x {TASKS} tasks, {phase} expiries, {phase} refreshes, 0 reuse \
          detections, recovered {:.2} s after the SIGKILL, {:.1} s in all",
