@@ -47,7 +47,8 @@
 //! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
 //!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
 //!   `SqliteStore` (feature `sqlite`) for processes sharing one database file on a machine,
-//!   and `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
+//!   and `RedisStore` (feature `redis`) or `PostgresStore` (feature `postgres`) for instances
+//!   sharing a Redis or a PostgreSQL database. Each also locks each refresh
 //!   (the memory store among the managers sharing it; the others across processes). A dead grant is stored as dead, so it stays dead
 //!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
@@ -78,7 +79,7 @@
 //! | read a provider's non-standard error bodies | a [`Classifier`] on the [`OAuth2Provider`] |
 //! | refresh at a non-standard JSON endpoint | [`provider_fn`], or implement [`Provider`] |
 //! | keep grants across restarts, or share them on one machine | [`FileStore`], or `SqliteStore` (feature `sqlite`) for one database file |
-//! | share grants across machines | `RedisStore` (feature `redis`) |
+//! | share grants across machines | `RedisStore` (feature `redis`), or `PostgresStore` (feature `postgres`) in a PostgreSQL database |
 //! | keep grants in my own database | implement [`TokenStore`] |
 //! | encrypt grants at rest, with key rotation | `EncryptedStore` (feature `encryption`) around any store |
 //! | keep idle grants alive | [`TokenManager::start_refresher`] with a [`RefresherConfig`] |
