@@ -572,3 +572,42 @@ async fn a_server_error_does_not_quote_the_row() {
     assert!(shown.contains("23514"), "the code: {shown}");
     assert!(!shown.contains("secret-access-token"), "{shown}");
 }
+
+/// Another session holding the grant's row locked past the statement timeout makes a save
+/// fail as a retryable backend error, not hang. (The 200 ms are PostgreSQL's own wait.)
+#[tokio::test]
+async fn a_row_locked_past_the_statement_timeout_is_a_backend_error() {
+    let server = PostgresServer::shared();
+    let url = server.create_database().await;
+    let store = PostgresStore::builder(&url)
+        .statement_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let key = TokenKey::from("k");
+    let v = saved(store.save(&key, &record("a"), None).await.unwrap());
+    let mut other = server.connect(database(&url)).await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM public.tokenkeeper_grants WHERE key = $1 FOR UPDATE",
+        &[&b"k".as_slice()],
+    )
+    .await
+    .unwrap();
+    let b = record("b");
+    let save = store.save(&key, &b, Some(v));
+    let err = tokio::time::timeout(Duration::from_secs(10), save)
+        .await
+        .expect("the save must give up, not wait for the row")
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), StoreErrorKind::Backend);
+    assert!(
+        tokenkeeper::Error::Store(err.clone()).is_retryable(),
+        "{err:?}"
+    );
+    // Readers are not blocked by the row lock.
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version, v);
+    tx.rollback().await.unwrap();
+    saved(store.save(&key, &record("b"), Some(v)).await.unwrap());
+}

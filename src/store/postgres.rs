@@ -21,6 +21,7 @@ const DEFAULT_PREFIX: &str = "tokenkeeper_";
 const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(75);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_CONNECTIONS: usize = 8;
+const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest lease: a century is forever enough.
 const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// PostgreSQL's longest identifier, in bytes (longer ones are cut silently).
@@ -105,8 +106,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["\
 /// without [`release`](RefreshLock::release) is released in the background.
 ///
 /// The lease is a row, not a session advisory lock: it holds no connection while it is held,
-/// so it survives a connection pool handing each statement to another connection (and
-/// PgBouncer's transaction mode). A refresh that outlives its lease is fenced by version: its
+/// so it survives a connection pool handing each statement to another connection. A refresh that outlives its lease is fenced by version: its
 /// compare-and-swap save fails with [`Cas::Conflict`] if a peer saved meanwhile, and its
 /// manager adopts the stored record instead of writing over it. Keep `lock_ttl` well above
 /// the provider's request timeout.
@@ -151,6 +151,7 @@ pub struct PostgresStoreBuilder {
     prefix: String,
     lock_wait: Duration,
     connect_timeout: Duration,
+    statement_timeout: Duration,
     max_connections: usize,
 }
 
@@ -250,8 +251,9 @@ impl PostgresStore {
 
     /// Configures a store on connections from `pool`, which the application built (with the
     /// TLS connector of its choice, its own pool size and timeouts). The store's
-    /// [`max_connections`](PostgresStoreBuilder::max_connections) and
-    /// [`connect_timeout`](PostgresStoreBuilder::connect_timeout) do not apply to it.
+    /// [`max_connections`](PostgresStoreBuilder::max_connections),
+    /// [`connect_timeout`](PostgresStoreBuilder::connect_timeout) and
+    /// [`statement_timeout`](PostgresStoreBuilder::statement_timeout) do not apply to it.
     pub fn builder_with_pool(pool: Pool) -> PostgresStoreBuilder {
         PostgresStoreBuilder::new(Source::Pool(pool))
     }
@@ -279,6 +281,7 @@ impl PostgresStoreBuilder {
             prefix: DEFAULT_PREFIX.to_owned(),
             lock_wait: DEFAULT_LOCK_WAIT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -310,6 +313,15 @@ impl PostgresStoreBuilder {
     /// connection string takes precedence for opening.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one statement may run on the server before it is cancelled and the call fails
+    /// with [`StoreErrorKind::Backend`] (PostgreSQL's `statement_timeout`, default 5 s): a
+    /// save waiting for a row another session keeps locked fails instead of hanging. A
+    /// `statement_timeout` in the connection string's `options` takes precedence.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
         self
     }
 
@@ -355,6 +367,16 @@ impl PostgresStoreBuilder {
                 }
                 if config.get_application_name().is_none() {
                     config.application_name("tokenkeeper");
+                }
+                let options = config.get_options().unwrap_or("");
+                if !options.contains("statement_timeout") {
+                    // In milliseconds; 0 would mean none, so at least 1.
+                    let ms = self
+                        .statement_timeout
+                        .as_millis()
+                        .clamp(1, i32::MAX as u128);
+                    let options = format!("{options} -c statement_timeout={ms}");
+                    config.options(options.trim_start());
                 }
                 let target = describe(&config);
                 let pool = Pool::builder(Manager::new(config, NoTls))
@@ -532,6 +554,7 @@ impl fmt::Debug for PostgresStoreBuilder {
             .field("table_prefix", &self.prefix)
             .field("lock_wait", &self.lock_wait)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .field("max_connections", &self.max_connections)
             .finish()
     }
