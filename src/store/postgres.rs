@@ -7,13 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres::error::SqlState;
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
-use deadpool_postgres::{Manager, Pool, PoolError, Runtime};
+use deadpool_postgres::{Manager, Pool, Runtime};
 
-use crate::error::{StoreError, StoreErrorKind};
+use crate::error::StoreError;
 use crate::store::{Cas, GrantRecord, LockWait, RefreshLock, TokenStore, Version, Versioned};
 use crate::token::TokenKey;
+
+mod error;
+mod lock;
+mod schema;
+
+use error::{pg, pool_error};
+use lock::PostgresLock;
+use schema::{key_bytes, migrate, Sql};
 
 const DEFAULT_SCHEMA: &str = "public";
 const DEFAULT_PREFIX: &str = "tokenkeeper_";
@@ -24,25 +31,6 @@ const DEFAULT_MAX_CONNECTIONS: usize = 8;
 const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest lease: a century is forever enough.
 const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-/// PostgreSQL's longest identifier, in bytes (longer ones are cut silently).
-const MAX_IDENTIFIER: usize = 63;
-/// The longest table name the store makes: `{prefix}schema_version`.
-const LONGEST_TABLE: &str = "schema_version";
-
-/// The schema this version of the crate writes; [`MIGRATIONS`]`[n]` moves version `n` to
-/// `n + 1`.
-const SCHEMA_VERSION: i32 = 1;
-
-/// The migrations, in order, with `{g}`, `{l}`, `{v}` and `{s}` standing for the grants
-/// table, the leases table, the version sequence and the schema-version table (qualified and
-/// quoted).
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["\
-    CREATE TABLE IF NOT EXISTS {g} (\
-      key bytea PRIMARY KEY, version bigint NOT NULL, record text NOT NULL);\
-    CREATE SEQUENCE IF NOT EXISTS {v} AS bigint NO CYCLE;\
-    CREATE TABLE IF NOT EXISTS {l} (\
-      key bytea PRIMARY KEY, owner text NOT NULL, expires_at timestamptz NOT NULL);"];
-
 /// A [`TokenStore`] in a PostgreSQL database, for apps running several instances (replicas,
 /// workers, machines) that already have PostgreSQL and must refresh each grant once between
 /// them.
@@ -82,13 +70,13 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["\
 /// another version and writes nothing ([`Cas::Conflict`]).
 ///
 /// A row this store cannot read (a version that is not positive, a record that is not a
-/// grant's JSON, a key that is not UTF-8) is [`StoreErrorKind::Corrupt`] and is left for a
+/// grant's JSON, a key that is not UTF-8) is [`StoreErrorKind::Corrupt`](crate::StoreErrorKind::Corrupt) and is left for a
 /// human: a save expecting absence, or any version but the row's own (which no load hands
 /// out, since the load fails), conflicts with it, and a row whose version is not positive
 /// matches no save at all. Missing tables are
-/// [`StoreErrorKind::NotFound`], a refused privilege or login is
-/// [`StoreErrorKind::PermissionDenied`], and the rest (connections, timeouts) is
-/// [`StoreErrorKind::Backend`]. Errors quote PostgreSQL's code and message, never its detail
+/// [`StoreErrorKind::NotFound`](crate::StoreErrorKind::NotFound), a refused privilege or login is
+/// [`StoreErrorKind::PermissionDenied`](crate::StoreErrorKind::PermissionDenied), and the rest (connections, timeouts) is
+/// [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend). Errors quote PostgreSQL's code and message, never its detail
 /// (which can quote a row) nor the connection string.
 ///
 /// # The refresh lock
@@ -100,7 +88,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["\
 /// lease holds the key it polls with a bounded backoff for at most
 /// [`PostgresStoreBuilder::lock_wait`] (75 s by default, longer than the manager's default
 /// 60 s lock ttl, so a peer outwaits a crashed holder), then fails with
-/// [`StoreErrorKind::LockTimeout`]. Only its owner releases it (the delete names the owner
+/// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout). Only its owner releases it (the delete names the owner
 /// token); a holder that dies (even by `kill -9`) leaves it to expire after `ttl`
 /// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)). A lock dropped
 /// without [`release`](RefreshLock::release) is released in the background.
@@ -161,84 +149,6 @@ enum Source {
     Url(String),
     /// A pool the application built (with its TLS).
     Pool(Pool),
-}
-
-/// The names and the SQL of every statement, with the names filled in.
-struct Sql {
-    schema: String,
-    prefix: String,
-    load: String,
-    insert: String,
-    update: String,
-    delete: String,
-    keys: String,
-    keys_after: String,
-    keys_first: String,
-    acquire: String,
-    release: String,
-}
-
-impl Sql {
-    fn new(schema: &str, prefix: &str) -> Self {
-        let grants = table(schema, prefix, "grants");
-        let leases = table(schema, prefix, "leases");
-        let versions = table(schema, prefix, "versions");
-        Self {
-            schema: schema.to_owned(),
-            prefix: prefix.to_owned(),
-            load: format!("SELECT version, record FROM {grants} WHERE key = $1"),
-            insert: format!(
-                "INSERT INTO {grants} (key, version, record) \
-                 VALUES ($1, nextval('{versions}'), $2) \
-                 ON CONFLICT (key) DO NOTHING RETURNING version"
-            ),
-            update: format!(
-                "UPDATE {grants} SET version = nextval('{versions}'), record = $3 \
-                 WHERE key = $1 AND version = $2 AND version > 0 RETURNING version"
-            ),
-            delete: format!("DELETE FROM {grants} WHERE key = $1"),
-            keys: format!("SELECT key FROM {grants} ORDER BY key"),
-            keys_after: format!("SELECT key FROM {grants} WHERE key > $1 ORDER BY key LIMIT $2"),
-            keys_first: format!("SELECT key FROM {grants} ORDER BY key LIMIT $1"),
-            acquire: format!(
-                "INSERT INTO {leases} AS l (key, owner, expires_at) \
-                 VALUES ($1, $2, clock_timestamp() + $3::bigint * interval '1 millisecond') \
-                 ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
-                 expires_at = excluded.expires_at WHERE l.expires_at <= clock_timestamp()"
-            ),
-            release: format!("DELETE FROM {leases} WHERE key = $1 AND owner = $2"),
-        }
-    }
-
-    /// The qualified, quoted name of one of the store's objects.
-    fn table(&self, name: &str) -> String {
-        table(&self.schema, &self.prefix, name)
-    }
-
-    /// Migration `step` with the names filled in.
-    fn migration(&self, step: usize) -> String {
-        MIGRATIONS[step]
-            .replace("{g}", &self.table("grants"))
-            .replace("{l}", &self.table("leases"))
-            .replace("{v}", &self.table("versions"))
-    }
-
-    /// The advisory-lock id the migrations of this namespace take.
-    fn migration_lock(&self) -> i64 {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::digest(format!(
-            "tokenkeeper migration {}.{}",
-            self.schema, self.prefix
-        ));
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&digest[..8]);
-        i64::from_be_bytes(id)
-    }
-}
-
-/// `"schema"."{prefix}{name}"`; both parts are checked identifiers (no quote inside).
-fn table(schema: &str, prefix: &str, name: &str) -> String {
-    format!("\"{schema}\".\"{prefix}{name}\"")
 }
 
 impl PostgresStore {
@@ -302,14 +212,14 @@ impl PostgresStoreBuilder {
     }
 
     /// How long [`lock`](TokenStore::lock) waits for another holder before failing with
-    /// [`StoreErrorKind::LockTimeout`] (default 75 s).
+    /// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout) (default 75 s).
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
     }
 
     /// How long opening a connection, or waiting for a free one in the pool, may take before
-    /// a call fails with [`StoreErrorKind::Backend`] (default 5 s). A `connect_timeout` in the
+    /// a call fails with [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) (default 5 s). A `connect_timeout` in the
     /// connection string takes precedence for opening.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -317,7 +227,7 @@ impl PostgresStoreBuilder {
     }
 
     /// How long one statement may run on the server before it is cancelled and the call fails
-    /// with [`StoreErrorKind::Backend`] (PostgreSQL's `statement_timeout`, default 5 s): a
+    /// with [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) (PostgreSQL's `statement_timeout`, default 5 s): a
     /// save waiting for a row another session keeps locked fails instead of hanging. A
     /// `statement_timeout` in the connection string's `options` takes precedence.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
@@ -336,23 +246,13 @@ impl PostgresStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`StoreErrorKind::InvalidKey`] for a schema or table prefix that is not a plain SQL
-    /// identifier (or makes a name longer than 63 bytes); [`StoreErrorKind::PermissionDenied`]
-    /// if the server refuses the login or the migration; [`StoreErrorKind::Backend`] for an
+    /// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) for a schema or table prefix that is not a plain SQL
+    /// identifier (or makes a name longer than 63 bytes); [`StoreErrorKind::PermissionDenied`](crate::StoreErrorKind::PermissionDenied)
+    /// if the server refuses the login or the migration; [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) for an
     /// invalid connection string (never quoted: it may hold a password), a server that cannot
     /// be reached, or tables migrated by a newer version of this crate.
     pub async fn build(self) -> Result<PostgresStore, StoreError> {
-        check_identifier("schema", &self.schema, false)?;
-        check_identifier("table prefix", &self.prefix, true)?;
-        if self.prefix.len() + LONGEST_TABLE.len() > MAX_IDENTIFIER {
-            return Err(StoreError::with_kind(
-                StoreErrorKind::InvalidKey,
-                format!(
-                    "a table prefix must be at most {} bytes long",
-                    MAX_IDENTIFIER - LONGEST_TABLE.len()
-                ),
-            ));
-        }
+        schema::check_names(&self.schema, &self.prefix)?;
         let (pool, target) = match self.source {
             Source::Pool(pool) => (pool, "a pool built by the application".to_owned()),
             Source::Url(url) => {
@@ -396,110 +296,8 @@ impl PostgresStoreBuilder {
             sql: Arc::new(Sql::new(&self.schema, &self.prefix)),
             lock_wait: self.lock_wait,
         };
-        migrate(&store).await?;
+        migrate(&store.pool, &store.sql).await?;
         Ok(store)
-    }
-}
-
-/// Brings the namespace's layout to [`SCHEMA_VERSION`]: nothing when the schema-version row
-/// says it is there; else every missing step in one transaction, under an advisory lock.
-async fn migrate(store: &PostgresStore) -> Result<(), StoreError> {
-    let sql = &store.sql;
-    let version_table = sql.table("schema_version");
-    let mut client = store.client().await?;
-    if stored_schema_version(&**client, &version_table).await? == Some(SCHEMA_VERSION) {
-        return Ok(());
-    }
-    let tx = client.transaction().await.map_err(pg)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql.migration_lock()])
-        .await
-        .map_err(pg)?;
-    // Another process may have migrated while this one waited for the lock.
-    let schema_exists = tx
-        .query_opt(
-            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
-            &[&sql.schema],
-        )
-        .await
-        .map_err(pg)?
-        .is_some();
-    if !schema_exists {
-        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", sql.schema))
-            .await
-            .map_err(pg)?;
-    }
-    tx.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {version_table} (\
-           id boolean PRIMARY KEY DEFAULT true CHECK (id), version integer NOT NULL)"
-    ))
-    .await
-    .map_err(pg)?;
-    let from = stored_schema_version(&*tx, &version_table)
-        .await?
-        .unwrap_or(0);
-    let from = usize::try_from(from).map_err(|_| {
-        StoreError::corrupt(format!("{version_table} holds a negative schema version"))
-    })?;
-    for step in from..MIGRATIONS.len() {
-        tx.batch_execute(&sql.migration(step)).await.map_err(pg)?;
-    }
-    tx.execute(
-        &format!(
-            "INSERT INTO {version_table} (id, version) VALUES (true, $1) \
-             ON CONFLICT (id) DO UPDATE SET version = excluded.version"
-        ),
-        &[&SCHEMA_VERSION],
-    )
-    .await
-    .map_err(pg)?;
-    tx.commit().await.map_err(pg)
-}
-
-/// The schema version the namespace's layout is at, if it has one; an error for a layout
-/// newer than this crate knows.
-async fn stored_schema_version(
-    client: &impl tokio_postgres::GenericClient,
-    version_table: &str,
-) -> Result<Option<i32>, StoreError> {
-    let exists = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&version_table])
-        .await
-        .map_err(pg)?;
-    if !exists.try_get::<_, bool>(0).map_err(StoreError::corrupt)? {
-        return Ok(None);
-    }
-    let row = client
-        .query_opt(&format!("SELECT version FROM {version_table}"), &[])
-        .await
-        .map_err(pg)?;
-    let Some(row) = row else { return Ok(None) };
-    let version: i32 = row.try_get(0).map_err(StoreError::corrupt)?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::new(format!(
-            "{version_table} is at schema version {version}, newer than this tokenkeeper's \
-             ({SCHEMA_VERSION}): upgrade tokenkeeper"
-        )));
-    }
-    Ok(Some(version))
-}
-
-/// ASCII letters, digits and `_`, not starting with a digit (empty only if `may_be_empty`).
-fn check_identifier(what: &str, name: &str, may_be_empty: bool) -> Result<(), StoreError> {
-    let valid = (may_be_empty || !name.is_empty())
-        && name.len() <= MAX_IDENTIFIER
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        Err(StoreError::with_kind(
-            StoreErrorKind::InvalidKey,
-            format!(
-                "a {what} must be ASCII letters, digits and `_`, not starting with a digit, at \
-                 most {MAX_IDENTIFIER} bytes{}",
-                if may_be_empty { "" } else { ", not empty" }
-            ),
-        ))
     }
 }
 
@@ -558,63 +356,6 @@ impl fmt::Debug for PostgresStoreBuilder {
             .field("max_connections", &self.max_connections)
             .finish()
     }
-}
-
-/// A PostgreSQL failure as the server reported it: its code and message, never its detail
-/// (which can quote a row, and so a token).
-#[derive(Debug)]
-struct ServerError {
-    code: String,
-    message: String,
-}
-
-impl fmt::Display for ServerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres error {}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for ServerError {}
-
-/// A `tokio-postgres` failure as a typed store error.
-fn pg(e: tokio_postgres::Error) -> StoreError {
-    let Some(db) = e.as_db_error() else {
-        // Connection and protocol failures: their text holds no row and no password.
-        return StoreError::new(e);
-    };
-    let code = db.code();
-    let kind = if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::INVALID_SCHEMA_NAME {
-        StoreErrorKind::NotFound
-    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE
-        || *code == SqlState::INVALID_PASSWORD
-        || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-    {
-        StoreErrorKind::PermissionDenied
-    } else if *code == SqlState::DATA_CORRUPTED || *code == SqlState::INDEX_CORRUPTED {
-        StoreErrorKind::Corrupt
-    } else {
-        StoreErrorKind::Backend
-    };
-    StoreError::with_kind(
-        kind,
-        ServerError {
-            code: code.code().to_owned(),
-            message: db.message().to_owned(),
-        },
-    )
-}
-
-/// A failure to get a connection from the pool.
-fn pool_error(e: PoolError) -> StoreError {
-    match e {
-        PoolError::Backend(e) => pg(e),
-        other => StoreError::new(other.to_string()),
-    }
-}
-
-/// A key as the store holds it.
-fn key_bytes(key: &TokenKey) -> &[u8] {
-    key.as_str().as_bytes()
 }
 
 /// The key of a `key` column.
@@ -765,74 +506,14 @@ impl TokenStore for PostgresStore {
                     > 0
             };
             if taken {
-                return Ok(Some(Box::new(PostgresLock {
-                    pool: self.pool.clone(),
-                    sql: Arc::clone(&self.sql),
-                    key: key.clone(),
+                return Ok(Some(Box::new(PostgresLock::held(
+                    self.pool.clone(),
+                    Arc::clone(&self.sql),
+                    key.clone(),
                     owner,
-                    released: false,
-                })));
+                ))));
             }
             wait.pause(key, "instance").await?;
-        }
-    }
-}
-
-/// A held refresh lock (a lease row). Dropped without [`release`](RefreshLock::release), it
-/// is released in the background when a runtime is at hand, and otherwise expires.
-struct PostgresLock {
-    pool: Pool,
-    sql: Arc<Sql>,
-    key: TokenKey,
-    owner: String,
-    released: bool,
-}
-
-impl PostgresLock {
-    /// Deletes the lease if this owner still holds it.
-    async fn release_now(
-        pool: Pool,
-        sql: &Sql,
-        key: &TokenKey,
-        owner: &str,
-    ) -> Result<(), StoreError> {
-        let client = pool.get().await.map_err(pool_error)?;
-        let statement = client.prepare_cached(&sql.release).await.map_err(pg)?;
-        let deleted = client
-            .execute(&statement, &[&key_bytes(key), &owner])
-            .await
-            .map_err(pg)?;
-        if deleted == 0 {
-            tracing::warn!(
-                key = %key,
-                "the refresh lock expired before it was released: the refresh outlived the \
-                 lock ttl (its save was fenced by version)"
-            );
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl RefreshLock for PostgresLock {
-    async fn release(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.released = true;
-        Self::release_now(self.pool.clone(), &self.sql, &self.key, &self.owner).await
-    }
-}
-
-impl Drop for PostgresLock {
-    fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (pool, sql) = (self.pool.clone(), Arc::clone(&self.sql));
-            let key = self.key.clone();
-            let owner = std::mem::take(&mut self.owner);
-            runtime.spawn(async move {
-                let _ = Self::release_now(pool, &sql, &key, &owner).await;
-            });
         }
     }
 }
@@ -840,30 +521,7 @@ impl Drop for PostgresLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identifiers_are_plain_sql_names() {
-        for good in ["public", "Tokens_2", "_x"] {
-            assert!(check_identifier("schema", good, false).is_ok(), "{good}");
-        }
-        for bad in ["", "1x", "a b", "x\"y", "x;", "naïve", &"s".repeat(64)] {
-            let err = check_identifier("schema", bad, false).err().unwrap();
-            assert_eq!(err.kind(), StoreErrorKind::InvalidKey, "{bad:?}");
-        }
-        assert!(check_identifier("table prefix", "", true).is_ok());
-    }
-
-    #[test]
-    fn names_are_qualified_and_quoted() {
-        let sql = Sql::new("Tokens", "app_");
-        assert_eq!(sql.table("grants"), "\"Tokens\".\"app_grants\"");
-        assert!(sql.migration(0).contains("\"Tokens\".\"app_leases\""));
-        assert!(!sql.migration(0).contains('{'));
-        assert_ne!(
-            sql.migration_lock(),
-            Sql::new("Tokens", "b_").migration_lock()
-        );
-    }
+    use crate::error::StoreErrorKind;
 
     #[test]
     fn the_description_of_a_connection_string_has_no_password() {
