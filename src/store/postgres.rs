@@ -31,6 +31,7 @@ const DEFAULT_MAX_CONNECTIONS: usize = 8;
 const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest lease: a century is forever enough.
 const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// A [`TokenStore`] in a PostgreSQL database, for apps running several instances (replicas,
 /// workers, machines) that already have PostgreSQL and must refresh each grant once between
 /// them.
@@ -70,14 +71,18 @@ const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// another version and writes nothing ([`Cas::Conflict`]).
 ///
 /// A row this store cannot read (a version that is not positive, a record that is not a
-/// grant's JSON, a key that is not UTF-8) is [`StoreErrorKind::Corrupt`](crate::StoreErrorKind::Corrupt) and is left for a
-/// human: a save expecting absence, or any version but the row's own (which no load hands
-/// out, since the load fails), conflicts with it, and a row whose version is not positive
-/// matches no save at all. Missing tables are
-/// [`StoreErrorKind::NotFound`](crate::StoreErrorKind::NotFound), a refused privilege or login is
-/// [`StoreErrorKind::PermissionDenied`](crate::StoreErrorKind::PermissionDenied), and the rest (connections, timeouts) is
-/// [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend). Errors quote PostgreSQL's code and message, never its detail
-/// (which can quote a row) nor the connection string.
+/// grant's JSON, a key that is not UTF-8) is
+/// [`StoreErrorKind::Corrupt`](crate::StoreErrorKind::Corrupt) and is left for a human: a
+/// save expecting absence, or any version but the row's own (which no load hands out, since
+/// the load fails), conflicts with it, and a row whose version is not positive matches no
+/// save at all. Missing tables are [`StoreErrorKind::NotFound`](crate::StoreErrorKind::NotFound),
+/// a refused privilege or login is
+/// [`StoreErrorKind::PermissionDenied`](crate::StoreErrorKind::PermissionDenied), and the
+/// rest (connections, timeouts) is [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend).
+/// Each statement runs for at most [`PostgresStoreBuilder::statement_timeout`] (5 s by
+/// default), so a row another session keeps locked makes a call fail, not hang. Errors quote
+/// PostgreSQL's code and message, never its detail (which can quote a row) nor the
+/// connection string.
 ///
 /// # The refresh lock
 ///
@@ -88,16 +93,17 @@ const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// lease holds the key it polls with a bounded backoff for at most
 /// [`PostgresStoreBuilder::lock_wait`] (75 s by default, longer than the manager's default
 /// 60 s lock ttl, so a peer outwaits a crashed holder), then fails with
-/// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout). Only its owner releases it (the delete names the owner
-/// token); a holder that dies (even by `kill -9`) leaves it to expire after `ttl`
+/// [`StoreErrorKind::LockTimeout`](crate::StoreErrorKind::LockTimeout). Only its owner
+/// releases it (the delete names the owner token); a holder that dies (even by `kill -9`)
+/// leaves it to expire after `ttl`
 /// ([`TokenManagerBuilder::lock_ttl`](crate::TokenManagerBuilder::lock_ttl)). A lock dropped
 /// without [`release`](RefreshLock::release) is released in the background.
 ///
 /// The lease is a row, not a session advisory lock: it holds no connection while it is held,
-/// so it survives a connection pool handing each statement to another connection. A refresh that outlives its lease is fenced by version: its
-/// compare-and-swap save fails with [`Cas::Conflict`] if a peer saved meanwhile, and its
-/// manager adopts the stored record instead of writing over it. Keep `lock_ttl` well above
-/// the provider's request timeout.
+/// so it survives a connection pool handing each statement to another connection. A refresh
+/// that outlives its lease is fenced by version: its compare-and-swap save fails with
+/// [`Cas::Conflict`] if a peer saved meanwhile, and its manager adopts the stored record
+/// instead of writing over it. Keep `lock_ttl` well above the provider's request timeout.
 ///
 /// # TLS
 ///
@@ -219,17 +225,18 @@ impl PostgresStoreBuilder {
     }
 
     /// How long opening a connection, or waiting for a free one in the pool, may take before
-    /// a call fails with [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) (default 5 s). A `connect_timeout` in the
-    /// connection string takes precedence for opening.
+    /// a call fails with [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) (default
+    /// 5 s). A `connect_timeout` in the connection string takes precedence for opening.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// How long one statement may run on the server before it is cancelled and the call fails
-    /// with [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) (PostgreSQL's `statement_timeout`, default 5 s): a
-    /// save waiting for a row another session keeps locked fails instead of hanging. A
-    /// `statement_timeout` in the connection string's `options` takes precedence.
+    /// with [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) (PostgreSQL's
+    /// `statement_timeout`, default 5 s): a save waiting for a row another session keeps
+    /// locked fails instead of hanging. A `statement_timeout` in the connection string's
+    /// `options` takes precedence.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
         self
@@ -246,11 +253,13 @@ impl PostgresStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) for a schema or table prefix that is not a plain SQL
-    /// identifier (or makes a name longer than 63 bytes); [`StoreErrorKind::PermissionDenied`](crate::StoreErrorKind::PermissionDenied)
-    /// if the server refuses the login or the migration; [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) for an
-    /// invalid connection string (never quoted: it may hold a password), a server that cannot
-    /// be reached, or tables migrated by a newer version of this crate.
+    /// [`StoreErrorKind::InvalidKey`](crate::StoreErrorKind::InvalidKey) for a schema or table
+    /// prefix that is not a plain SQL identifier (or makes a name longer than 63 bytes);
+    /// [`StoreErrorKind::PermissionDenied`](crate::StoreErrorKind::PermissionDenied) if the
+    /// server refuses the login or the migration;
+    /// [`StoreErrorKind::Backend`](crate::StoreErrorKind::Backend) for an invalid connection
+    /// string (never quoted: it may hold a password), a server that cannot be reached, or
+    /// tables migrated by a newer version of this crate.
     pub async fn build(self) -> Result<PostgresStore, StoreError> {
         schema::check_names(&self.schema, &self.prefix)?;
         let (pool, target) = match self.source {
