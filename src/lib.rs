@@ -47,7 +47,8 @@
 //! - A [`TokenStore`] keeps grants with a version for compare-and-swap: [`MemoryStore`] by
 //!   default, [`FileStore`] for processes sharing a machine and surviving restarts, and
 //!   `SqliteStore` (feature `sqlite`) for processes sharing one database file on a machine,
-//!   and `RedisStore` (feature `redis`) for instances sharing a Redis. Each also locks each refresh
+//!   and `RedisStore` (feature `redis`) or `PostgresStore` (feature `postgres`) for instances
+//!   sharing a Redis or a PostgreSQL database. Each also locks each refresh
 //!   (the memory store among the managers sharing it; the others across processes). A dead grant is stored as dead, so it stays dead
 //!   across restarts.
 //! - Every failure is an [`Error`] variant that says what to do: re-authorize, wait, or fix
@@ -78,7 +79,7 @@
 //! | read a provider's non-standard error bodies | a [`Classifier`] on the [`OAuth2Provider`] |
 //! | refresh at a non-standard JSON endpoint | [`provider_fn`], or implement [`Provider`] |
 //! | keep grants across restarts, or share them on one machine | [`FileStore`], or `SqliteStore` (feature `sqlite`) for one database file |
-//! | share grants across machines | `RedisStore` (feature `redis`) |
+//! | share grants across machines | `RedisStore` (feature `redis`), or `PostgresStore` (feature `postgres`) in a PostgreSQL database |
 //! | keep grants in my own database | implement [`TokenStore`] |
 //! | encrypt grants at rest, with key rotation | `EncryptedStore` (feature `encryption`) around any store |
 //! | keep idle grants alive | [`TokenManager::start_refresher`] with a [`RefresherConfig`] |
@@ -200,6 +201,9 @@ pub use store::{
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use store::{EncryptedStore, KeyId, Keyring, RekeyReport};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
@@ -230,6 +234,16 @@ pub use reqwest;
 #[cfg_attr(docsrs, doc(cfg(feature = "middleware")))]
 pub use reqwest_middleware;
 
+/// The `deadpool-postgres` (0.14) whose [`Pool`](deadpool_postgres::Pool)
+/// [`PostgresStore::builder_with_pool`] takes, with its `tokio_postgres`
+/// ([`deadpool_postgres::tokio_postgres`]).
+///
+/// Build the pool with these, or depend on the same majors: a pool from another major is
+/// another type.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
+
 // The traits must stay dyn-compatible and the handles shareable across threads.
 const _: () = {
     fn _object_safe(
@@ -253,6 +267,8 @@ const _: () = {
         _assert_send_sync::<OAuth2Provider>();
         _assert_send_sync::<MemoryStore>();
         _assert_send_sync::<FileStore>();
+        #[cfg(feature = "postgres")]
+        _assert_send_sync::<PostgresStore>();
         #[cfg(feature = "redis")]
         _assert_send_sync::<RedisStore>();
         #[cfg(feature = "sqlite")]

@@ -13,6 +13,8 @@ use crate::token::{epoch_ms_opt, TokenKey, TokenSet};
 mod encrypted;
 mod file;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "sqlite")]
@@ -22,6 +24,8 @@ mod sqlite;
 pub use encrypted::{EncryptedStore, KeyId, Keyring, RekeyReport};
 pub use file::FileStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "sqlite")]
@@ -644,14 +648,14 @@ pub(crate) fn lock_deadline(wait: Duration) -> tokio::time::Instant {
 
 /// The wait between attempts to take a lease lock held by someone else: jittered exponential
 /// pauses (5 ms up to 200 ms), ending in a typed [`StoreErrorKind::LockTimeout`] after `wait`.
-#[cfg(any(feature = "redis", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
 pub(crate) struct LockWait {
     wait: Duration,
     deadline: tokio::time::Instant,
     pause: Duration,
 }
 
-#[cfg(any(feature = "redis", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
 impl LockWait {
     pub(crate) fn new(wait: Duration) -> Self {
         Self {

@@ -1,13 +1,14 @@
 //! The cross-process proof: several real OS processes share one store (a `FileStore`
 //! directory; with the `sqlite` feature a `SqliteStore` database file; with the `redis`
-//! feature a `RedisStore` on one server, and one on a three-node Redis Cluster) and one fake
+//! feature a `RedisStore` on one server, and one on a three-node Redis Cluster; with the
+//! `postgres` feature a `PostgresStore` on a PostgreSQL server this test starts) and one fake
 //! authorization server
 //! with strict rotation and reuse detection. Each process runs many tasks calling
 //! `access_token` while simulated expiries pass. Each expiry must be refreshed exactly once,
 //! reuse detection must never fire, and every process must end with a valid token. Then one
 //! process is killed with SIGKILL in the middle of its refresh (holding the refresh lock) and
-//! the others must recover (the OS drops a dead process's `flock`; a SQLite lease and a Redis
-//! lock expire)
+//! the others must recover (the OS drops a dead process's `flock`; a SQLite or PostgreSQL
+//! lease and a Redis lock expire)
 //! without a reuse.
 //!
 //! Runs with `harness = false`: `main` re-executes this binary with `--worker …` for each
@@ -41,8 +42,8 @@ const CALLS: usize = 10;
 const EXPIRIES: u64 = 5;
 /// A step of simulated time: past the fake's 1 h access-token life and the 60 s margin.
 const STEP: Duration = Duration::from_secs(3600 + 120);
-/// The workers' refresh-lock ttl (real time): how long a SQLite lease or a Redis lock outlives
-/// a killed holder.
+/// The workers' refresh-lock ttl (real time): how long a SQLite or PostgreSQL lease or a Redis
+/// lock outlives a killed holder.
 const LOCK_TTL: Duration = Duration::from_secs(5);
 /// The peers' refresh timeout: a provider call may start only while the lease can still cover
 /// it (ttl − timeout = 4 s of real time after asking for the lock, on a loaded machine too).
@@ -86,6 +87,8 @@ fn main() -> ExitCode {
         ("redis store", StoreKind::Redis),
         #[cfg(feature = "redis")]
         ("redis cluster store", StoreKind::RedisCluster),
+        #[cfg(feature = "postgres")]
+        ("postgres store", StoreKind::Postgres),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, kind) in scenarios {
@@ -117,6 +120,8 @@ enum StoreKind {
     Redis,
     #[cfg(feature = "redis")]
     RedisCluster,
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 impl StoreKind {
@@ -129,6 +134,8 @@ impl StoreKind {
             StoreKind::Redis => "redis",
             #[cfg(feature = "redis")]
             StoreKind::RedisCluster => "redis-cluster",
+            #[cfg(feature = "postgres")]
+            StoreKind::Postgres => "postgres",
         }
     }
 }
@@ -150,6 +157,13 @@ async fn open_store(kind: &str, location: &str) -> anyhow::Result<Arc<dyn TokenS
         "redis-cluster" => Ok(Arc::new(
             tokenkeeper::RedisStore::cluster(location.split(','))
                 .prefix("cross-process:")
+                .build()
+                .await?,
+        )),
+        #[cfg(feature = "postgres")]
+        "postgres" => Ok(Arc::new(
+            tokenkeeper::PostgresStore::builder(location)
+                .table_prefix("cross_process_")
                 .build()
                 .await?,
         )),
@@ -374,6 +388,8 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
     let mut redis_server = None;
     #[cfg(feature = "redis")]
     let mut redis_cluster = None;
+    #[cfg(feature = "postgres")]
+    let mut postgres_server = None;
     let location = match kind {
         StoreKind::File => {
             let dir = tmp.path().join("grants");
@@ -399,6 +415,13 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
             let urls = cluster.urls().join(",");
             redis_cluster = Some(cluster);
             urls
+        }
+        #[cfg(feature = "postgres")]
+        StoreKind::Postgres => {
+            let server = support::postgres::PostgresServer::start();
+            let url = server.create_database().await;
+            postgres_server = Some(server);
+            url
         }
     };
 
@@ -487,6 +510,8 @@ async fn scenario(kind: StoreKind) -> anyhow::Result<String> {
     }
     #[cfg(feature = "redis")]
     drop((redis_server, redis_cluster));
+    #[cfg(feature = "postgres")]
+    drop(postgres_server);
     Ok(format!(
         "{WORKERS} processes x {TASKS} tasks, {phase} expiries, {phase} refreshes, 0 reuse \
          detections, recovered {:.2} s after the SIGKILL, {:.1} s in all",

@@ -135,3 +135,7 @@ impl Provider for XoxodayProvider {
 
 /// A throwaway `redis-server` for the `redis` feature's tests.
 pub mod redis;
+
+/// A throwaway PostgreSQL server for the `postgres` feature's tests.
+#[cfg(feature = "postgres")]
+pub mod postgres;
