@@ -28,7 +28,8 @@ Store URLs:
   sqlite:///FILE[?table_prefix=NAME]
                               a SqliteStore database file
   redis://[:PASSWORD@]HOST[:PORT][/DB][?prefix=PREFIX], rediss://…
-  postgres://…                not built in yet
+  postgres://[USER[:PASSWORD]@]HOST[:PORT]/DB[?schema=NAME&table_prefix=PREFIX]
+                              a PostgresStore
 Add --key-env VAR or --key-file PATH (base64, 32 bytes) to read an EncryptedStore.
 
 Exit codes:

@@ -99,12 +99,7 @@ impl StoreUrl {
             }
             "sqlite" => self.open_sqlite(&shown, access),
             "redis" | "rediss" => self.open_redis(&shown).await,
-            // `PostgresStore` arrives with the `postgres` feature of the library; then this
-            // arm opens it like the others.
-            _ => Err(Failure::usage(format!(
-                "cannot open {shown}: this tokenkeeper was built without PostgreSQL support \
-                 (no PostgresStore yet)"
-            ))),
+            _ => self.open_postgres(&shown).await,
         }
     }
 
@@ -134,7 +129,7 @@ impl StoreUrl {
     }
 
     /// The URL's `name=value` query option, and the URL without it.
-    #[cfg(any(feature = "sqlite", feature = "redis", test))]
+    #[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres", test))]
     fn take_option(&self, name: &str) -> (Option<String>, Url) {
         let mut url = self.url.clone();
         let mut value = None;
@@ -205,6 +200,33 @@ impl StoreUrl {
             .await
             .map_err(|e| Failure::store(format!("cannot open {shown}"), e))?;
         Ok(Arc::new(store))
+    }
+
+    /// `postgres://…[?schema=NAME&table_prefix=PREFIX]`; other query options go to the
+    /// PostgreSQL client.
+    #[cfg(feature = "postgres")]
+    async fn open_postgres(&self, shown: &str) -> Result<Arc<dyn TokenStore>, Failure> {
+        let (schema, rest) = self.take_option("schema");
+        let (prefix, rest) = StoreUrl { url: rest }.take_option("table_prefix");
+        let mut builder = tokenkeeper::PostgresStore::builder(rest.as_str());
+        if let Some(schema) = schema {
+            builder = builder.schema(schema);
+        }
+        if let Some(prefix) = prefix {
+            builder = builder.table_prefix(prefix);
+        }
+        let store = builder
+            .build()
+            .await
+            .map_err(|e| Failure::store(format!("cannot open {shown}"), e))?;
+        Ok(Arc::new(store))
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    async fn open_postgres(&self, shown: &str) -> Result<Arc<dyn TokenStore>, Failure> {
+        Err(Failure::usage(format!(
+            "cannot open {shown}: this tokenkeeper was built without the `postgres` feature"
+        )))
     }
 
     #[cfg(not(feature = "redis"))]
