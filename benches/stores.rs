@@ -15,11 +15,14 @@
 //! 3. **`SqliteStore`** (group `stores/sqlite`): `save` and `load` against a single-row
 //!    `UPDATE` / `SELECT` (+ decode) of the same JSON on a `rusqlite` connection to another
 //!    database file in the same directory, with the store's settings (WAL, `synchronous=FULL`).
-//! 4. **`EncryptedStore`** (group `stores/encrypted`): the wrapper over `MemoryStore` against the
+//! 4. **`PostgresStore`** (group `stores/postgres`): `save` and `load` against a single-row
+//!    `UPDATE` / `SELECT` (+ decode) of the same JSON through one `tokio-postgres` connection (a
+//!    prepared statement) to the same server, a throwaway PostgreSQL the bench starts.
+//! 5. **`EncryptedStore`** (group `stores/encrypted`): the wrapper over `MemoryStore` against the
 //!    bare `MemoryStore` (its added cost per operation: XChaCha20-Poly1305 and the envelope),
 //!    and over `FileStore` against the bare `FileStore`.
-//! 5. **The refresh lock** (group `stores/lock`): `lock(&key, ttl)` then `release()` for
-//!    `FileStore`, `RedisStore`, `SqliteStore` and `MemoryStore`, uncontended.
+//! 6. **The refresh lock** (group `stores/lock`): `lock(&key, ttl)` then `release()` for
+//!    `FileStore`, `RedisStore`, `SqliteStore`, `PostgresStore` and `MemoryStore`, uncontended.
 //!
 //! A final summary, timed with plain `Instant` loops in alternating rounds, prints per store
 //! the save and load latency with the ratio store / raw, and the lock's acquire+release time
@@ -49,6 +52,12 @@ const SUMMARY_ROUND: Duration = Duration::from_millis(150);
 #[path = "../tests/support/redis.rs"]
 mod redis_server;
 use redis_server::RedisServer;
+// And their throwaway PostgreSQL.
+#[path = "../tests/support/postgres.rs"]
+mod postgres_server;
+use postgres_server::PostgresServer;
+use tokenkeeper::deadpool_postgres::tokio_postgres;
+use tokenkeeper::PostgresStore;
 
 // ---- fixture ------------------------------------------------------------------------------
 
@@ -68,6 +77,9 @@ struct Fixture {
     memory: Subject,
     redis: Subject,
     sqlite: Subject,
+    postgres: Subject,
+    /// The raw PostgreSQL baseline's connection, on its own table in the same database.
+    raw_postgres: tokio_postgres::Client,
     encrypted_memory: Subject,
     encrypted_file: Subject,
     /// The raw SQLite baseline's connection (another database file, the store's settings).
@@ -81,6 +93,7 @@ struct Fixture {
     file_store_bytes: usize,
     _tmp: tempfile::TempDir,
     _server: RedisServer,
+    _postgres: PostgresServer,
 }
 
 fn runtime() -> Runtime {
@@ -133,7 +146,7 @@ impl Subject {
     }
 }
 
-fn fixture(server: RedisServer) -> Fixture {
+fn fixture(server: RedisServer, pg: PostgresServer) -> Fixture {
     let rt = runtime();
     let key = TokenKey::new("tenant-0042");
     let record = grant_record();
@@ -192,6 +205,36 @@ fn fixture(server: RedisServer) -> Fixture {
             rusqlite::params![key.as_str(), json],
         )
         .expect("raw row");
+    let (postgres, raw_postgres) = rt.block_on(async {
+        let url = pg.create_database().await;
+        let store = PostgresStore::builder(url.clone())
+            .build()
+            .await
+            .expect("postgres store");
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("raw postgres connection");
+        tokio::spawn(connection);
+        client
+            .batch_execute(
+                "CREATE TABLE raw_grants (key text PRIMARY KEY, version bigint NOT NULL, \
+                 record text NOT NULL)",
+            )
+            .await
+            .expect("raw table");
+        client
+            .execute(
+                "INSERT INTO raw_grants (key, version, record) VALUES ($1, 1, $2)",
+                &[
+                    &key.as_str(),
+                    &String::from_utf8(json.clone()).expect("utf-8 JSON"),
+                ],
+            )
+            .await
+            .expect("raw row");
+        (store, client)
+    });
+    let postgres = Subject::new(&rt, postgres, &key, &record);
     let keyring = Keyring::new(KeyId::new(1), [7; 32]);
     let encrypted_memory = Subject::new(
         &rt,
@@ -218,6 +261,8 @@ fn fixture(server: RedisServer) -> Fixture {
         memory,
         redis,
         sqlite,
+        postgres,
+        raw_postgres,
         encrypted_memory,
         encrypted_file,
         raw_sqlite: std::sync::Mutex::new(raw_sqlite),
@@ -227,6 +272,7 @@ fn fixture(server: RedisServer) -> Fixture {
         file_store_bytes,
         _tmp: tmp,
         _server: server,
+        _postgres: pg,
     };
     // Seed the raw baselines, so their reads find the record.
     raw_file_save(&fx, false, 1);
@@ -381,6 +427,51 @@ fn raw_sqlite_select(fx: &Fixture, iters: u64) -> Duration {
     start.elapsed()
 }
 
+/// A single-row `UPDATE` of the record through a prepared statement.
+fn raw_postgres_update(fx: &Fixture, iters: u64) -> Duration {
+    let json = std::str::from_utf8(&fx.json).expect("utf-8 JSON");
+    fx.rt.block_on(async {
+        let update = fx
+            .raw_postgres
+            .prepare("UPDATE raw_grants SET record = $1, version = version + 1 WHERE key = $2")
+            .await
+            .expect("prepare");
+        let start = Instant::now();
+        for _ in 0..iters {
+            let changed = fx
+                .raw_postgres
+                .execute(&update, &[&json, &fx.key.as_str()])
+                .await
+                .expect("UPDATE");
+            assert_eq!(changed, 1);
+        }
+        start.elapsed()
+    })
+}
+
+/// A single-row `SELECT` of the record through a prepared statement, then the decode.
+fn raw_postgres_select(fx: &Fixture, iters: u64) -> Duration {
+    fx.rt.block_on(async {
+        let select = fx
+            .raw_postgres
+            .prepare("SELECT version, record FROM raw_grants WHERE key = $1")
+            .await
+            .expect("prepare");
+        let start = Instant::now();
+        for _ in 0..iters {
+            let row = fx
+                .raw_postgres
+                .query_one(&select, &[&fx.key.as_str()])
+                .await
+                .expect("SELECT");
+            let (version, text): (i64, &str) = (row.get(0), row.get(1));
+            let record: GrantRecord = serde_json::from_str(text).expect("decode");
+            std::hint::black_box((version, record));
+        }
+        start.elapsed()
+    })
+}
+
 // ---- criterion groups ---------------------------------------------------------------------
 
 fn bench_file(c: &mut Criterion, fx: &Fixture) {
@@ -435,6 +526,23 @@ fn bench_sqlite(c: &mut Criterion, fx: &Fixture) {
     group.finish();
 }
 
+fn bench_postgres(c: &mut Criterion, fx: &Fixture) {
+    let mut group = c.benchmark_group("stores/postgres");
+    group.bench_function("raw_update", |b| {
+        b.iter_custom(|n| raw_postgres_update(fx, n))
+    });
+    group.bench_function("store_save", |b| {
+        b.iter_custom(|n| store_save(fx, &fx.postgres, n))
+    });
+    group.bench_function("raw_select_decode", |b| {
+        b.iter_custom(|n| raw_postgres_select(fx, n))
+    });
+    group.bench_function("store_load", |b| {
+        b.iter_custom(|n| store_load(fx, &fx.postgres, n))
+    });
+    group.finish();
+}
+
 fn bench_encrypted(c: &mut Criterion, fx: &Fixture) {
     let mut group = c.benchmark_group("stores/encrypted");
     for (name, subject) in [
@@ -458,6 +566,7 @@ fn bench_lock(c: &mut Criterion, fx: &Fixture) {
         ("file_lock_release", &fx.file),
         ("redis_lock_release", &fx.redis),
         ("sqlite_lock_release", &fx.sqlite),
+        ("postgres_lock_release", &fx.postgres),
         ("memory_lock_release", &fx.memory),
     ] {
         group.bench_function(name, |b| b.iter_custom(|n| store_lock(fx, subject, n)));
@@ -509,7 +618,7 @@ fn timed<const N: usize>(
 fn main() {
     // Before anything is measured: fails with the install hint if redis-server is missing.
     let server = RedisServer::start();
-    let fx = fixture(server);
+    let fx = fixture(server, PostgresServer::start());
 
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -521,6 +630,7 @@ fn main() {
     bench_file(&mut c, &fx);
     bench_redis(&mut c, &fx);
     bench_sqlite(&mut c, &fx);
+    bench_postgres(&mut c, &fx);
     bench_encrypted(&mut c, &fx);
     bench_lock(&mut c, &fx);
     c.final_summary();
@@ -581,6 +691,22 @@ fn main() {
             raw_sqlite_select(&fx, n)
         }],
     );
+    let [pg_save, pg_raw_save, pg_lock] = timed(
+        rounds,
+        round,
+        [
+            &mut |n| store_save(&fx, &fx.postgres, n),
+            &mut |n| raw_postgres_update(&fx, n),
+            &mut |n| store_lock(&fx, &fx.postgres, n),
+        ],
+    );
+    let [pg_load, pg_raw_load] = timed(
+        rounds,
+        round,
+        [&mut |n| store_load(&fx, &fx.postgres, n), &mut |n| {
+            raw_postgres_select(&fx, n)
+        }],
+    );
     let [enc_mem_save, plain_mem_save, enc_mem_load, plain_mem_load] = timed(
         rounds,
         round,
@@ -614,6 +740,7 @@ fn main() {
         ("file", &fx.file),
         ("redis", &fx.redis),
         ("sqlite", &fx.sqlite),
+        ("postgres", &fx.postgres),
         ("memory", &fx.memory),
         ("encrypted memory", &fx.encrypted_memory),
         ("encrypted file", &fx.encrypted_file),
@@ -674,6 +801,18 @@ fn main() {
     println!(
         "             lock+release {sqlite_lock:.1} µs = {:.3} of a save",
         sqlite_lock / sqlite_save,
+    );
+    println!(
+        "PostgresStore: save {pg_save:.1} µs vs raw UPDATE {pg_raw_save:.1} µs, ratio {:.2}",
+        pg_save / pg_raw_save,
+    );
+    println!(
+        "             load {pg_load:.1} µs vs raw SELECT+decode {pg_raw_load:.1} µs, ratio {:.2}",
+        pg_load / pg_raw_load,
+    );
+    println!(
+        "             lock+release {pg_lock:.1} µs = {:.3} of a save",
+        pg_lock / pg_save,
     );
     println!(
         "EncryptedStore: over MemoryStore save +{:.2} µs ({enc_mem_save:.2} vs {plain_mem_save:.2}), \
