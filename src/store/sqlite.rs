@@ -49,8 +49,10 @@ const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// `0600`; SQLite gives its `-wal` and `-shm` files the same mode. WAL needs a local file
 /// system: do not put the file on NFS or another network share.
 ///
-/// Each store holds one connection; its calls run on tokio's blocking thread pool
-/// ([`tokio::task::spawn_blocking`]), one at a time per store.
+/// Each store holds one connection, used by one call at a time. Writes run on tokio's blocking
+/// thread pool ([`tokio::task::spawn_blocking`]); a load runs on the caller's task when the
+/// connection is free (a one-row read in WAL mode, which never waits for a writer), and on the
+/// blocking pool otherwise.
 ///
 /// # The refresh lock
 ///
@@ -94,6 +96,7 @@ pub struct SqliteStore {
     path: PathBuf,
     tables: Arc<Tables>,
     lock_wait: Duration,
+    busy_timeout: Duration,
 }
 
 /// Configures a [`SqliteStore`]; see [`SqliteStore::builder`].
@@ -278,6 +281,7 @@ impl SqliteStoreBuilder {
             path: self.path,
             tables: Arc::new(tables),
             lock_wait: self.lock_wait,
+            busy_timeout: self.busy_timeout,
         })
     }
 }
@@ -309,6 +313,36 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 
 /// A SQLite failure: a file that is not a database (or is damaged), or a value of the wrong
 /// type where the store wrote its own, is corrupt; the rest is a backend failure.
+/// The version and record of `key`'s row, as stored.
+type Row = (Option<i64>, Option<Vec<u8>>);
+
+fn query_row(conn: &Connection, tables: &Tables, key: &TokenKey) -> rusqlite::Result<Option<Row>> {
+    conn.prepare_cached(&tables.load)?
+        .query_row([key.as_str()], |row| {
+            let version = row.get_ref(0)?.as_i64().ok();
+            let record = row.get_ref(1)?.as_bytes().ok().map(<[u8]>::to_vec);
+            Ok((version, record))
+        })
+        .optional()
+}
+
+fn decode_row(
+    row: Option<Row>,
+    key: &TokenKey,
+) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
+    let Some((version, record)) = row else {
+        return Ok(None);
+    };
+    let version = version
+        .ok_or_else(|| StoreError::corrupt(format!("the row of `{key}` has an invalid version")))?;
+    let record = record
+        .ok_or_else(|| StoreError::corrupt(format!("the row of `{key}` has no JSON record")))?;
+    Ok(Some(Versioned {
+        version: version_from(version, key)?,
+        value: GrantRecord::from_json(&record)?,
+    }))
+}
+
 fn sql(e: rusqlite::Error) -> StoreError {
     let corrupt = matches!(
         e,
@@ -364,29 +398,29 @@ fn now_ms() -> i64 {
 impl TokenStore for SqliteStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<Versioned<GrantRecord>>, StoreError> {
         StoreError::check_key(key)?;
+        // A one-row read in WAL mode never waits for a writer: when the connection is free it
+        // runs on the caller's task, without the blocking pool's round trip (several times the
+        // read). Should SQLite still answer busy (a WAL recovery), or the connection be in use,
+        // the read goes to the blocking pool, which waits up to the busy timeout.
+        if let Ok(conn) = self.conn.try_lock() {
+            if conn.busy_timeout(Duration::ZERO).is_ok() {
+                let read = query_row(&conn, &self.tables, key);
+                let restored = conn.busy_timeout(self.busy_timeout);
+                let busy = matches!(
+                    read.as_ref()
+                        .err()
+                        .and_then(rusqlite::Error::sqlite_error_code),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                );
+                if !busy {
+                    restored.map_err(sql)?;
+                    return decode_row(read.map_err(sql)?, key);
+                }
+            }
+        }
         let key = key.clone();
         self.with_conn(move |conn, tables| {
-            let row = conn
-                .query_row(&tables.load, [key.as_str()], |row| {
-                    let version = row.get_ref(0)?.as_i64().ok();
-                    let record = row.get_ref(1)?.as_bytes().ok().map(<[u8]>::to_vec);
-                    Ok((version, record))
-                })
-                .optional()
-                .map_err(sql)?;
-            let Some((version, record)) = row else {
-                return Ok(None);
-            };
-            let version = version.ok_or_else(|| {
-                StoreError::corrupt(format!("the row of `{key}` has an invalid version"))
-            })?;
-            let record = record.ok_or_else(|| {
-                StoreError::corrupt(format!("the row of `{key}` has no JSON record"))
-            })?;
-            Ok(Some(Versioned {
-                version: version_from(version, &key)?,
-                value: GrantRecord::from_json(&record)?,
-            }))
+            decode_row(query_row(conn, tables, &key).map_err(sql)?, &key)
         })
         .await
     }
