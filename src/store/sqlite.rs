@@ -373,7 +373,9 @@ fn stored_version(
     key: &TokenKey,
 ) -> Result<Option<Version>, StoreError> {
     let version: Option<rusqlite::types::Value> = tx
-        .query_row(&tables.version_of, [key.as_str()], |row| row.get(0))
+        .prepare_cached(&tables.version_of)
+        .map_err(sql)?
+        .query_row([key.as_str()], |row| row.get(0))
         .optional()
         .map_err(sql)?;
     match version {
@@ -443,7 +445,9 @@ impl TokenStore for SqliteStore {
                 return Ok(Cas::Conflict);
             }
             let next: i64 = tx
-                .query_row(&tables.bump, [], |row| row.get(0))
+                .prepare_cached(&tables.bump)
+                .map_err(sql)?
+                .query_row([], |row| row.get(0))
                 .map_err(sql)?;
             let version = Version::try_from(next).map_err(|_| {
                 StoreError::corrupt(format!(
@@ -451,7 +455,9 @@ impl TokenStore for SqliteStore {
                     tables.prefix
                 ))
             })?;
-            tx.execute(&tables.upsert, params![key.as_str(), next, json])
+            tx.prepare_cached(&tables.upsert)
+                .map_err(sql)?
+                .execute(params![key.as_str(), next, json])
                 .map_err(sql)?;
             tx.commit().map_err(sql)?;
             Ok(Cas::Saved(version))
