@@ -203,6 +203,27 @@ pub enum InvalidationReason {
     },
 }
 
+impl InvalidationReason {
+    /// A stable snake-case word for the reason, for scripts, logs and metric labels
+    /// (`invalid_grant`, `rotation_lost`, `moved`, …). Never free text: a provider's own code
+    /// is `provider`, a move's destination is not included.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::InvalidGrant => "invalid_grant",
+            Self::RefreshTokenExpired => "refresh_token_expired",
+            Self::PasswordChanged => "password_changed",
+            Self::Superseded => "superseded",
+            Self::Revoked => "revoked",
+            Self::NoRefreshToken => "no_refresh_token",
+            Self::RotationLost => "rotation_lost",
+            Self::SecurityCheckpoint => "security_checkpoint",
+            Self::AccessTokenExpired => "access_token_expired",
+            Self::Provider { .. } => "provider",
+            Self::Moved { .. } => "moved",
+        }
+    }
+}
+
 impl fmt::Display for InvalidationReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -14,9 +14,9 @@ use std::cell::RefCell;
 #[cfg(feature = "metrics")]
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
 #[cfg(feature = "metrics")]
-use crate::error::{InvalidationReason, StoreError};
+use crate::error::StoreError;
+use crate::error::{Error, Result};
 use crate::store::TokenStore;
 use crate::token::TokenKey;
 
@@ -251,7 +251,7 @@ fn classify<T>(note: &Note, outcome: &Result<T>) -> (&'static str, Option<&'stat
         (Some(noted), _) if SKIPS.contains(&noted) => skipped(noted),
         // Declared dead by this run.
         (Some("dead"), Err(Error::ReauthorizationRequired { reason, .. })) => {
-            ("dead", Some(reason_label(reason)))
+            ("dead", Some(reason.label()))
         }
         // A death held in memory, answered while the store is unreachable.
         (_, Err(Error::ReauthorizationRequired { .. })) => skipped("already_dead"),
@@ -275,25 +275,6 @@ fn error_class(error: &Error) -> &'static str {
         Error::NotFound { .. } => "not_found",
         Error::ReauthorizationRequired { .. } => "dead",
         _ => "unavailable",
-    }
-}
-
-#[cfg(feature = "metrics")]
-fn reason_label(reason: &InvalidationReason) -> &'static str {
-    match reason {
-        InvalidationReason::InvalidGrant => "invalid_grant",
-        InvalidationReason::RefreshTokenExpired => "refresh_token_expired",
-        InvalidationReason::PasswordChanged => "password_changed",
-        InvalidationReason::Superseded => "superseded",
-        InvalidationReason::Revoked => "revoked",
-        InvalidationReason::NoRefreshToken => "no_refresh_token",
-        InvalidationReason::RotationLost => "rotation_lost",
-        InvalidationReason::SecurityCheckpoint => "security_checkpoint",
-        InvalidationReason::AccessTokenExpired => "access_token_expired",
-        // Provider codes are free text: never a label value.
-        InvalidationReason::Provider { .. } => "provider",
-        // Where it went is free text too.
-        InvalidationReason::Moved { .. } => "moved",
     }
 }
 

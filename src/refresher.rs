@@ -685,9 +685,7 @@ impl Scheduler {
                 return (Plan::Refresh, warning);
             }
             let access = self.warning(key, record, expires, true, now);
-            if access.now.is_some() || warning.now.is_none() {
-                warning.now = access.now.or(warning.now);
-            }
+            warning.now = access.now.or(warning.now);
             warning.at = match (warning.at, access.at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

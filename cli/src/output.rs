@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokenkeeper::{GrantHealth, GrantRecord, InvalidationReason, TokenKey};
+use tokenkeeper::{GrantHealth, GrantRecord, TokenKey};
 
 /// One grant as listed: never a secret.
 #[derive(Debug, Serialize)]
@@ -69,7 +69,7 @@ impl Summary {
             }
             GrantHealth::ReauthorizationRequired { reason, since } => {
                 summary.health = "reauthorization_required";
-                summary.reason = Some(reason_label(&reason));
+                summary.reason = Some(reason.label());
                 summary.reason_text = Some(reason.to_string());
                 summary.since = since.map(rfc3339);
             }
@@ -190,24 +190,6 @@ impl ExportLine {
 /// RFC 3339 in UTC, to the second: `2026-12-01T10:22:54Z`.
 pub fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
-}
-
-/// The reason as a stable snake-case word, for scripts (as the metrics labels spell it).
-pub fn reason_label(reason: &InvalidationReason) -> &'static str {
-    match reason {
-        InvalidationReason::InvalidGrant => "invalid_grant",
-        InvalidationReason::RefreshTokenExpired => "refresh_token_expired",
-        InvalidationReason::PasswordChanged => "password_changed",
-        InvalidationReason::Superseded => "superseded",
-        InvalidationReason::Revoked => "revoked",
-        InvalidationReason::NoRefreshToken => "no_refresh_token",
-        InvalidationReason::RotationLost => "rotation_lost",
-        InvalidationReason::SecurityCheckpoint => "security_checkpoint",
-        InvalidationReason::AccessTokenExpired => "access_token_expired",
-        InvalidationReason::Provider { .. } => "provider",
-        InvalidationReason::Moved { .. } => "moved",
-        _ => "other",
-    }
 }
 
 #[cfg(test)]

@@ -422,10 +422,12 @@ impl Inner {
                 .any(|f| is_access_expiry_field(f));
         let tokens = match (current.refresh_expiry(), self.provider.refresh_expiry()) {
             // A grant stored before its provider declared how its refresh tokens expire.
-            (None, Some(declared)) => current.clone().with_refresh_expiry(declared),
-            _ => current.clone(),
-        }
-        .apply(response, now);
+            (None, Some(declared)) => current
+                .clone()
+                .with_refresh_expiry(declared)
+                .apply(response, now),
+            _ => current.apply(response, now),
+        };
         if unreadable_expiry {
             tokens.with_expires_at(later(now, self.config.fallback_lifetime))
         } else {
