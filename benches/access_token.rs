@@ -6,6 +6,7 @@
 //! `access_token/single_thread` and `access_token/two_threads`; a final summary prints the ratio
 //! manager / baseline for each, timed with plain `Instant` loops in this process.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
@@ -30,11 +31,64 @@ const THREADS: u64 = 2;
 /// Counts refreshes; the fast path must never ask the provider.
 static PROVIDER_CALLS: AtomicUsize = AtomicUsize::new(0);
 
+// ---- counting allocator: the fast path must not allocate --------------------------------
+
+/// Allocations made by this process so far (every thread).
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+struct Counting;
+
+// SAFETY: every call is forwarded unchanged to `System`; only a counter is updated on the side.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which `System` shares.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, i.e. from `System`, with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`; `new_size` is checked by the caller.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Allocations per call of `work(calls)` (on this thread; nothing else runs): the difference
+/// between a run of `2 * calls` and one of `calls`, so what a loop allocates once (the
+/// runtime's `block_on`) cancels out.
+fn allocations_per_call(calls: u64, mut work: impl FnMut(u64)) -> f64 {
+    let mut count = |n| {
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        work(n);
+        ALLOCATIONS.load(Ordering::SeqCst) - before
+    };
+    let (once, twice) = (count(calls), count(2 * calls));
+    twice.saturating_sub(once) as f64 / calls as f64
+}
+
 struct Fixture {
     manager: TokenManager,
     key: TokenKey,
     /// The baseline: the same access token behind an `ArcSwap`.
     baseline: ArcSwap<AccessToken>,
+    /// The 1,000 other grants' keys, and their tokens behind `ArcSwap`s (the baseline for
+    /// reading many grants).
+    others: Vec<TokenKey>,
+    others_baseline: Vec<ArcSwap<AccessToken>>,
 }
 
 fn current_thread_runtime() -> Runtime {
@@ -55,13 +109,19 @@ fn fixture(rt: &Runtime) -> Fixture {
     let expires_at = SystemTime::now() + Duration::from_secs(3600);
     let key = TokenKey::new("bench-grant");
     let token = AccessToken::new("ya29.a0AfB_byC-bench-access-token-0123456789abcdef");
+    let others: Vec<TokenKey> = (0..OTHER_GRANTS)
+        .map(|i| TokenKey::new(format!("tenant-{i:04}")))
+        .collect();
+    let others_baseline = (0..OTHER_GRANTS)
+        .map(|i| ArcSwap::from_pointee(AccessToken::new(format!("at-{i}"))))
+        .collect();
     rt.block_on(async {
-        for i in 0..OTHER_GRANTS {
+        for (i, key) in others.iter().enumerate() {
             let tokens = TokenSet::new(AccessToken::new(format!("at-{i}")))
                 .with_refresh_token(RefreshToken::new(format!("rt-{i}")))
                 .with_expires_at(expires_at);
             manager
-                .insert(TokenKey::new(format!("tenant-{i:04}")), tokens)
+                .insert(key.clone(), tokens)
                 .await
                 .expect("insert other grant");
         }
@@ -79,6 +139,8 @@ fn fixture(rt: &Runtime) -> Fixture {
         manager,
         key,
         baseline: ArcSwap::from_pointee(token),
+        others,
+        others_baseline,
     }
 }
 
@@ -123,6 +185,48 @@ fn closure_loop(rt: &Runtime, grant: &GrantHandle, calls: u64) -> Duration {
         }
         start.elapsed()
     })
+}
+
+/// The manager over many grants: call `i` reads key `i % keys.len()`, from `offset`.
+fn manager_keys_loop(
+    rt: &Runtime,
+    manager: &TokenManager,
+    keys: &[TokenKey],
+    offset: usize,
+    calls: u64,
+) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for (_, key) in (0..calls).zip(keys.iter().cycle().skip(offset)) {
+            let token = manager
+                .access_token(black_box(key))
+                .await
+                .expect("access_token");
+            black_box(token);
+        }
+        start.elapsed()
+    })
+}
+
+/// The same through one `GrantHandle` per grant.
+fn handles_loop(rt: &Runtime, grants: &[GrantHandle], offset: usize, calls: u64) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for (_, grant) in (0..calls).zip(grants.iter().cycle().skip(offset)) {
+            let token = black_box(grant).access_token().await.expect("access_token");
+            black_box(token);
+        }
+        start.elapsed()
+    })
+}
+
+/// The baseline over many grants: one `ArcSwap` per grant, read round-robin.
+fn baseline_many_loop(shared: &[ArcSwap<AccessToken>], offset: usize, calls: u64) -> Duration {
+    let start = Instant::now();
+    for (_, one) in (0..calls).zip(shared.iter().cycle().skip(offset)) {
+        black_box(black_box(one).load_full());
+    }
+    start.elapsed()
 }
 
 fn baseline_loop(shared: &ArcSwap<AccessToken>, calls: u64) -> Duration {
@@ -305,6 +409,75 @@ fn main() {
             })
         },
     );
+
+    // Two threads over the 1,000 other grants, each thread starting half-way round from the
+    // other (the keys differ between the threads at every moment).
+    let half = fx.others.len() / 2;
+    summarize(
+        "two_threads 1000 keys",
+        calls,
+        rounds,
+        |n| {
+            two_threads(n, |i, k| {
+                manager_keys_loop(&rts[i], &fx.manager, &fx.others, i * half, k);
+            })
+        },
+        |n| {
+            two_threads(n, |i, k| {
+                baseline_many_loop(&fx.others_baseline, i * half, k);
+            })
+        },
+    );
+    let handles: Vec<GrantHandle> = fx.others.iter().map(|k| fx.manager.grant(k)).collect();
+    summarize(
+        "two_threads 1000 keys handles",
+        calls,
+        rounds,
+        |n| {
+            two_threads(n, |i, k| {
+                handles_loop(&rts[i], &handles, i * half, k);
+            })
+        },
+        |n| {
+            two_threads(n, |i, k| {
+                baseline_many_loop(&fx.others_baseline, i * half, k);
+            })
+        },
+    );
+
+    // Allocations per call on the fast path (after the runs above warmed everything up).
+    let count = 100_000;
+    let per_call = [
+        (
+            "manager access_token",
+            allocations_per_call(count, |n| {
+                manager_loop(&rt, &fx.manager, &fx.key, n);
+            }),
+        ),
+        (
+            "handle access_token",
+            allocations_per_call(count, |n| {
+                handle_loop(&rt, &grant, n);
+            }),
+        ),
+        (
+            "handle with_access_token",
+            allocations_per_call(count, |n| {
+                closure_loop(&rt, &grant, n);
+            }),
+        ),
+        (
+            "manager, 1000 keys",
+            allocations_per_call(count, |n| {
+                manager_keys_loop(&rt, &fx.manager, &fx.others, 0, n);
+            }),
+        ),
+    ];
+    for (name, per_call) in per_call {
+        println!("allocations per call, {name}: {per_call}");
+        // A hard check, not a timing: the fast path must not allocate.
+        assert!(per_call == 0.0, "{name} allocates: {per_call} per call");
+    }
 
     let calls = PROVIDER_CALLS.load(Ordering::SeqCst);
     assert_eq!(calls, 0, "the fast path called the provider {calls} times");

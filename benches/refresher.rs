@@ -17,6 +17,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
+use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -25,8 +26,9 @@ use criterion::{Criterion, Throughput};
 use tokenkeeper::reqwest;
 use tokenkeeper::testing::{FakeAuthServer, FakeConfig, IssuedGrant, ManualClock};
 use tokenkeeper::{
-    provider_fn, AccessToken, ClientSecret, MemoryStore, OAuth2Provider, ProviderError,
-    RefreshToken, RefresherConfig, TokenKey, TokenManager, TokenSet, UnavailableCause,
+    provider_fn, AccessToken, ClientSecret, GrantRecord, MemoryStore, OAuth2Provider,
+    ProviderError, RefreshToken, RefresherConfig, TokenKey, TokenManager, TokenSet, TokenStore,
+    UnavailableCause,
 };
 use tokio::runtime::Runtime;
 
@@ -157,6 +159,8 @@ struct Scale {
     token_bytes: usize,
     key_bytes: usize,
     manager_store: f64,
+    /// Of `manager_store`: the `MemoryStore`'s own copy of the records (measured apart).
+    store_copy: f64,
     planning: f64,
     idle_without: Option<f64>,
     idle_with: Option<f64>,
@@ -204,6 +208,12 @@ fn scale(rt: &Runtime, grants: usize, idle_wall: Duration) -> Scale {
                 .await
                 .expect("insert");
         }
+        // Read every grant once, as an application would: whatever the first read caches
+        // counts too.
+        for i in 0..grants {
+            let key = TokenKey::new(format!("tenant-{i:06}"));
+            black_box(manager.access_token(&key).await.expect("cached token"));
+        }
     });
     let inserted = live_bytes();
 
@@ -231,10 +241,38 @@ fn scale(rt: &Runtime, grants: usize, idle_wall: Duration) -> Scale {
         token_bytes,
         key_bytes,
         manager_store: per_grant(empty, inserted, grants),
+        store_copy: store_copy(rt, grants, expires_at),
         planning: per_grant(inserted, planned, grants),
         idle_without,
         idle_with,
     }
+}
+
+/// The bytes per grant a `MemoryStore` adds to hold records whose keys and tokens already
+/// exist (as they do in a manager, which shares them with its cache): the part of the memory
+/// figure that a store outside the process (Redis, PostgreSQL) does not cost.
+fn store_copy(rt: &Runtime, grants: usize, expires_at: SystemTime) -> f64 {
+    let records: Vec<(TokenKey, GrantRecord)> = (0..grants)
+        .map(|i| {
+            let tokens = TokenSet::new(AccessToken::new(opaque("at", i, 64)))
+                .with_refresh_token(RefreshToken::new(opaque("rt", i, 48)))
+                .with_expires_at(expires_at);
+            (
+                TokenKey::new(format!("tenant-{i:06}")),
+                GrantRecord::new(tokens),
+            )
+        })
+        .collect();
+    let store = MemoryStore::new();
+    let before = live_bytes();
+    rt.block_on(async {
+        for (key, record) in &records {
+            store.save(key, record, None).await.expect("save");
+        }
+    });
+    let after = live_bytes();
+    drop(store);
+    per_grant(before, after, grants)
 }
 
 // ---- 3: refreshes per second at concurrency 64 --------------------------------------------
@@ -468,6 +506,13 @@ fn print_scale(s: &Scale, idle_wall: Duration) {
     println!(
         "  total {total:.0} B/grant = token strings {tokens:.0} + beyond the token strings {:.0}",
         total - tokens
+    );
+    println!(
+        "  beyond the token strings after inserting and reading every grant once: {:.0} B/grant \
+         = the manager's own {:.0} + the MemoryStore's copy of the records {:.0}",
+        s.manager_store - tokens,
+        s.manager_store - tokens - s.store_copy,
+        s.store_copy
     );
     let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.2}"));
     println!(

@@ -94,22 +94,23 @@ pub(crate) struct Slot {
     detached: AtomicBool,
     flight: Mutex<Option<watch::Receiver<Option<Outcome>>>>,
     /// A record this process must still save: rotated tokens or a death the store refused.
-    pending: Mutex<Option<Pending>>,
+    /// (This and the other rare states below are boxed: a slot stays small.)
+    pending: Mutex<Option<Box<Pending>>>,
     /// A background task is retrying the save of `pending`.
     persisting: AtomicBool,
     /// Backoff caused by this process alone (its configuration, its network): never shared
     /// through the store, so it cannot hold back correctly configured peers.
-    local: Mutex<Option<LocalHold>>,
+    local: Mutex<Option<Box<LocalHold>>>,
     /// A refresh token the provider refused whose death the store could not be asked to
     /// record (it changed, then failed): never presented again.
-    refused: Mutex<Option<(crate::token::RefreshToken, InvalidationReason)>>,
+    refused: Mutex<Option<Box<(crate::token::RefreshToken, InvalidationReason)>>>,
     /// A refresh token whose reply this process may have lost (a timeout, a dropped
     /// connection): if the provider later refuses it, the rotation was lost, even when the store
     /// never took the fact (a conflict or an error when it was saved).
     lost_reply: Mutex<Option<crate::token::RefreshToken>>,
     /// The last failure handled here: its clock time and its monotonic instant, so a wall
     /// clock set back cannot end (or stretch) the backoff it started.
-    failure_mono: Mutex<Option<(SystemTime, tokio::time::Instant)>>,
+    failure_mono: Mutex<Option<Box<(SystemTime, tokio::time::Instant)>>>,
 }
 
 /// A record that must reach the store before anything else happens to the grant.
@@ -142,16 +143,46 @@ pub(crate) struct Cached {
     /// refresh margin; 0 for a dead grant, `u64::MAX` for tokens that never expire).
     pub(crate) fresh_before: u64,
     pub(crate) version: Version,
-    pub(crate) dead: Option<InvalidationReason>,
-    pub(crate) retry_not_before: Option<SystemTime>,
+    /// Death, backoff and the last failure: rare, so boxed (`None` for a healthy grant keeps
+    /// the entry of each of 100,000 grants small).
+    trouble: Option<Box<Trouble>>,
+}
+
+/// The rare part of a [`Cached`].
+#[derive(Default)]
+struct Trouble {
+    dead: Option<InvalidationReason>,
+    retry_not_before: Option<SystemTime>,
     /// When the backoff started (to keep a clock set back from stretching it).
-    pub(crate) failed_at: Option<SystemTime>,
+    failed_at: Option<SystemTime>,
     /// The monotonic instant of that failure, when it was handled in this process.
-    pub(crate) failed_mono: Option<tokio::time::Instant>,
+    failed_mono: Option<tokio::time::Instant>,
     /// A backoff kept in this process only (see [`LocalHold`]).
-    pub(crate) local: Option<LocalHold>,
-    pub(crate) last_error: Option<Error>,
-    pub(crate) last_failure: Option<crate::store::StoredFailure>,
+    local: Option<LocalHold>,
+    last_error: Option<Error>,
+    last_failure: Option<crate::store::StoredFailure>,
+}
+
+impl Trouble {
+    const NONE: Trouble = Trouble {
+        dead: None,
+        retry_not_before: None,
+        failed_at: None,
+        failed_mono: None,
+        local: None,
+        last_error: None,
+        last_failure: None,
+    };
+
+    fn is_none(&self) -> bool {
+        self.dead.is_none()
+            && self.retry_not_before.is_none()
+            && self.failed_at.is_none()
+            && self.failed_mono.is_none()
+            && self.local.is_none()
+            && self.last_error.is_none()
+            && self.last_failure.is_none()
+    }
 }
 
 pub(crate) type Outcome = Result<Arc<TokenSet>>;
@@ -293,7 +324,7 @@ impl TokenManager {
     pub async fn invalidate(&self, key: &TokenKey, failed: &AccessToken) -> Result<AccessToken> {
         let now = self.inner.clock.now();
         if let Some(token) = self.inner.cached(key).and_then(|c| {
-            (c.dead.is_none() && c.tokens.access_token() != failed && !c.tokens.is_expired(now))
+            (c.dead().is_none() && c.tokens.access_token() != failed && !c.tokens.is_expired(now))
                 .then(|| c.tokens.access_token().clone())
         }) {
             return Ok(token);
@@ -443,7 +474,12 @@ impl TokenManager {
         // A backoff this process keeps to itself (see `TokenManagerBuilder::refresh_timeout`
         // and the misconfiguration rules) shows here too.
         if let Some(slot) = self.inner.grants.get(key) {
-            let local = slot.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let local = slot
+                .local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                .cloned();
             let now = self.inner.clock.now();
             if let Some(local) = local.filter(|l| l.until > now) {
                 if matches!(status.health, GrantHealth::Active)
@@ -615,7 +651,7 @@ impl TokenManager {
             slot.used.store(true, Ordering::Relaxed);
         }
         let cached = match slot.cached.load_full() {
-            Some(c) if c.dead.is_none() => c,
+            Some(c) if c.dead().is_none() => c,
             // Unknown here, or dead: read the store (a new grant may have been inserted by
             // another process).
             _ => match inner.load(key, &slot).await {
@@ -625,7 +661,7 @@ impl TokenManager {
                 Err(e) => return Err(e),
             },
         };
-        if let Some(reason) = &cached.dead {
+        if let Some(reason) = cached.dead() {
             return Err(Error::ReauthorizationRequired {
                 key: key.clone(),
                 reason: reason.clone(),
@@ -646,7 +682,7 @@ impl TokenManager {
             if held.is_err() {
                 // Before failing, look whether a peer (one not in backoff) refreshed meanwhile.
                 if let Ok(stored) = inner.load(key, &slot).await {
-                    if stored.dead.is_none()
+                    if stored.dead().is_none()
                         && need.satisfied_by(&stored.tokens, now, inner.config.refresh_margin)
                     {
                         return Ok(stored.tokens.clone());
@@ -677,6 +713,21 @@ impl Need {
 }
 
 impl Cached {
+    fn trouble(&self) -> &Trouble {
+        static NONE: Trouble = Trouble::NONE;
+        self.trouble.as_deref().unwrap_or(&NONE)
+    }
+
+    /// Why the grant is dead, if it is.
+    pub(crate) fn dead(&self) -> Option<&InvalidationReason> {
+        self.trouble().dead.as_ref()
+    }
+
+    /// The end of the backoff the store records, if any.
+    pub(crate) fn retry_not_before(&self) -> Option<SystemTime> {
+        self.trouble().retry_not_before
+    }
+
     /// During backoff no refresh is sent: serve a still-valid token, or the last error.
     pub(crate) fn held_by_backoff(
         &self,
@@ -684,10 +735,11 @@ impl Cached {
         need: &Need,
         now: SystemTime,
     ) -> Option<Result<Arc<TokenSet>>> {
-        let shared = self
+        let trouble = self.trouble();
+        let shared = trouble
             .retry_not_before
-            .and_then(|until| hold_until(until, self.failed_at, self.failed_mono, now));
-        let local = self
+            .and_then(|until| hold_until(until, trouble.failed_at, trouble.failed_mono, now));
+        let local = trouble
             .local
             .as_ref()
             .and_then(|l| hold_until(l.until, Some(l.since), Some(l.mono), now).map(|u| (u, l)));
@@ -708,7 +760,7 @@ impl Cached {
         if let Some(error) = local_error {
             return Some(Err(error.clone().with_retry_after(wait)));
         }
-        let error = match (&self.last_error, &self.last_failure) {
+        let error = match (&trouble.last_error, &trouble.last_failure) {
             (Some(e), _) => e.clone().with_retry_after(wait),
             (None, Some(failure)) => failure.to_error(key).with_retry_after(wait),
             (None, None) => Error::Unavailable {
@@ -768,7 +820,8 @@ impl Inner {
             slot.used.store(true, Ordering::Relaxed);
         }
         let guard = slot.cached.load();
-        let now = epoch_nanos(self.clock.now());
+        // Rounded up, so never a token past its deadline; cheaper than `now()`.
+        let now = epoch_nanos(self.clock.now_coarse());
         guard
             .as_ref()
             .is_some_and(|cached| now < cached.fresh_before)
@@ -826,9 +879,9 @@ impl Inner {
             let cached = cached.as_ref()?;
             let now = self.clock.now();
             let local = slot.local.lock().unwrap_or_else(|e| e.into_inner());
-            Some(if cached.dead.is_some() {
+            Some(if cached.dead().is_some() {
                 crate::metrics::Health::Dead
-            } else if cached.retry_not_before.is_some_and(|until| until > now)
+            } else if cached.retry_not_before().is_some_and(|until| until > now)
                 || local.as_ref().is_some_and(|l| l.until > now)
             {
                 crate::metrics::Health::BackingOff
@@ -852,12 +905,12 @@ impl Inner {
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .replace(Pending {
+            .replace(Box::new(Pending {
                 id,
                 record,
                 base,
                 spent,
-            });
+            }));
         if previous.is_none() {
             self.busy.send_modify(|n| *n += 1);
         }
@@ -932,11 +985,16 @@ impl Inner {
                 .load()
                 .as_ref()
                 .filter(|c| c.version == version)
-                .and_then(|c| c.last_error.clone())
+                .and_then(|c| c.trouble().last_error.clone())
         });
         let retry_not_before = record.retry_not_before;
         let failed_at = record.failed_at;
-        let local = slot.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let local = slot
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .cloned();
         let mono = {
             let mut mono = slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner());
             // A peer's failure first seen here is placed on the monotonic clock now: how long
@@ -944,11 +1002,11 @@ impl Inner {
             // if the clock is later set back before it, its backoff runs its whole length from
             // here rather than from a guess that could end it early.
             if let Some(at) = failed_at {
-                if mono.is_none_or(|(seen, _)| seen != at) {
-                    *mono = Some((at, tokio::time::Instant::now()));
+                if mono.as_deref().is_none_or(|(seen, _)| *seen != at) {
+                    *mono = Some(Box::new((at, tokio::time::Instant::now())));
                 }
             }
-            *mono
+            mono.as_deref().copied()
         };
         let fresh_before = match (record.dead_reason(), record.tokens.expires_at()) {
             (Some(_), _) => 0,
@@ -957,10 +1015,7 @@ impl Inner {
                 .checked_sub(record.tokens.scaled_margin(self.config.refresh_margin))
                 .map_or(0, epoch_nanos),
         };
-        let fresh = Arc::new(Cached {
-            tokens: Arc::new(record.tokens.clone()),
-            fresh_before,
-            version,
+        let trouble = Trouble {
             dead: record.dead_reason().cloned(),
             retry_not_before,
             failed_at,
@@ -969,7 +1024,13 @@ impl Inner {
                 .map(|(_, instant)| instant),
             local,
             last_error,
-            last_failure: record.last_failure.clone(),
+            last_failure: record.last_failure.as_deref().cloned(),
+        };
+        let fresh = Arc::new(Cached {
+            tokens: Arc::clone(&record.tokens),
+            fresh_before,
+            version,
+            trouble: (!trouble.is_none()).then(|| Box::new(trouble)),
         });
         if authoritative {
             if let Some(c) = slot.cached.load().as_ref().filter(|c| c.version > version) {

@@ -570,7 +570,7 @@ impl Scheduler {
     ) -> Claim {
         let sent_at = self.inner.clock.now();
         let mut record = loaded.value.clone();
-        record.warned = Some(ExpiryWarning::new(due.expires, sent_at));
+        record.warned = Some(Box::new(ExpiryWarning::new(due.expires, sent_at)));
         let saved = match self
             .inner
             .store
@@ -775,7 +775,12 @@ impl Scheduler {
         now: SystemTime,
     ) -> WarnPlan {
         let mut plan = WarnPlan::default();
-        if record.warned.is_some_and(|w| w.expires_at() == expires) || expires <= now {
+        if record
+            .warned
+            .as_ref()
+            .is_some_and(|w| w.expires_at() == expires)
+            || expires <= now
+        {
             return plan;
         }
         let due = Warning {

@@ -1,6 +1,7 @@
 //! Where grants live: the [`TokenStore`] trait and the stored record.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -59,7 +60,7 @@ pub enum Cas {
 /// and across every manager that shares the store, until a new grant is inserted.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct GrantRecord {
-    pub(crate) tokens: TokenSet,
+    pub(crate) tokens: Arc<TokenSet>,
     #[serde(default)]
     pub(crate) state: GrantState,
     #[serde(default)]
@@ -71,7 +72,7 @@ pub struct GrantRecord {
     )]
     pub(crate) retry_not_before: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) last_error: Option<String>,
+    pub(crate) last_error: Option<Box<str>>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -79,7 +80,7 @@ pub struct GrantRecord {
     )]
     pub(crate) last_refresh: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) last_failure: Option<StoredFailure>,
+    pub(crate) last_failure: Option<Box<StoredFailure>>,
     /// When the current backoff started.
     #[serde(
         default,
@@ -98,7 +99,7 @@ pub struct GrantRecord {
     /// The expiry warning already sent for this grant, kept with it so that a restart, or
     /// another process's refresher, neither repeats nor misses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) warned: Option<ExpiryWarning>,
+    pub(crate) warned: Option<Box<ExpiryWarning>>,
 }
 
 /// An expiry warning sent for a grant ([`Event::RefreshTokenExpiring`] or
@@ -227,7 +228,7 @@ impl GrantRecord {
     /// A fresh, active record for `tokens`.
     pub fn new(tokens: TokenSet) -> Self {
         Self {
-            tokens,
+            tokens: Arc::new(tokens),
             state: GrantState::Active,
             failures: 0,
             retry_not_before: None,
@@ -270,7 +271,7 @@ impl GrantRecord {
     /// cannot be renewed is warned about once per expiry, across restarts and processes. A
     /// refresh that moves the expiry (a sliding one) makes this refer to an older expiry.
     pub fn expiry_warning(&self) -> Option<&ExpiryWarning> {
-        self.warned.as_ref()
+        self.warned.as_deref()
     }
 
     /// When the grant was last refreshed successfully.
@@ -313,7 +314,7 @@ impl GrantRecord {
     /// ```
     pub fn into_moved(mut self, to: impl Into<String>, at: SystemTime) -> GrantRecord {
         let reason = InvalidationReason::Moved { to: to.into() };
-        self.last_error = Some(reason.to_string());
+        self.last_error = Some(reason.to_string().into());
         self.state = GrantState::ReauthorizationRequired {
             reason,
             since: Some(at),

@@ -208,7 +208,8 @@ impl Inner {
             .refused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .as_deref()
+            .cloned();
         if let Some((_, reason)) =
             refused.filter(|(token, _)| record.tokens.refresh_token() == Some(token))
         {
@@ -299,7 +300,7 @@ impl Inner {
                 let mut fresh = GrantRecord::new(tokens);
                 fresh.last_refresh = Some(now);
                 fresh.origin = record.origin;
-                fresh.warned = record.warned;
+                fresh.warned = record.warned.clone();
 
                 metrics::rotated(&span, rotated);
                 let outcome = self
@@ -453,7 +454,8 @@ impl Inner {
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone();
+                .as_deref()
+                .cloned();
             let loaded = match self.store.load(key).await {
                 Ok(loaded) => loaded,
                 Err(e) => return self.pending_death_or(pending, e),
@@ -484,7 +486,7 @@ impl Inner {
                         InvalidationReason::InvalidGrant | InvalidationReason::Superseded
                     ) {
                         *reason = InvalidationReason::RotationLost;
-                        record.last_error = Some(dead(key, reason).to_string());
+                        record.last_error = Some(dead(key, reason).to_string().into());
                     }
                 }
             }
@@ -547,7 +549,7 @@ impl Inner {
     /// death): it wins, and is what the callers get.
     fn adopt(&self, key: &TokenKey, slot: &Slot, stored: &Versioned<GrantRecord>) -> Outcome {
         let cached = self.cache(slot, &stored.value, stored.version, None, true);
-        match &cached.dead {
+        match cached.dead() {
             Some(reason) => Err(dead(key, reason)),
             None => Ok(cached.tokens.clone()),
         }
@@ -636,7 +638,7 @@ impl Inner {
         // so the new one is kept (saved, or held pending) before anything else.
         if let Some(rotated) = failure.rotated_refresh_token().cloned() {
             let mut salvaged = record.clone();
-            salvaged.tokens = salvaged.tokens.with_refresh_token(rotated);
+            salvaged.tokens = Arc::new((*salvaged.tokens).clone().with_refresh_token(rotated));
             // If the store refuses it, it is held pending (and reported); the failure still
             // backs the grant off below.
             let saved = self
@@ -674,7 +676,7 @@ impl Inner {
         );
         let now = self.clock.now();
         *slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((now, tokio::time::Instant::now()));
+            Some(Box::new((now, tokio::time::Instant::now())));
         let shared = is_fact_about_the_grant(&error);
         let local_failures = slot
             .local
@@ -692,21 +694,21 @@ impl Inner {
         let retry_at = later(now, delay);
         let error = error.with_retry_after(delay);
         let hold_here = |until: SystemTime| {
-            *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(LocalHold {
+            *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(LocalHold {
                 until,
                 since: now,
                 mono: tokio::time::Instant::now(),
                 failures,
                 error: error.clone(),
-            });
+            }));
         };
         let cached: Arc<Cached> = if shared {
             let mut held = record.clone();
             held.failures = failures;
             held.retry_not_before = Some(retry_at);
             held.failed_at = Some(now);
-            held.last_error = Some(error.to_string());
-            held.last_failure = StoredFailure::of(&error);
+            held.last_error = Some(error.to_string().into());
+            held.last_failure = StoredFailure::of(&error).map(Box::new);
             let saved = match self.store.save(key, &held, Some(version)).await {
                 Ok(Cas::Saved(v)) => Some(v),
                 Ok(Cas::Conflict) => None,
@@ -788,7 +790,7 @@ impl Inner {
                 since: Some(self.clock.now()),
             };
             dead_record.retry_not_before = None;
-            dead_record.last_error = Some(dead(key, &reason).to_string());
+            dead_record.last_error = Some(dead(key, &reason).to_string().into());
             let saved = match self.store.save(key, &dead_record, Some(version)).await {
                 Ok(saved) => saved,
                 Err(e) => {
@@ -829,13 +831,13 @@ impl Inner {
                         Err(e) => {
                             if let Some(token) = failed_refresh.clone() {
                                 *slot.refused.lock().unwrap_or_else(|e| e.into_inner()) =
-                                    Some((token, reason.clone()));
+                                    Some(Box::new((token, reason.clone())));
                             }
                             return Err(e.into());
                         }
                     };
                     let cached = self.cache(slot, &loaded.value, loaded.version, None, true);
-                    if let Some(reason) = &cached.dead {
+                    if let Some(reason) = cached.dead() {
                         // A peer already recorded the death (and sent the event).
                         return Err(dead(key, reason));
                     }
@@ -955,7 +957,7 @@ fn keep_warning(ours: &mut GrantRecord, theirs: &GrantRecord) {
             _ => true,
         };
         if newer {
-            ours.warned = theirs.warned;
+            ours.warned = theirs.warned.clone();
         }
     }
 }
