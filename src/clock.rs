@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The future returned by [`Clock::sleep_until`].
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -55,8 +55,15 @@ impl Clock for SystemClock {
 
     #[inline]
     fn now_coarse(&self) -> SystemTime {
-        coarse::now_rounded_up()
+        UNIX_EPOCH + Duration::from_nanos(coarse_nanos())
     }
+}
+
+/// [`SystemClock::now_coarse`] as nanoseconds since the Unix epoch (0 before it), without
+/// the `SystemTime` arithmetic.
+#[inline]
+pub(crate) fn coarse_nanos() -> u64 {
+    coarse::nanos_rounded_up()
 }
 
 /// The kernel's coarse wall clock: a read of the time at its last tick (a few nanoseconds
@@ -67,58 +74,83 @@ impl Clock for SystemClock {
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 mod coarse {
-    use std::sync::OnceLock;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::SystemTime;
 
-    /// Two ticks of the coarse clock, or `None` if it cannot be read (then `SystemTime::now`).
-    fn slack() -> Option<Duration> {
-        static SLACK: OnceLock<Option<Duration>> = OnceLock::new();
-        *SLACK.get_or_init(|| {
-            let mut res = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `res` is a valid, writable `timespec` for the duration of the call.
-            let ok = unsafe { libc::clock_getres(libc::CLOCK_REALTIME_COARSE, &mut res) } == 0;
-            let tick = Duration::new(
-                u64::try_from(res.tv_sec).ok()?,
-                u32::try_from(res.tv_nsec).ok()?,
-            );
-            // A tick longer than 100 ms is not a coarse clock worth trusting.
-            (ok && tick <= Duration::from_millis(100) && read().is_some()).then(|| tick * 2)
-        })
-    }
+    /// Two ticks of the coarse clock in nanoseconds; 0: not known yet; `u64::MAX`: the coarse
+    /// clock cannot be used (then `SystemTime::now`).
+    static SLACK: AtomicU64 = AtomicU64::new(0);
 
-    fn read() -> Option<SystemTime> {
+    /// The coarse clock's time, in nanoseconds since the epoch (0 before it).
+    fn read(clock: libc::clockid_t) -> Option<u64> {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: `ts` is a valid, writable `timespec` for the duration of the call.
-        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } != 0 {
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
             return None;
         }
-        let since_epoch = Duration::new(
-            u64::try_from(ts.tv_sec).ok()?,
-            u32::try_from(ts.tv_nsec).ok()?,
+        let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+        let nanos = u64::try_from(ts.tv_nsec).ok()?;
+        secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+    }
+
+    #[cold]
+    fn slack() -> u64 {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `res` is a valid, writable `timespec` for the duration of the call.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_REALTIME_COARSE, &mut res) } == 0;
+        let tick = (
+            u64::try_from(res.tv_sec).ok(),
+            u64::try_from(res.tv_nsec).ok(),
         );
-        UNIX_EPOCH.checked_add(since_epoch)
+        let slack = match tick {
+            // A tick longer than 100 ms is not a coarse clock worth trusting.
+            (Some(0), Some(nanos))
+                if ok
+                    && nanos > 0
+                    && nanos <= 100_000_000
+                    && read(libc::CLOCK_REALTIME_COARSE).is_some() =>
+            {
+                2 * nanos
+            }
+            _ => u64::MAX,
+        };
+        SLACK.store(slack, Ordering::Relaxed);
+        slack
     }
 
     #[inline]
-    pub(super) fn now_rounded_up() -> SystemTime {
-        slack()
-            .and_then(|slack| read()?.checked_add(slack))
-            .unwrap_or_else(SystemTime::now)
+    pub(super) fn nanos_rounded_up() -> u64 {
+        let slack = match SLACK.load(Ordering::Relaxed) {
+            0 => slack(),
+            known => known,
+        };
+        if slack != u64::MAX {
+            if let Some(now) = read(libc::CLOCK_REALTIME_COARSE) {
+                return now.saturating_add(slack);
+            }
+        }
+        super::epoch_nanos(SystemTime::now())
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 mod coarse {
     #[inline]
-    pub(super) fn now_rounded_up() -> std::time::SystemTime {
-        std::time::SystemTime::now()
+    pub(super) fn nanos_rounded_up() -> u64 {
+        super::epoch_nanos(std::time::SystemTime::now())
     }
+}
+
+/// Nanoseconds since the Unix epoch (0 before it, `u64::MAX` past 2554).
+pub(crate) fn epoch_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl fmt::Debug for SystemClock {
@@ -153,7 +185,13 @@ mod tests {
         for _ in 0..100_000 {
             let before = SystemTime::now();
             let coarse = SystemClock.now_coarse();
+            let nanos = coarse_nanos();
             let after = SystemTime::now();
+            assert!(
+                nanos >= epoch_nanos(before),
+                "coarse nanoseconds before the precise time"
+            );
+            assert!(nanos <= epoch_nanos(after + Duration::from_millis(200)));
             assert!(coarse >= before, "coarse reading before the precise time");
             assert!(
                 coarse <= after + Duration::from_millis(200),
