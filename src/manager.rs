@@ -101,19 +101,63 @@ pub(crate) struct Slot {
     pending: Mutex<Option<Box<Pending>>>,
     /// A background task is retrying the save of `pending`.
     persisting: AtomicBool,
+    /// What this process alone knows of the grant's failures (see [`Rare`]); `None` while
+    /// there is nothing, as for most grants.
+    rare: Mutex<Option<Box<Rare>>>,
+}
+
+/// The rare per-grant state of a [`Slot`], behind one lock and one allocation.
+#[derive(Default)]
+pub(crate) struct Rare {
     /// Backoff caused by this process alone (its configuration, its network): never shared
     /// through the store, so it cannot hold back correctly configured peers.
-    local: Mutex<Option<Box<LocalHold>>>,
+    pub(crate) local: Option<LocalHold>,
     /// A refresh token the provider refused whose death the store could not be asked to
     /// record (it changed, then failed): never presented again.
-    refused: Mutex<Option<Box<(crate::token::RefreshToken, InvalidationReason)>>>,
+    pub(crate) refused: Option<(crate::token::RefreshToken, InvalidationReason)>,
     /// A refresh token whose reply this process may have lost (a timeout, a dropped
     /// connection): if the provider later refuses it, the rotation was lost, even when the store
     /// never took the fact (a conflict or an error when it was saved).
-    lost_reply: Mutex<Option<crate::token::RefreshToken>>,
+    pub(crate) lost_reply: Option<crate::token::RefreshToken>,
     /// The last failure handled here: its clock time and its monotonic instant, so a wall
     /// clock set back cannot end (or stretch) the backoff it started.
-    failure_mono: Mutex<Option<Box<(SystemTime, tokio::time::Instant)>>>,
+    pub(crate) failure_mono: Option<(SystemTime, tokio::time::Instant)>,
+}
+
+impl Rare {
+    const NONE: Rare = Rare {
+        local: None,
+        refused: None,
+        lost_reply: None,
+        failure_mono: None,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.local.is_none()
+            && self.refused.is_none()
+            && self.lost_reply.is_none()
+            && self.failure_mono.is_none()
+    }
+}
+
+impl Slot {
+    /// Reads the rare state (no allocation when there is none).
+    pub(crate) fn rare<R>(&self, f: impl FnOnce(&Rare) -> R) -> R {
+        static NONE: Rare = Rare::NONE;
+        let guard = self.rare.lock().unwrap_or_else(|e| e.into_inner());
+        f(guard.as_deref().unwrap_or(&NONE))
+    }
+
+    /// Updates the rare state: allocated when first needed, freed when it is empty again.
+    pub(crate) fn rare_mut<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> R {
+        let mut guard = self.rare.lock().unwrap_or_else(|e| e.into_inner());
+        let rare = guard.get_or_insert_with(Box::default);
+        let result = f(rare);
+        if rare.is_empty() {
+            *guard = None;
+        }
+        result
+    }
 }
 
 /// A record that must reach the store before anything else happens to the grant.
@@ -380,7 +424,7 @@ impl TokenManager {
             {
                 let slot = self.inner.slot(&key);
                 self.inner.clear_pending(&slot, None);
-                *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                slot.rare_mut(|r| r.local = None);
                 self.inner.cache(&slot, &record, version, None, true);
                 self.inner.observe_health(&key, &slot);
                 self.inner.notify_scheduler(&key);
@@ -477,12 +521,7 @@ impl TokenManager {
         // A backoff this process keeps to itself (see `TokenManagerBuilder::refresh_timeout`
         // and the misconfiguration rules) shows here too.
         if let Some(slot) = self.inner.grants.get(key) {
-            let local = slot
-                .local
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_deref()
-                .cloned();
+            let local = slot.rare(|r| r.local.clone());
             let now = self.inner.clock.now();
             if let Some(local) = local.filter(|l| l.until > now) {
                 if matches!(status.health, GrantHealth::Active)
@@ -885,11 +924,11 @@ impl Inner {
             let cached = slot.cached.load();
             let cached = cached.as_ref()?;
             let now = self.clock.now();
-            let local = slot.local.lock().unwrap_or_else(|e| e.into_inner());
+            let local_until = slot.rare(|r| r.local.as_ref().map(|l| l.until));
             Some(if cached.dead().is_some() {
                 crate::metrics::Health::Dead
             } else if cached.retry_not_before().is_some_and(|until| until > now)
-                || local.as_ref().is_some_and(|l| l.until > now)
+                || local_until.is_some_and(|until| until > now)
             {
                 crate::metrics::Health::BackingOff
             } else {
@@ -996,24 +1035,18 @@ impl Inner {
         });
         let retry_not_before = record.retry_not_before;
         let failed_at = record.failed_at;
-        let local = slot
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-            .cloned();
-        let mono = {
-            let mut mono = slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner());
-            // A peer's failure first seen here is placed on the monotonic clock now: how long
-            // ago it really happened is unknown (the injected clock may have jumped since), so
-            // if the clock is later set back before it, its backoff runs its whole length from
-            // here rather than from a guess that could end it early.
-            if let Some(at) = failed_at {
-                if mono.as_deref().is_none_or(|(seen, _)| *seen != at) {
-                    *mono = Some(Box::new((at, tokio::time::Instant::now())));
+        // A peer's failure first seen here is placed on the monotonic clock now: how long
+        // ago it really happened is unknown (the injected clock may have jumped since), so
+        // if the clock is later set back before it, its backoff runs its whole length from
+        // here rather than from a guess that could end it early.
+        let (local, mono) = match failed_at {
+            Some(at) => slot.rare_mut(|r| {
+                if r.failure_mono.is_none_or(|(seen, _)| seen != at) {
+                    r.failure_mono = Some((at, tokio::time::Instant::now()));
                 }
-            }
-            mono.as_deref().copied()
+                (r.local.clone(), r.failure_mono)
+            }),
+            None => slot.rare(|r| (r.local.clone(), r.failure_mono)),
         };
         let fresh_before = match (record.dead_reason(), record.tokens.expires_at()) {
             (Some(_), _) => 0,

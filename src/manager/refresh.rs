@@ -189,12 +189,7 @@ impl Inner {
         };
         // Read under the lock: this is the store's current state, even if it went back in time.
         let cached = self.cache(slot, &record, version, None, true);
-        let local_failures = slot
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0, |l| l.failures);
+        let local_failures = slot.rare(|r| r.local.as_ref().map_or(0, |l| l.failures));
         // Which attempt since the grant's last success this is (1: none failed since).
         span.record(
             "attempt",
@@ -204,12 +199,7 @@ impl Inner {
             metrics::outcome_as(&span, "dead", "already_dead");
             return Err(dead(key, reason));
         }
-        let refused = slot
-            .refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-            .cloned();
+        let refused = slot.rare(|r| r.refused.clone());
         if let Some((_, reason)) =
             refused.filter(|(token, _)| record.tokens.refresh_token() == Some(token))
         {
@@ -261,8 +251,7 @@ impl Inner {
             let lost = reply_may_be_lost(failure);
             record.reply_lost |= lost;
             if lost {
-                *slot.lost_reply.lock().unwrap_or_else(|e| e.into_inner()) =
-                    record.tokens.refresh_token().cloned();
+                slot.rare_mut(|r| r.lost_reply = record.tokens.refresh_token().cloned());
             }
             if lost
                 && self.lease_covers(key, lease).is_ok()
@@ -308,7 +297,7 @@ impl Inner {
                     .await;
                 if outcome.is_ok() {
                     metrics::outcome(&span, "refreshed");
-                    *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    slot.rare_mut(|r| r.local = None);
                     self.emit(Event::Refreshed {
                         at: self.clock.now(),
                         key: key.clone(),
@@ -675,15 +664,11 @@ impl Inner {
             },
         );
         let now = self.clock.now();
-        *slot.failure_mono.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Box::new((now, tokio::time::Instant::now())));
         let shared = is_fact_about_the_grant(&error);
-        let local_failures = slot
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0, |l| l.failures);
+        let local_failures = slot.rare_mut(|r| {
+            r.failure_mono = Some((now, tokio::time::Instant::now()));
+            r.local.as_ref().map_or(0, |l| l.failures)
+        });
         let failures = if shared {
             record.failures
         } else {
@@ -694,13 +679,15 @@ impl Inner {
         let retry_at = later(now, delay);
         let error = error.with_retry_after(delay);
         let hold_here = |until: SystemTime| {
-            *slot.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(LocalHold {
-                until,
-                since: now,
-                mono: tokio::time::Instant::now(),
-                failures,
-                error: error.clone(),
-            }));
+            slot.rare_mut(|r| {
+                r.local = Some(LocalHold {
+                    until,
+                    since: now,
+                    mono: tokio::time::Instant::now(),
+                    failures,
+                    error: error.clone(),
+                });
+            });
         };
         let cached: Arc<Cached> = if shared {
             let mut held = record.clone();
@@ -768,10 +755,9 @@ impl Inner {
     ) -> Outcome {
         // A refusal of a refresh token whose reply was lost earlier (by anyone, or by this
         // process even if the store never took the fact): the rotation was lost.
-        let lost_here = {
-            let lost = slot.lost_reply.lock().unwrap_or_else(|e| e.into_inner());
-            lost.is_some() && lost.as_ref() == record.tokens.refresh_token()
-        };
+        let lost_here = slot.rare(|r| {
+            r.lost_reply.is_some() && r.lost_reply.as_ref() == record.tokens.refresh_token()
+        });
         let mut reason = match reason {
             InvalidationReason::InvalidGrant | InvalidationReason::Superseded
                 if record.reply_lost || lost_here =>
@@ -830,8 +816,7 @@ impl Inner {
                         // never presented again; the next refresh decides once the store reads.
                         Err(e) => {
                             if let Some(token) = failed_refresh.clone() {
-                                *slot.refused.lock().unwrap_or_else(|e| e.into_inner()) =
-                                    Some(Box::new((token, reason.clone())));
+                                slot.rare_mut(|r| r.refused = Some((token, reason.clone())));
                             }
                             return Err(e.into());
                         }
