@@ -642,6 +642,9 @@ fn storm_once_cell(rt: &Runtime, tasks: usize, round: usize) -> Duration {
 enum Via {
     Manager,
     Handle,
+    /// A diagnostic: `TokenManager::access_token` with its future boxed by the caller, so the
+    /// spawned task carries a pointer instead of the whole future (see `future_sizes`).
+    ManagerBoxed,
 }
 
 /// A new grant whose access token expired a minute ago (untimed), then the storm on it; the
@@ -676,6 +679,17 @@ fn storm_tokenkeeper(
                 async move { grant.access_token().await.expect("storm token") }
             })
         }
+        Via::ManagerBoxed => {
+            let shared = Arc::new((manager.clone(), key.clone()));
+            storm(rt, tasks, move || {
+                let shared = shared.clone();
+                async move {
+                    Box::pin(shared.0.access_token(&shared.1))
+                        .await
+                        .expect("storm token")
+                }
+            })
+        }
     };
 
     let calls = STORM_PROVIDER_CALLS.load(Ordering::SeqCst) - calls_before;
@@ -696,31 +710,51 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The sizes of the futures a storm's tasks hold while they wait: every spawned task carries
+/// one, copied into its heap cell at spawn.
+fn future_sizes(manager: &TokenManager) -> [(&'static str, usize); 3] {
+    let key = TokenKey::new("size-probe");
+    let grant = manager.grant(&key);
+    let cell = tokio::sync::OnceCell::<AccessToken>::new();
+    let manager_future = std::mem::size_of_val(&manager.access_token(&key));
+    let handle_future = std::mem::size_of_val(&grant.access_token());
+    let cell_future = std::mem::size_of_val(
+        &cell.get_or_init(|| async { fresh_tokens(0).access_token().clone() }),
+    );
+    [
+        ("TokenManager::access_token", manager_future),
+        ("GrantHandle::access_token", handle_future),
+        ("OnceCell::get_or_init", cell_future),
+    ]
+}
+
 fn run_storms(tasks: usize, rounds: usize) {
     let rt = storm_runtime();
     let manager = storm_manager();
+    let vias = [
+        ("TokenManager::access_token", Via::Manager),
+        ("GrantHandle::access_token", Via::Handle),
+        (
+            "TokenManager::access_token, future boxed by the caller (diagnostic)",
+            Via::ManagerBoxed,
+        ),
+    ];
     // Warm-up: one storm of each (the runtime's workers, the map, the allocator).
-    storm_once_cell(&rt, tasks, 0);
-    storm_tokenkeeper(&rt, &manager, Via::Manager, tasks, 0);
-    storm_tokenkeeper(&rt, &manager, Via::Handle, tasks, 1);
-    let (mut floor, mut via_manager, mut via_handle) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        floor.push(ms(storm_once_cell(&rt, tasks, round)));
-        via_manager.push(ms(storm_tokenkeeper(
-            &rt,
-            &manager,
-            Via::Manager,
-            tasks,
-            2 * round,
-        )));
-        floor.push(ms(storm_once_cell(&rt, tasks, round)));
-        via_handle.push(ms(storm_tokenkeeper(
-            &rt,
-            &manager,
-            Via::Handle,
-            tasks,
-            2 * round + 1,
-        )));
+    let mut round = 0;
+    storm_once_cell(&rt, tasks, round);
+    for (_, via) in vias {
+        round += 1;
+        storm_tokenkeeper(&rt, &manager, via, tasks, round);
+    }
+    // Each tokenkeeper storm right after a floor storm.
+    let mut floor = Vec::new();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); vias.len()];
+    for _ in 0..rounds {
+        for ((_, via), times) in vias.iter().zip(&mut times) {
+            round += 1;
+            floor.push(ms(storm_once_cell(&rt, tasks, round)));
+            times.push(ms(storm_tokenkeeper(&rt, &manager, *via, tasks, round)));
+        }
     }
     let spread = |v: &[f64]| {
         let min = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -734,10 +768,7 @@ fn run_storms(tasks: usize, rounds: usize) {
     );
     let floor_spread = spread(&floor);
     let floor_ms = median(floor);
-    for (name, times) in [
-        ("TokenManager::access_token", via_manager),
-        ("GrantHandle::access_token", via_handle),
-    ] {
+    for ((name, _), times) in vias.iter().zip(times) {
         let range = spread(&times);
         let t = median(times);
         println!(
@@ -746,6 +777,12 @@ fn run_storms(tasks: usize, rounds: usize) {
         );
     }
     println!("  floor OnceCell::get_or_init: range {floor_spread}");
+    let sizes = future_sizes(&manager)
+        .iter()
+        .map(|(name, size)| format!("{name} {size} B"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("  futures each task holds: {sizes}");
     rt.block_on(manager.drain(Duration::from_secs(5)));
 }
 
