@@ -286,8 +286,9 @@ impl TokenManager {
             return Ok(token);
         }
         self.inner.metrics.cache(false);
-        Ok(self
-            .token_slow(key, Need::Expiring)
+        // Boxed: the slow path's future is kilobytes, and every caller's future would carry it
+        // (10,000 tasks waiting on one refresh copied 25 MB into their task cells).
+        Ok(Box::pin(self.token_slow(key, Need::Expiring))
             .await?
             .access_token()
             .clone())
@@ -320,7 +321,7 @@ impl TokenManager {
             }
         }
         self.inner.metrics.cache(false);
-        let tokens = self.token_slow(key, Need::Expiring).await?;
+        let tokens = Box::pin(self.token_slow(key, Need::Expiring)).await?;
         Ok(f(tokens.access_token()))
     }
 
@@ -354,7 +355,7 @@ impl TokenManager {
             return Ok(tokens);
         }
         self.inner.metrics.cache(false);
-        self.token_slow(key, Need::Expiring).await
+        Box::pin(self.token_slow(key, Need::Expiring)).await
     }
 
     /// Refreshes now, unless the grant is in backoff or dead. Joins a refresh already in
