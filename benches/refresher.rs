@@ -162,6 +162,8 @@ struct Scale {
     /// Of `manager_store`: the `MemoryStore`'s own copy of the records (measured apart).
     store_copy: f64,
     planning: f64,
+    /// The refresher's start-up: listing, loading and planning every grant.
+    startup: Duration,
     idle_without: Option<f64>,
     idle_with: Option<f64>,
 }
@@ -220,11 +222,13 @@ fn scale(rt: &Runtime, grants: usize, idle_wall: Duration) -> Scale {
     let idle_without = idle_cpu_ms_per_s(idle_wall);
 
     let config = RefresherConfig::new().keep_alive(None);
+    let started = Instant::now();
     let handle = rt.block_on(async {
         let handle = manager.start_refresher(config);
         handle.wait_idle().await;
         handle
     });
+    let startup = started.elapsed();
     let progress = handle.progress();
     assert_eq!(progress.scheduled, grants, "every grant planned");
     assert_eq!(progress.started, 0, "nothing was due");
@@ -242,10 +246,38 @@ fn scale(rt: &Runtime, grants: usize, idle_wall: Duration) -> Scale {
         key_bytes,
         manager_store: per_grant(empty, inserted, grants),
         store_copy: store_copy(rt, grants, expires_at),
+        startup,
         planning: per_grant(inserted, planned, grants),
         idle_without,
         idle_with,
     }
+}
+
+/// The refresher's start-up time with `grants` grants (far from due).
+fn scale_startup_only(rt: &Runtime, grants: usize) -> Duration {
+    let provider = provider_fn(|_key: TokenKey, _tokens: TokenSet| {
+        std::future::ready(Err(ProviderError::unavailable(UnavailableCause::Internal)))
+    });
+    let manager = TokenManager::builder(provider)
+        .store(MemoryStore::new())
+        .build();
+    let expires_at = SystemTime::now() + THIRTY_DAYS;
+    rt.block_on(async {
+        for i in 0..grants {
+            let tokens = TokenSet::new(AccessToken::new(opaque("at", i, 64)))
+                .with_refresh_token(RefreshToken::new(opaque("rt", i, 48)))
+                .with_expires_at(expires_at);
+            let key = TokenKey::new(format!("tenant-{i:06}"));
+            manager.insert(key, tokens).await.expect("insert");
+        }
+        let started = Instant::now();
+        let handle = manager.start_refresher(RefresherConfig::new().keep_alive(None));
+        handle.wait_idle().await;
+        let startup = started.elapsed();
+        assert_eq!(handle.progress().scheduled, grants, "every grant planned");
+        handle.shutdown().await;
+        startup
+    })
 }
 
 /// The bytes per grant a `MemoryStore` adds to hold records whose keys and tokens already
@@ -514,6 +546,13 @@ fn print_scale(s: &Scale, idle_wall: Duration) {
         s.manager_store - tokens - s.store_copy,
         s.store_copy
     );
+    println!(
+        "refresher start-up (list, load and plan every grant): {:.0} ms for {} grants, \
+         {:.2} µs per grant",
+        s.startup.as_secs_f64() * 1e3,
+        s.grants,
+        s.startup.as_secs_f64() * 1e6 / n
+    );
     let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.2}"));
     println!(
         "idle CPU, {} grants, nothing due, {:.1} s wall each: without refresher {} ms/s, \
@@ -538,6 +577,9 @@ fn main() {
         (1_000, Duration::from_millis(100))
     };
     let scale = scale(&rt, grants, idle_wall);
+    // The start-up again at a tenth of the grants: per grant it should be about the same
+    // (O(n log n): a sorted plan), not ten times less.
+    let tenth = scale_startup_only(&rt, grants / 10);
 
     let lib = library_fixture(&rt, REFRESH_GRANTS);
     let raw = raw_fixture(&rt, REFRESH_GRANTS);
@@ -578,6 +620,15 @@ fn main() {
 
     println!("\nsummary:");
     print_scale(&scale, idle_wall);
+    println!(
+        "refresher start-up at {} grants: {:.2} µs per grant (at {}: {:.2}; ratio {:.2})",
+        grants / 10,
+        tenth.as_secs_f64() * 1e6 / (grants / 10) as f64,
+        grants,
+        scale.startup.as_secs_f64() * 1e6 / grants as f64,
+        (scale.startup.as_secs_f64() / grants as f64)
+            / (tenth.as_secs_f64() / (grants / 10) as f64)
+    );
     println!(
         "refreshes/s at concurrency {CONCURRENCY}, {REFRESH_GRANTS} grants, median of {rounds} \
          rounds of {per_round}: raw reqwest {r:.0}/s, manager {l:.0}/s, \
