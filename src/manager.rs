@@ -1076,7 +1076,9 @@ impl Inner {
                             slot: &slot,
                             landed: false,
                         };
-                        let outcome = inner.run_refresh(&key, &slot, need).await;
+                        // Boxed: the refresh's state is large, and the task (moved a few
+                        // times while it is spawned) then holds only a pointer to it.
+                        let outcome = Box::pin(inner.run_refresh(&key, &slot, need)).await;
                         // The flight ends before its outcome is published: a caller arriving
                         // later must not be handed this (by then possibly stale) outcome.
                         guard.land();
