@@ -759,7 +759,7 @@ fn take_expiry(
 ) -> Option<Expiry> {
     let mut found = None;
     for name in absolute {
-        match obj.remove(*name) {
+        match obj.remove(name) {
             // A `null` expiry is stated but unusable: reported like any other.
             None => {}
             Some(v) => match epoch(&v) {
@@ -773,7 +773,7 @@ fn take_expiry(
         }
     }
     for name in relative {
-        match obj.remove(*name) {
+        match obj.remove(name) {
             // A `null` expiry is stated but unusable: reported like any other.
             None => {}
             Some(v) => {

@@ -96,8 +96,11 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 mod tests {
     use super::*;
 
+    /// The known fields in [`KNOWN`]'s order, and the others.
+    type Read = Result<(Vec<Option<Value>>, Map<String, Value>), ParseError>;
+
     /// The fields as the `Value` route read them: known ones taken out of the object.
-    fn by_value(body: &[u8]) -> Result<(Vec<Option<Value>>, Map<String, Value>), ParseError> {
+    fn by_value(body: &[u8]) -> Read {
         let value: Value = serde_json::from_slice(body).map_err(|_| ParseError::NotJson)?;
         let Value::Object(mut obj) = value else {
             return Err(ParseError::NotAnObject);
@@ -106,7 +109,7 @@ mod tests {
         Ok((known, obj))
     }
 
-    fn by_fields(body: &[u8]) -> Result<(Vec<Option<Value>>, Map<String, Value>), ParseError> {
+    fn by_fields(body: &[u8]) -> Read {
         let mut fields = Fields::parse(body)?;
         let known = KNOWN.iter().map(|name| fields.remove(name)).collect();
         Ok((known, fields.extra))
