@@ -337,8 +337,27 @@ struct RawClient {
     url: String,
     client_id: String,
     client_secret: String,
-    /// Each grant's current refresh token, replaced by the rotated one from every reply.
-    refresh_tokens: Vec<Mutex<String>>,
+    /// Each grant's current tokens, replaced by those of every reply.
+    grants: Vec<Mutex<RawGrant>>,
+}
+
+/// A grant as a hand-rolled client keeps it.
+struct RawGrant {
+    access_token: String,
+    refresh_token: String,
+    expires_at: Option<SystemTime>,
+}
+
+/// What a hand-rolled client reads from a token reply (RFC 6749 §5.1).
+#[derive(serde::Deserialize)]
+struct TokenReply {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: Option<u64>,
+    #[allow(dead_code)]
+    token_type: Option<String>,
+    #[allow(dead_code)]
+    scope: Option<String>,
 }
 
 /// The tokens of a grant the fake server issued, as an app would store them.
@@ -391,8 +410,15 @@ fn raw_fixture(rt: &Runtime, grants: usize) -> RawFixture {
     rt.block_on(async {
         let clock = Arc::new(ManualClock::fixed());
         let server = FakeAuthServer::start(FakeConfig::standard(), clock).await;
-        let refresh_tokens = (0..grants)
-            .map(|_| Mutex::new(server.issue_grant().refresh_token))
+        let grants = (0..grants)
+            .map(|_| {
+                let grant = server.issue_grant();
+                Mutex::new(RawGrant {
+                    access_token: grant.access_token,
+                    refresh_token: grant.refresh_token,
+                    expires_at: Some(grant.access_expires_at),
+                })
+            })
             .collect();
         let raw = Arc::new(RawClient {
             http: reqwest::Client::builder()
@@ -402,7 +428,7 @@ fn raw_fixture(rt: &Runtime, grants: usize) -> RawFixture {
             url: server.token_url(),
             client_id: server.client_id().to_owned(),
             client_secret: server.client_secret().to_owned(),
-            refresh_tokens,
+            grants,
         });
         RawFixture {
             server,
@@ -413,9 +439,15 @@ fn raw_fixture(rt: &Runtime, grants: usize) -> RawFixture {
 }
 
 impl RawClient {
-    /// One refresh of grant `i`: POST, check, and keep the rotated refresh token.
+    /// One refresh of grant `i`, as a hand-rolled client does it: POST the form with client
+    /// authentication, check the status, parse the JSON reply into a token struct, and keep
+    /// the new tokens (the rotated refresh token, the access token and its expiry).
     async fn refresh(&self, i: usize) {
-        let current = self.refresh_tokens[i].lock().expect("token lock").clone();
+        let current = self.grants[i]
+            .lock()
+            .expect("grant lock")
+            .refresh_token
+            .clone();
         let reply = self
             .http
             .post(&self.url)
@@ -427,11 +459,15 @@ impl RawClient {
             .expect("refresh POST");
         assert_eq!(reply.status(), 200, "raw refresh");
         let body = reply.bytes().await.expect("reply body");
-        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON reply");
-        let rotated = body["refresh_token"]
-            .as_str()
-            .expect("rotated refresh token");
-        *self.refresh_tokens[i].lock().expect("token lock") = rotated.to_owned();
+        let reply: TokenReply = serde_json::from_slice(&body).expect("JSON token reply");
+        let expires_at = reply
+            .expires_in
+            .map(|secs| SystemTime::now() + Duration::from_secs(secs));
+        let mut grant = self.grants[i].lock().expect("grant lock");
+        grant.access_token = reply.access_token;
+        grant.refresh_token = reply.refresh_token.expect("rotated refresh token");
+        grant.expires_at = expires_at;
+        std::hint::black_box(&*grant);
     }
 }
 
@@ -491,7 +527,7 @@ fn raw_refreshes(rt: &Runtime, fx: &RawFixture, refreshes: u64) -> Duration {
     let mut left = refreshes as usize;
     let mut total = Duration::ZERO;
     while left > 0 {
-        let n = left.min(fx.raw.refresh_tokens.len());
+        let n = left.min(fx.raw.grants.len());
         let raw = fx.raw.clone();
         total += rt.block_on(concurrently(n, move |i| {
             let raw = raw.clone();

@@ -66,6 +66,8 @@ pub(crate) struct Inner {
     /// The background refresher's next check per grant, when one runs.
     planned: Mutex<Option<Arc<DashMap<TokenKey, crate::refresher::Planned>>>>,
     /// Refreshes in flight plus records held unsaved; [`TokenManager::drain`] waits for zero.
+    /// Changed through `busy_add` and `busy_done`, which wake the waiters only when it
+    /// reaches zero (a wake-up of every waiter shard per change cost two per refresh).
     busy: watch::Sender<usize>,
     /// Whether the missing cross-process lock was already reported.
     warned_no_lock: AtomicBool,
@@ -959,7 +961,7 @@ impl Inner {
                 spent,
             }));
         if previous.is_none() {
-            self.busy.send_modify(|n| *n += 1);
+            busy_add(&self.busy);
         }
         self.spawn_persist_retry(key, slot);
     }
@@ -972,7 +974,7 @@ impl Inner {
             .is_some_and(|p| id.is_none_or(|id| p.id == id))
         {
             *pending = None;
-            self.busy.send_modify(|n| *n = n.saturating_sub(1));
+            busy_done(&self.busy);
         }
     }
 
@@ -1169,7 +1171,7 @@ impl Inner {
                     let inner = self.clone();
                     let key = key.clone();
                     let slot = slot.clone();
-                    self.busy.send_modify(|n| *n += 1);
+                    busy_add(&self.busy);
                     tokio::spawn(async move {
                         // Clears the flight even if the refresh panics, so the grant is not
                         // stuck; waiters then see the channel close.
@@ -1178,7 +1180,9 @@ impl Inner {
                             slot: &slot,
                             landed: false,
                         };
-                        let outcome = inner.run_refresh(&key, &slot, need).await;
+                        // Boxed: the refresh's state is large, and the task (moved a few
+                        // times while it is spawned) then holds only a pointer to it.
+                        let outcome = Box::pin(inner.run_refresh(&key, &slot, need)).await;
                         // The flight ends before its outcome is published: a caller arriving
                         // later must not be handed this (by then possibly stale) outcome.
                         guard.land();
@@ -1226,8 +1230,24 @@ impl FlightGuard<'_> {
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         self.land();
-        self.inner.busy.send_modify(|n| *n = n.saturating_sub(1));
+        busy_done(&self.inner.busy);
     }
+}
+
+/// Counts one more piece of work in `busy`; nobody waits for a count above zero.
+fn busy_add(busy: &watch::Sender<usize>) {
+    busy.send_if_modified(|n| {
+        *n += 1;
+        false
+    });
+}
+
+/// Counts one piece of work done in `busy`, waking `drain` if none is left.
+fn busy_done(busy: &watch::Sender<usize>) {
+    busy.send_if_modified(|n| {
+        *n = n.saturating_sub(1);
+        *n == 0
+    });
 }
 
 pub(crate) async fn drain(inner: &Arc<Inner>, timeout: Duration) -> bool {

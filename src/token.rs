@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+mod fields;
 mod from_oauth2;
 
 macro_rules! secret_type {
@@ -629,10 +630,7 @@ impl TokenResponse {
     /// [`from_json`](Self::from_json), keeping a usable refresh token from a reply that is
     /// otherwise an error.
     pub(crate) fn parse(body: &[u8]) -> Result<Self, (ParseError, Option<RefreshToken>)> {
-        let value: Value = serde_json::from_slice(body).map_err(|_| (ParseError::NotJson, None))?;
-        let Value::Object(mut obj) = value else {
-            return Err((ParseError::NotAnObject, None));
-        };
+        let mut obj = fields::Fields::parse(body).map_err(|e| (e, None))?;
         let refresh_token = match obj.remove("refresh_token") {
             Some(Value::String(s)) if !s.is_empty() => Some(RefreshToken::new(s)),
             Some(Value::Null | Value::String(_)) | None => None,
@@ -685,7 +683,7 @@ impl TokenResponse {
             expires,
             refresh_expires,
             scopes,
-            extra: obj,
+            extra: obj.extra,
             malformed: malformed.0,
         })
     }
@@ -754,14 +752,14 @@ const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// usable `relative` one (measured at response time, it is the more reliable). Unusable ones
 /// are recorded in `malformed` and ignored.
 fn take_expiry(
-    obj: &mut Map<String, Value>,
+    obj: &mut fields::Fields,
     relative: &[&'static str],
     absolute: &[&'static str],
     malformed: &mut Malformed,
 ) -> Option<Expiry> {
     let mut found = None;
     for name in absolute {
-        match obj.remove(*name) {
+        match obj.remove(name) {
             // A `null` expiry is stated but unusable: reported like any other.
             None => {}
             Some(v) => match epoch(&v) {
@@ -775,7 +773,7 @@ fn take_expiry(
         }
     }
     for name in relative {
-        match obj.remove(*name) {
+        match obj.remove(name) {
             // A `null` expiry is stated but unusable: reported like any other.
             None => {}
             Some(v) => {

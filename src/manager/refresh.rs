@@ -4,8 +4,12 @@
 //! the new record: saved, or held as the slot's pending record (retried in the background and
 //! before anything else happens to the grant), never dropped because the store failed.
 
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{field, Instrument};
@@ -348,21 +352,19 @@ impl Inner {
         }
     }
 
-    /// One provider call, on its own task: bounded by the refresh timeout, and a panic
-    /// becomes a typed error instead of a hang.
+    /// One provider call, bounded by the refresh timeout; a panic becomes a typed error
+    /// instead of a hang.
+    ///
+    /// The call runs on this (already spawned) refresh task rather than a task of its own: a
+    /// spawn per refresh cost more than the reply's parsing, and dropping the call on timeout
+    /// ends it as an abort did.
     async fn call_provider(
         &self,
         key: &TokenKey,
         tokens: &TokenSet,
         now: SystemTime,
     ) -> Result<TokenResponse, ProviderError> {
-        let provider = self.provider.clone();
-        let (key, tokens) = (key.clone(), tokens.clone());
-        let mut call = tokio::spawn(async move {
-            provider
-                .refresh(RefreshRequest::new(&key, &tokens, now))
-                .await
-        });
+        let call = CatchPanic(self.provider.refresh(RefreshRequest::new(key, tokens, now)));
         // The deadline is on the injected clock, like every other time the engine keeps.
         let deadline = later(self.clock.now(), self.config.refresh_timeout);
         // It ends at whichever comes first of the deadline on the injected clock and the
@@ -370,24 +372,20 @@ impl Inner {
         let started = Instant::now();
         let joined = tokio::select! {
             biased;
-            joined = &mut call => Ok(joined),
+            joined = call => Ok(joined),
             () = self.clock.sleep_until(deadline) => Err(()),
             () = tokio::time::sleep(self.config.refresh_timeout) => Err(()),
         };
         let (result, end) = match joined {
             Ok(Ok(result)) => (result, metrics::ProviderEnd::Returned),
-            Ok(Err(join)) => {
+            Ok(Err(Panicked)) => {
                 // The panic's message is not kept: it could quote a token.
-                tracing::error!(
-                    panicked = join.is_panic(),
-                    "the provider's refresh did not finish"
-                );
+                tracing::error!(panicked = true, "the provider's refresh did not finish");
                 let error = ProviderError::unavailable(UnavailableCause::Internal)
                     .with_source("the provider panicked");
                 (Err(error), metrics::ProviderEnd::Panic)
             }
-            Err(_) => {
-                call.abort();
+            Err(()) => {
                 let error = ProviderError::unavailable(UnavailableCause::Timeout)
                     .with_source("no reply within the refresh timeout");
                 (Err(error), metrics::ProviderEnd::Timeout)
@@ -875,6 +873,26 @@ impl Inner {
             // some providers ("an unusual number of refresh requests").
             None if rate_limited => jittered.max(RATE_LIMIT_FLOOR),
             None => jittered.max(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A provider's call that panicked (its state is dropped with it).
+struct Panicked;
+
+/// Polls a provider's call, turning a panic into [`Panicked`].
+struct CatchPanic<F>(F);
+
+impl<F: Future + Unpin> Future for CatchPanic<F> {
+    type Output = Result<F::Output, Panicked>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let call = &mut self.0;
+        // Unwind safety: after a panic the call is never polled again, only dropped.
+        match panic::catch_unwind(AssertUnwindSafe(|| Pin::new(call).poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(Panicked)),
         }
     }
 }

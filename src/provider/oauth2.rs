@@ -1,5 +1,6 @@
 //! The RFC 6749 refresh-token grant, built on the `oauth2` crate over `reqwest`.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use oauth2::basic::BasicClient;
 use oauth2::{AuthType, EndpointNotSet, EndpointSet, Scope, TokenUrl};
+use reqwest::header::{HeaderMap, AUTHORIZATION};
 
 use super::http::transport_error;
 use super::{Classifier, HttpReply, Provider, RefreshRequest, StandardClassifier};
@@ -94,10 +96,11 @@ pub enum Grant {
 /// ```
 pub struct OAuth2Provider {
     client: Client,
+    /// The renewal request as `oauth2` builds it, made once (see [`Template`]).
+    template: Result<Template, ProviderError>,
     http: reqwest::Client,
     grant: Grant,
     scopes: Vec<String>,
-    extra_params: Vec<(String, String)>,
     classifier: Arc<dyn Classifier>,
     body_limit: usize,
     timeout: Option<Duration>,
@@ -317,18 +320,134 @@ impl OAuth2ProviderBuilder {
                 .build()
                 .map_err(|e| misconfigured(ConfigProblem::HttpClient, Some(Arc::new(e))))?,
         };
+        let template = Template::new(&client, self.grant, &self.scopes, &self.extra_params);
         Ok(OAuth2Provider {
             client,
+            template,
             http,
             grant: self.grant,
             scopes: self.scopes,
-            extra_params: self.extra_params,
             classifier: self.classifier,
             body_limit: self.body_limit,
             timeout: self.timeout,
             revocation,
             refresh_expiry: self.refresh_expiry,
         })
+    }
+}
+
+/// The renewal request, as the `oauth2` crate builds it, made once when the provider is built.
+///
+/// Every refresh of every grant sends the same request but for the refresh token: the same
+/// URL, headers (client authentication included) and form parameters (grant type, scopes,
+/// extra parameters). So `oauth2` builds it once, with a marker where the refresh token goes,
+/// and each refresh copies it with the grant's refresh token, form-encoded, in the marker's
+/// place: the bytes `oauth2` would build, without building them again on every refresh (client
+/// authentication, form encoding, and the URL parsed back from the request's URI).
+///
+/// Holds the client secret (in the `Authorization` header or the body): no `Debug`.
+struct Template {
+    method: reqwest::Method,
+    url: reqwest::Url,
+    version: http::Version,
+    headers: HeaderMap,
+    /// The form body without the refresh token.
+    body: String,
+    /// Where in `body` the form-encoded refresh token goes (`None`: client credentials).
+    token_at: Option<usize>,
+}
+
+impl Template {
+    /// Lets `oauth2` build the request once; the error every refresh would get if it cannot.
+    fn new(
+        client: &Client,
+        grant: Grant,
+        scopes: &[String],
+        extra_params: &[(String, String)],
+    ) -> Result<Self, ProviderError> {
+        // Form-encodes to itself (unreserved characters only) and occurs nowhere else.
+        let marker = format!(
+            "tokenkeeper.refresh-token.{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        );
+        let captured = RefCell::new(None);
+        let capture = |request: oauth2::HttpRequest| -> Result<oauth2::HttpResponse, Captured> {
+            *captured.borrow_mut() = Some(request);
+            Err(Captured)
+        };
+        match grant {
+            Grant::RefreshToken => {
+                let token = oauth2::RefreshToken::new(marker.clone());
+                let mut request = client.exchange_refresh_token(&token);
+                for scope in scopes {
+                    request = request.add_scope(Scope::new(scope.clone()));
+                }
+                for (name, value) in extra_params {
+                    request = request.add_extra_param(name.as_str(), value.as_str());
+                }
+                let _ = request.request(&capture);
+            }
+            Grant::ClientCredentials => {
+                let mut request = client.exchange_client_credentials();
+                for scope in scopes {
+                    request = request.add_scope(Scope::new(scope.clone()));
+                }
+                for (name, value) in extra_params {
+                    request = request.add_extra_param(name.as_str(), value.as_str());
+                }
+                let _ = request.request(&capture);
+            }
+        }
+        // `oauth2` could not build the request.
+        let unbuildable = || ProviderError::misconfigured(ConfigProblem::HttpClient);
+        let request = captured.into_inner().ok_or_else(unbuildable)?;
+        // As `reqwest::Request::try_from(request)` would, once.
+        let url = reqwest::Url::parse(&request.uri().to_string())
+            .map_err(|e| unbuildable().with_source(e))?;
+        let (parts, body) = request.into_parts();
+        let body = String::from_utf8(body).map_err(|_| unbuildable())?;
+        let (body, token_at) = match grant {
+            Grant::RefreshToken => {
+                let mut found = body.match_indices(marker.as_str()).map(|(at, _)| at);
+                let (Some(at), None) = (found.next(), found.next()) else {
+                    return Err(unbuildable());
+                };
+                let mut body = body.clone();
+                body.replace_range(at..at + marker.len(), "");
+                (body, Some(at))
+            }
+            Grant::ClientCredentials => (body, None),
+        };
+        let mut headers = parts.headers;
+        if let Some(auth) = headers.get_mut(AUTHORIZATION) {
+            auth.set_sensitive(true);
+        }
+        Ok(Self {
+            method: parts.method,
+            url,
+            version: parts.version,
+            headers,
+            body,
+            token_at,
+        })
+    }
+
+    /// The request for one renewal, with `refresh_token` in place.
+    fn request(&self, refresh_token: Option<&str>, timeout: Option<Duration>) -> reqwest::Request {
+        let mut body = self.body.clone();
+        if let (Some(at), Some(token)) = (self.token_at, refresh_token) {
+            let encoded: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+            body.insert_str(at, &encoded);
+        }
+        let mut request = reqwest::Request::new(self.method.clone(), self.url.clone());
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        *request.body_mut() = Some(body.into());
+        if timeout.is_some() {
+            *request.timeout_mut() = timeout;
+        }
+        request
     }
 }
 
@@ -433,43 +552,25 @@ impl OAuth2Provider {
 #[async_trait]
 impl Provider for OAuth2Provider {
     async fn refresh(&self, req: RefreshRequest<'_>) -> Result<TokenResponse, ProviderError> {
-        // `oauth2` builds the request; the reply is captured here, because `oauth2`'s own
-        // handling drops the status and headers the classification needs and rejects
-        // deviations (such as `expires_in` as a string) that real providers send.
-        let outcome: Mutex<Option<Result<HttpReply, ProviderError>>> = Mutex::new(None);
-        let send = CapturingClient {
-            provider: self,
-            outcome: &outcome,
-        };
-        match self.grant {
-            Grant::RefreshToken => {
-                let Some(refresh_token) = req.tokens.refresh_token() else {
+        // `oauth2` built the request once (see `Template`); the reply is read here, because
+        // `oauth2`'s own handling drops the status and headers the classification needs and
+        // rejects deviations (such as `expires_in` as a string) that real providers send.
+        let refresh_token = match self.grant {
+            Grant::RefreshToken => match req.tokens.refresh_token() {
+                Some(token) => Some(token.secret()),
+                None => {
                     return Err(ProviderError::reauthorize(
                         InvalidationReason::NoRefreshToken,
-                    ));
-                };
-                let refresh_token = oauth2::RefreshToken::new(refresh_token.secret().to_owned());
-                let mut request = self.client.exchange_refresh_token(&refresh_token);
-                for scope in &self.scopes {
-                    request = request.add_scope(Scope::new(scope.clone()));
+                    ))
                 }
-                for (name, value) in &self.extra_params {
-                    request = request.add_extra_param(name.as_str(), value.as_str());
-                }
-                let _ = request.request_async(&send).await;
-            }
-            Grant::ClientCredentials => {
-                let mut request = self.client.exchange_client_credentials();
-                for scope in &self.scopes {
-                    request = request.add_scope(Scope::new(scope.clone()));
-                }
-                for (name, value) in &self.extra_params {
-                    request = request.add_extra_param(name.as_str(), value.as_str());
-                }
-                let _ = request.request_async(&send).await;
-            }
-        }
-        let result = self.interpret(outcome, req.now);
+            },
+            Grant::ClientCredentials => None,
+        };
+        let template = self.template.as_ref().map_err(Clone::clone)?;
+        let request = template.request(refresh_token, self.timeout);
+        let result = HttpReply::send(&self.http, request, self.body_limit)
+            .await
+            .and_then(|reply| reply.interpret(&*self.classifier, req.now));
         match self.grant {
             Grant::RefreshToken => result,
             Grant::ClientCredentials => result.map_err(no_user_to_reauthorize),
@@ -540,5 +641,97 @@ impl Provider for OAuth2Provider {
             Some(err) => Err(err.with_status(reply.status())),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request `oauth2` builds for one renewal, converted as `reqwest` converts it.
+    fn built_by_oauth2(provider: &OAuth2Provider, refresh_token: &str) -> reqwest::Request {
+        let captured = RefCell::new(None);
+        let capture = |request: oauth2::HttpRequest| -> Result<oauth2::HttpResponse, Captured> {
+            *captured.borrow_mut() = Some(request);
+            Err(Captured)
+        };
+        let token = oauth2::RefreshToken::new(refresh_token.to_owned());
+        let scopes = provider.scopes.iter().map(|s| Scope::new(s.clone()));
+        let extra = [("audience", "https://api.example.com/a b"), ("x", "1&2=3")];
+        match provider.grant {
+            Grant::RefreshToken => {
+                let mut request = provider.client.exchange_refresh_token(&token);
+                for scope in scopes {
+                    request = request.add_scope(scope);
+                }
+                for (name, value) in extra {
+                    request = request.add_extra_param(name, value);
+                }
+                let _ = request.request(&capture);
+            }
+            Grant::ClientCredentials => {
+                let mut request = provider.client.exchange_client_credentials();
+                for scope in scopes {
+                    request = request.add_scope(scope);
+                }
+                for (name, value) in extra {
+                    request = request.add_extra_param(name, value);
+                }
+                let _ = request.request(&capture);
+            }
+        }
+        reqwest::Request::try_from(captured.into_inner().expect("a request")).expect("converts")
+    }
+
+    fn provider(auth: ClientAuth, grant: Grant, scopes: &[&str]) -> OAuth2Provider {
+        OAuth2Provider::builder(
+            "client id+1",
+            "https://auth.example.com:8443/oauth2/token?x=1",
+        )
+        .client_secret(ClientSecret::new("s3cr:et/ä&="))
+        .client_auth(auth)
+        .grant(grant)
+        .scopes(scopes.iter().copied())
+        .extra_param("audience", "https://api.example.com/a b")
+        .extra_param("x", "1&2=3")
+        .build()
+        .expect("valid configuration")
+    }
+
+    #[test]
+    fn the_template_sends_what_oauth2_builds() {
+        let tokens = ["rt-plain", "r t+/=&?%é", ""];
+        for auth in [ClientAuth::Basic, ClientAuth::RequestBody] {
+            for grant in [Grant::RefreshToken, Grant::ClientCredentials] {
+                for scopes in [&[][..], &["read", "write"][..]] {
+                    let provider = provider(auth, grant, scopes);
+                    let template = provider.template.as_ref().expect("a template");
+                    for token in tokens {
+                        let sent = template.request(Some(token), None);
+                        let want = built_by_oauth2(&provider, token);
+                        let case = format!("{auth:?} {grant:?} {scopes:?} {token:?}");
+                        assert_eq!(sent.method(), want.method(), "{case}");
+                        assert_eq!(sent.url(), want.url(), "{case}");
+                        assert_eq!(sent.version(), want.version(), "{case}");
+                        assert_eq!(sent.headers(), want.headers(), "{case}");
+                        let body = |r: &reqwest::Request| {
+                            r.body().and_then(|b| b.as_bytes()).map(<[u8]>::to_vec)
+                        };
+                        assert_eq!(body(&sent), body(&want), "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_template_keeps_the_client_secret_out_of_debug() {
+        let provider = provider(ClientAuth::Basic, Grant::RefreshToken, &[]);
+        let template = provider.template.as_ref().expect("a template");
+        let sent = template.request(Some("rt"), Some(Duration::from_secs(5)));
+        assert_eq!(sent.timeout(), Some(&Duration::from_secs(5)));
+        let auth = &sent.headers()[AUTHORIZATION];
+        assert!(auth.is_sensitive());
+        assert!(!format!("{:?}", sent.headers()).contains("Basic"));
     }
 }
