@@ -6,11 +6,11 @@
 //! `access_token/single_thread` and `access_token/two_threads`; a final summary prints the ratio
 //! manager / baseline for each, timed with plain `Instant` loops in this process.
 
+mod support;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Barrier;
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -21,12 +21,15 @@ use tokenkeeper::{
 };
 use tokio::runtime::Runtime;
 
+use support::{
+    current_thread_runtime, floor_loop, handle_loop, manager_loop, median, ns_per_call, two_threads,
+};
+
 /// Other grants in the manager, so the map is not trivially small.
 const OTHER_GRANTS: usize = 1_000;
 /// Calls per round of the summary's plain `Instant` loops.
 const SUMMARY_CALLS: u64 = 2_000_000;
 const SUMMARY_ROUNDS: usize = 5;
-const THREADS: u64 = 2;
 
 /// Counts refreshes; the fast path must never ask the provider.
 static PROVIDER_CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -91,13 +94,6 @@ struct Fixture {
     others_baseline: Vec<ArcSwap<AccessToken>>,
 }
 
-fn current_thread_runtime() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn fixture(rt: &Runtime) -> Fixture {
     let provider = provider_fn(|_key: TokenKey, _tokens: TokenSet| {
         PROVIDER_CALLS.fetch_add(1, Ordering::SeqCst);
@@ -145,32 +141,6 @@ fn fixture(rt: &Runtime) -> Fixture {
 }
 
 // ---- the measured loops -------------------------------------------------------------------
-
-fn manager_loop(rt: &Runtime, manager: &TokenManager, key: &TokenKey, calls: u64) -> Duration {
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..calls {
-            let token = manager
-                .access_token(black_box(key))
-                .await
-                .expect("access_token");
-            black_box(token);
-        }
-        start.elapsed()
-    })
-}
-
-/// The same through a `GrantHandle` (no key lookup).
-fn handle_loop(rt: &Runtime, grant: &GrantHandle, calls: u64) -> Duration {
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..calls {
-            let token = black_box(grant).access_token().await.expect("access_token");
-            black_box(token);
-        }
-        start.elapsed()
-    })
-}
 
 /// The closure API through a `GrantHandle`: the token is lent, not cloned.
 fn closure_loop(rt: &Runtime, grant: &GrantHandle, calls: u64) -> Duration {
@@ -229,50 +199,12 @@ fn baseline_many_loop(shared: &[ArcSwap<AccessToken>], offset: usize, calls: u64
     start.elapsed()
 }
 
-fn baseline_loop(shared: &ArcSwap<AccessToken>, calls: u64) -> Duration {
-    let start = Instant::now();
-    for _ in 0..calls {
-        black_box(black_box(shared).load_full());
-    }
-    start.elapsed()
-}
-
-/// Wall time of `THREADS` threads each running `work(i, calls_i)`, with the calls split
-/// between them; thread start-up is excluded (the clock starts when all are ready).
-fn two_threads<F>(calls: u64, work: F) -> Duration
-where
-    F: Fn(usize, u64) + Sync,
-{
-    let barrier = Barrier::new(THREADS as usize);
-    let spans: Vec<(Instant, Instant)> = thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|i| {
-                let share = calls / THREADS + u64::from(i < calls % THREADS);
-                let (barrier, work) = (&barrier, &work);
-                s.spawn(move || {
-                    barrier.wait();
-                    let start = Instant::now();
-                    work(i as usize, share);
-                    (start, Instant::now())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .collect()
-    });
-    let start = spans.iter().map(|s| s.0).min().expect("spans");
-    let end = spans.iter().map(|s| s.1).max().expect("spans");
-    end - start
-}
-
 // ---- criterion groups ---------------------------------------------------------------------
 
 fn bench_single_thread(c: &mut Criterion, fx: &Fixture, rt: &Runtime) {
     let mut group = c.benchmark_group("access_token/single_thread");
     group.bench_function("baseline_arc_load_clone", |b| {
-        b.iter_custom(|iters| baseline_loop(&fx.baseline, iters))
+        b.iter_custom(|iters| floor_loop(&fx.baseline, iters))
     });
     group.bench_function("manager_access_token", |b| {
         b.iter_custom(|iters| manager_loop(rt, &fx.manager, &fx.key, iters))
@@ -285,7 +217,7 @@ fn bench_two_threads(c: &mut Criterion, fx: &Fixture, rts: &[Runtime]) {
     group.bench_function("baseline_arc_load_clone", |b| {
         b.iter_custom(|iters| {
             two_threads(iters, |_, n| {
-                baseline_loop(&fx.baseline, n);
+                floor_loop(&fx.baseline, n);
             })
         })
     });
@@ -300,15 +232,6 @@ fn bench_two_threads(c: &mut Criterion, fx: &Fixture, rts: &[Runtime]) {
 }
 
 // ---- summary ------------------------------------------------------------------------------
-
-fn ns_per_call(d: Duration, calls: u64) -> f64 {
-    d.as_secs_f64() * 1e9 / calls as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Times manager and baseline in alternating rounds (after one warm-up round each) and
 /// prints the median per-call figures and their ratio.
@@ -362,7 +285,7 @@ fn main() {
         calls,
         rounds,
         |n| manager_loop(&rt, &fx.manager, &fx.key, n),
-        |n| baseline_loop(&fx.baseline, n),
+        |n| floor_loop(&fx.baseline, n),
     );
     let grant = fx.manager.grant(&fx.key);
     summarize(
@@ -370,14 +293,14 @@ fn main() {
         calls,
         rounds,
         |n| handle_loop(&rt, &grant, n),
-        |n| baseline_loop(&fx.baseline, n),
+        |n| floor_loop(&fx.baseline, n),
     );
     summarize(
         "single_thread handle closure",
         calls,
         rounds,
         |n| closure_loop(&rt, &grant, n),
-        |n| baseline_loop(&fx.baseline, n),
+        |n| floor_loop(&fx.baseline, n),
     );
     summarize(
         "two_threads handle",
@@ -390,7 +313,7 @@ fn main() {
         },
         |n| {
             two_threads(n, |_, k| {
-                baseline_loop(&fx.baseline, k);
+                floor_loop(&fx.baseline, k);
             })
         },
     );
@@ -405,7 +328,7 @@ fn main() {
         },
         |n| {
             two_threads(n, |_, k| {
-                baseline_loop(&fx.baseline, k);
+                floor_loop(&fx.baseline, k);
             })
         },
     );

@@ -24,13 +24,14 @@
 //! Under `cargo test --benches` (no `--bench` argument) every part runs, with tiny loops and one
 //! storm round each, as a smoke test.
 
+mod support;
+
 use std::future::Future;
 use std::hint::black_box;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -41,12 +42,16 @@ use tokenkeeper::{
 };
 use tokio::runtime::Runtime;
 
+use support::{
+    current_thread_runtime, floor_loop, handle_loop, manager_loop, median, ns_per_call,
+    two_threads, THREADS,
+};
+
 /// Other grants in the manager, so the map is not trivially small.
 const OTHER_GRANTS: usize = 1_000;
 /// Calls per row and round of the summary's plain `Instant` loops.
 const SUMMARY_CALLS: u64 = 1_000_000;
 const SUMMARY_ROUNDS: usize = 7;
-const THREADS: u64 = 2;
 /// The token every library holds, valid for an hour.
 const TOKEN: &str = "ya29.a0AfB_byC-bench-access-token-0123456789abcdef";
 const SCOPE: &str = "https://www.googleapis.com/auth/drive.readonly";
@@ -58,13 +63,6 @@ static PROVIDER_CALLS: AtomicUsize = AtomicUsize::new(0);
 static YUP_CONNECTS: AtomicUsize = AtomicUsize::new(0);
 /// Tokens aliri_tokens asked its source for: 1 (the watcher's first token), never more.
 static ALIRI_REQUESTS: AtomicUsize = AtomicUsize::new(0);
-
-fn current_thread_runtime() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 // ---- tokenkeeper --------------------------------------------------------------------------
 
@@ -99,39 +97,6 @@ fn tokenkeeper_fixture(rt: &Runtime) -> (TokenManager, TokenKey) {
         assert_eq!(got.secret(), TOKEN);
     });
     (manager, key)
-}
-
-fn manager_loop(rt: &Runtime, manager: &TokenManager, key: &TokenKey, calls: u64) -> Duration {
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..calls {
-            let token = manager
-                .access_token(black_box(key))
-                .await
-                .expect("access_token");
-            black_box(token);
-        }
-        start.elapsed()
-    })
-}
-
-fn handle_loop(rt: &Runtime, grant: &GrantHandle, calls: u64) -> Duration {
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..calls {
-            let token = black_box(grant).access_token().await.expect("access_token");
-            black_box(token);
-        }
-        start.elapsed()
-    })
-}
-
-fn floor_loop(shared: &ArcSwap<AccessToken>, calls: u64) -> Duration {
-    let start = Instant::now();
-    for _ in 0..calls {
-        black_box(black_box(shared).load_full());
-    }
-    start.elapsed()
 }
 
 // ---- yup-oauth2 ---------------------------------------------------------------------------
@@ -335,36 +300,6 @@ fn aliri_owned_loop(watcher: &aliri_tokens::TokenWatcher, calls: u64) -> Duratio
 
 // ---- rows ---------------------------------------------------------------------------------
 
-/// Wall time of `THREADS` threads each running `work(i, calls_i)`, with the calls split
-/// between them; thread start-up is excluded (the clock starts when all are ready).
-fn two_threads<F>(calls: u64, work: F) -> Duration
-where
-    F: Fn(usize, u64) + Sync,
-{
-    let barrier = Barrier::new(THREADS as usize);
-    let spans: Vec<(Instant, Instant)> = thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|i| {
-                let share = calls / THREADS + u64::from(i < calls % THREADS);
-                let (barrier, work) = (&barrier, &work);
-                s.spawn(move || {
-                    barrier.wait();
-                    let start = Instant::now();
-                    work(i as usize, share);
-                    (start, Instant::now())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .collect()
-    });
-    let start = spans.iter().map(|s| s.0).min().expect("spans");
-    let end = spans.iter().map(|s| s.1).max().expect("spans");
-    end - start
-}
-
 /// One measured read: its name, and a loop of `calls` reads returning their wall time.
 struct Row<'a> {
     name: &'static str,
@@ -466,15 +401,6 @@ fn criterion_group(c: &mut Criterion, group: &str, rows: &mut [Row<'_>]) {
 }
 
 // ---- summary of the cached reads ----------------------------------------------------------
-
-fn ns_per_call(d: Duration, calls: u64) -> f64 {
-    d.as_secs_f64() * 1e9 / calls as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// A row's median time per call, and the median of the floor rounds run next to it.
 struct Measured {
