@@ -28,7 +28,7 @@ pub trait Clock: Send + Sync + 'static {
     /// fresh.
     ///
     /// The default returns `now()`. [`SystemClock`] reads the kernel's coarse clock on Linux
-    /// (`CLOCK_REALTIME_COARSE`, its last tick) plus the tick's length.
+    /// (`CLOCK_REALTIME_COARSE`, its last tick) plus two ticks.
     fn now_coarse(&self) -> SystemTime {
         self.now()
     }
