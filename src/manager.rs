@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::clock::{epoch_nanos, Clock, SystemClock};
@@ -19,6 +18,7 @@ use crate::store::{GrantRecord, GrantState, MemoryStore, TokenStore, Version};
 use crate::token::{AccessToken, TokenKey, TokenSet};
 
 mod refresh;
+mod slots;
 
 pub(crate) use refresh::later;
 
@@ -60,11 +60,12 @@ pub(crate) struct Inner {
     /// as nanoseconds, without the `SystemTime` arithmetic (a third of its time).
     system_clock: bool,
     pub(crate) config: Config,
-    grants: DashMap<TokenKey, Arc<Slot>, foldhash::fast::RandomState>,
+    /// This process's state of each grant it has seen, by key (lock-free reads).
+    grants: slots::Slots,
     events: broadcast::Sender<Event>,
     scheduler: Mutex<Option<mpsc::UnboundedSender<Control>>>,
     /// The background refresher's next check per grant, when one runs.
-    planned: Mutex<Option<Arc<DashMap<TokenKey, crate::refresher::Planned>>>>,
+    planned: Mutex<Option<Arc<crate::refresher::Plans>>>,
     /// Refreshes in flight plus records held unsaved; [`TokenManager::drain`] waits for zero.
     /// Changed through `busy_add` and `busy_done`, which wake the waiters only when it
     /// reaches zero (a wake-up of every waiter shard per change cost two per refresh).
@@ -314,15 +315,16 @@ impl TokenManager {
         key: &TokenKey,
         f: impl FnOnce(&AccessToken) -> R,
     ) -> Result<R> {
-        // The slot leaves the map's lock before `f` runs: `f` may call the manager.
-        let slot = self.inner.grants.get(key).map(|slot| slot.value().clone());
-        if let Some(slot) = slot {
-            if let Some(guard) = self.inner.fresh_guard(&slot) {
-                if let Some(cached) = guard.as_ref() {
-                    self.inner.metrics.cache(true);
-                    return Ok(f(&cached.access));
-                }
-            }
+        // The cache entry is lent (not cloned) by its guard, which outlives the map's: `f`
+        // runs outside the map's guard, and may call the manager.
+        let fresh = self
+            .inner
+            .grants
+            .with(key, |slot| self.inner.fresh_guard(slot))
+            .flatten();
+        if let Some(cached) = fresh.as_ref().and_then(|guard| guard.as_ref()) {
+            self.inner.metrics.cache(true);
+            return Ok(f(&cached.access));
         }
         self.inner.metrics.cache(false);
         let tokens = Box::pin(self.token_slow(key, Need::Expiring)).await?;
@@ -516,7 +518,13 @@ impl TokenManager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if let Some(plan) = planned.and_then(|p| p.get(key).map(|plan| *plan)) {
+        let plan = planned.and_then(|p| {
+            p.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key)
+                .copied()
+        });
+        if let Some(plan) = plan {
             if !status.needs_reauthorization() {
                 status.next_refresh = Some(plan.at);
                 status.next_refresh_kind = Some(plan.kind);
@@ -525,7 +533,7 @@ impl TokenManager {
         }
         // A backoff this process keeps to itself (see `TokenManagerBuilder::refresh_timeout`
         // and the misconfiguration rules) shows here too.
-        if let Some(slot) = self.inner.grants.get(key) {
+        self.inner.grants.with(key, |slot| {
             let local = slot.rare(|r| r.local.clone());
             let now = self.inner.clock.now();
             if let Some(local) = local.filter(|l| l.until > now) {
@@ -556,7 +564,7 @@ impl TokenManager {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some();
-        }
+        });
         status
     }
 
@@ -846,7 +854,7 @@ fn hold_until(
 impl Inner {
     /// The fast path: a cached, live token valid beyond the margin.
     fn fresh<T>(&self, key: &TokenKey, f: impl FnOnce(&Cached) -> T) -> Option<T> {
-        self.fresh_in(self.grants.get(key)?.value(), f)
+        self.grants.with(key, |slot| self.fresh_in(slot, f))?
     }
 
     /// The fast path: the cached tokens if they are fresh, read from memory only.
@@ -876,14 +884,12 @@ impl Inner {
     }
 
     fn cached(&self, key: &TokenKey) -> Option<Arc<Cached>> {
-        self.grants.get(key)?.cached.load_full()
+        self.grants.with(key, |slot| slot.cached.load_full())?
     }
 
+    /// The slot of `key`, created if there is none (never one its grant was removed from).
     pub(crate) fn slot(&self, key: &TokenKey) -> Arc<Slot> {
-        if let Some(slot) = self.grants.get(key) {
-            return slot.clone();
-        }
-        self.grants.entry(key.clone()).or_default().clone()
+        self.grants.slot(key)
     }
 
     /// Loads the grant from the store into the cache (saving a pending record first).
@@ -894,9 +900,8 @@ impl Inner {
                 // Lookups of keys that do not exist must not grow the map.
                 // A slot a `GrantHandle` holds stays, so the handle keeps its fast path
                 // (held by the map and by this call only: no handle, no other caller).
-                self.grants.remove_if(key, |_, s| {
-                    s.cached.load().is_none() && Arc::strong_count(s) <= 2
-                });
+                // (See `slots` for how this stays safe against lock-free readers.)
+                self.grants.remove_unused(key, slot);
                 self.metrics.health(key, || None);
                 Err(Error::NotFound { key: key.clone() })
             }
@@ -910,9 +915,9 @@ impl Inner {
 
     /// Forgets everything this process knows of `key` (the grant was deleted).
     fn forget(&self, key: &TokenKey) {
-        if let Some((_, slot)) = self.grants.remove(key) {
-            // A `GrantHandle` may still hold the slot: it must not serve the removed grant.
-            slot.detached.store(true, Ordering::Relaxed);
+        if let Some(slot) = self.grants.remove(key) {
+            // A `GrantHandle` may still hold the slot: it must not serve the removed grant
+            // (`remove` marked it `detached`).
             slot.cached.store(None);
             self.clear_pending(&slot, None);
         }
@@ -1099,7 +1104,7 @@ impl Inner {
     /// version, the store went back in time (restored from a backup, re-imported), and the
     /// cached tokens may be spent. Drop them; the next call reloads and adopts the store's.
     pub(crate) fn note_stored_version(&self, key: &TokenKey, version: Version) {
-        if let Some(slot) = self.grants.get(key) {
+        self.grants.with(key, |slot| {
             let regressed = slot
                 .cached
                 .load()
@@ -1117,20 +1122,20 @@ impl Inner {
                 );
                 slot.cached.store(None);
             }
-        }
+        });
     }
 
     /// Whether a caller read this grant since its last refresh.
     pub(crate) fn was_used(&self, key: &TokenKey) -> bool {
         self.grants
-            .get(key)
-            .is_some_and(|slot| slot.used.load(Ordering::Relaxed))
+            .with(key, |slot| slot.used.load(Ordering::Relaxed))
+            .unwrap_or(false)
     }
 
     pub(crate) fn set_scheduler(
         &self,
         control: mpsc::UnboundedSender<Control>,
-        planned: Arc<DashMap<TokenKey, crate::refresher::Planned>>,
+        planned: Arc<crate::refresher::Plans>,
     ) {
         *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
         *self.planned.lock().unwrap_or_else(|e| e.into_inner()) = Some(planned);
@@ -1252,19 +1257,7 @@ fn busy_done(busy: &watch::Sender<usize>) {
 pub(crate) async fn drain(inner: &Arc<Inner>, timeout: Duration) -> bool {
     let work = async {
         // Records whose save failed get one more prompt try.
-        let pending: Vec<(TokenKey, Arc<Slot>)> = inner
-            .grants
-            .iter()
-            .filter(|e| {
-                e.value()
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some()
-            })
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
-        for (key, slot) in pending {
+        for (key, slot) in inner.grants.pending() {
             let _ = inner.refresh_shared(&key, slot, Need::Persist).await;
         }
         let mut busy = inner.busy.subscribe();
@@ -1516,7 +1509,7 @@ impl TokenManagerBuilder {
                 system_clock: self.clock.is_none(),
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
-                grants: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+                grants: slots::Slots::new(),
                 events,
                 scheduler: Mutex::new(None),
                 planned: Mutex::new(None),

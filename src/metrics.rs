@@ -34,9 +34,10 @@ pub(crate) struct Metrics {
     #[cfg(feature = "metrics")]
     key_label: bool,
     /// Each grant's health as last counted, so the gauge moves by transitions and sums
-    /// correctly over several managers.
+    /// correctly over several managers. Changed on loads and refreshes only (never on the fast
+    /// path), so a plain lock.
     #[cfg(feature = "metrics")]
-    health: dashmap::DashMap<TokenKey, Health>,
+    health: std::sync::Mutex<std::collections::HashMap<TokenKey, Health>>,
 }
 
 impl Metrics {
@@ -46,7 +47,7 @@ impl Metrics {
             #[cfg(feature = "metrics")]
             key_label,
             #[cfg(feature = "metrics")]
-            health: dashmap::DashMap::new(),
+            health: Default::default(),
         }
     }
 
@@ -92,9 +93,13 @@ impl Metrics {
         #[cfg(feature = "metrics")]
         {
             let health = health();
-            let before = match health {
-                Some(h) => self.health.insert(key.clone(), h),
-                None => self.health.remove(key).map(|(_, h)| h),
+            let before = {
+                let mut known = self.health.lock().unwrap_or_else(|e| e.into_inner());
+                match (health, known.get_mut(key)) {
+                    (Some(h), Some(known)) => Some(std::mem::replace(known, h)),
+                    (Some(h), None) => known.insert(key.clone(), h),
+                    (None, _) => known.remove(key),
+                }
             };
             if before != health {
                 if let Some(before) = before {
@@ -114,9 +119,9 @@ impl Metrics {
 impl Drop for Metrics {
     /// A manager that goes away takes its grants out of the gauge.
     fn drop(&mut self) {
-        for entry in self.health.iter() {
-            metrics::gauge!("tokenkeeper.grants", "health" => health_label(*entry.value()))
-                .decrement(1.0);
+        let known = self.health.get_mut().unwrap_or_else(|e| e.into_inner());
+        for health in known.values() {
+            metrics::gauge!("tokenkeeper.grants", "health" => health_label(*health)).decrement(1.0);
         }
     }
 }

@@ -2,10 +2,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -283,7 +282,7 @@ pub(crate) fn start(inner: Arc<Inner>, config: RefresherConfig) -> RefresherHand
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (control, control_rx) = mpsc::unbounded_channel();
     let (progress_tx, progress) = watch::channel(Progress::default());
-    let planned = Arc::new(DashMap::new());
+    let planned = Arc::new(Plans::default());
     inner.set_scheduler(control.clone(), planned.clone());
     let clock = inner.clock.clone();
     let shutdown_timeout = config.shutdown_timeout;
@@ -326,7 +325,7 @@ struct Scheduler {
     warn_queue: BTreeSet<(SystemTime, TokenKey)>,
     warn_planned: HashMap<TokenKey, SystemTime>,
     /// Shared with the manager, for `status().next_refresh` and `next_expiry_warning`.
-    planned: Arc<DashMap<TokenKey, Planned>>,
+    planned: Arc<Plans>,
     /// The expiry warned about by this process, per grant: the stored record says so too,
     /// unless the store failed when the warning went out (it is then saved at a later check).
     warned: HashMap<TokenKey, SystemTime>,
@@ -376,6 +375,10 @@ enum Claim {
     Changed,
 }
 
+/// The scheduler's plan per grant, shared with the manager for `TokenManager::status`: written
+/// by the scheduler's one task, read by `status`, neither of them hot, so a plain lock.
+pub(crate) type Plans = Mutex<HashMap<TokenKey, Planned>>;
+
 /// The scheduler's plan for one grant, as `TokenManager::status` shows it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Planned {
@@ -389,6 +392,11 @@ const MINUTE: Duration = Duration::from_secs(60);
 const CAS_ATTEMPTS: usize = 4;
 
 impl Scheduler {
+    /// The plan shared with the manager (never held across an `await`).
+    fn plans(&self) -> MutexGuard<'_, HashMap<TokenKey, Planned>> {
+        self.planned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn run(
         mut self,
         mut shutdown: watch::Receiver<bool>,
@@ -405,7 +413,7 @@ impl Scheduler {
             let blocked_until = self.start_due(now).await;
             let _ = self.progress.send(Progress {
                 as_of: Some(now),
-                scheduled: self.planned.len(),
+                scheduled: self.plans().len(),
                 in_flight: self.in_flight.len(),
                 started: self.started,
                 // Due checks left over wait for the rate window (clock time) or for a refresh
@@ -475,7 +483,8 @@ impl Scheduler {
             }
         };
         for key in keys {
-            if !self.planned.contains_key(&key) && !self.in_flight.contains(&key) {
+            let planned = self.plans().contains_key(&key);
+            if !planned && !self.in_flight.contains(&key) {
                 self.check(key, now).await;
             }
         }
@@ -510,7 +519,7 @@ impl Scheduler {
             let Some((_, key)) = self.queue.pop_first() else {
                 break;
             };
-            self.planned.remove(&key);
+            self.plans().remove(&key);
             self.check(key, now).await;
         }
         Blocked::No
@@ -860,11 +869,12 @@ impl Scheduler {
         self.unplan(&key);
         self.queue.insert((at, key.clone()));
         let warning = self.warn_planned.get(&key).copied();
-        self.planned.insert(key, Planned { at, kind, warning });
+        self.plans().insert(key, Planned { at, kind, warning });
     }
 
     fn unplan(&mut self, key: &TokenKey) {
-        if let Some((_, planned)) = self.planned.remove(key) {
+        let planned = self.plans().remove(key);
+        if let Some(planned) = planned {
             self.queue.remove(&(planned.at, key.clone()));
         }
     }
@@ -875,7 +885,7 @@ impl Scheduler {
             self.warn_queue.insert((at, key.clone()));
             self.warn_planned.insert(key.clone(), at);
         }
-        if let Some(mut planned) = self.planned.get_mut(key) {
+        if let Some(planned) = self.plans().get_mut(key) {
             planned.warning = at;
         }
     }
