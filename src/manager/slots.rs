@@ -61,7 +61,14 @@ pub(super) struct Slots {
 impl Slots {
     pub(super) fn new() -> Self {
         Slots {
-            map: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            // Blocking resizes: a resize completes within the write that starts it. With
+            // papaya's default (incremental: later writes copy the entries over), reads stay on
+            // the old table and the new one until enough writes come, and grants are inserted
+            // rarely: reads of a map left mid-resize measured 300 to 500 ns instead of ~20.
+            map: papaya::HashMap::builder()
+                .hasher(foldhash::fast::RandomState::default())
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
             stripes: Default::default(),
         }
     }
