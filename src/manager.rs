@@ -1,8 +1,6 @@
 //! [`TokenManager`]: the cache, single-flight refresh and save-before-return.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -1162,10 +1160,10 @@ impl Inner {
         slot: Arc<Slot>,
         need: Need,
     ) -> Outcome {
-        let (mut rx, leader) = {
+        let mut rx = {
             let mut flight = slot.flight.lock().unwrap_or_else(|e| e.into_inner());
             match &*flight {
-                Some(rx) => (rx.clone(), None),
+                Some(rx) => rx.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     *flight = Some(rx.clone());
@@ -1173,7 +1171,7 @@ impl Inner {
                     let key = key.clone();
                     let slot = slot.clone();
                     busy_add(&self.busy);
-                    let run: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                    tokio::spawn(async move {
                         // Clears the flight even if the refresh panics, so the grant is not
                         // stuck; waiters then see the channel close.
                         let mut guard = FlightGuard {
@@ -1181,20 +1179,19 @@ impl Inner {
                             slot: &slot,
                             landed: false,
                         };
-                        let outcome = inner.run_refresh(&key, &slot, need).await;
+                        // Boxed: the refresh's state is large, and the task (moved a few
+                        // times while it is spawned) then holds only a pointer to it.
+                        let outcome = Box::pin(inner.run_refresh(&key, &slot, need)).await;
                         // The flight ends before its outcome is published: a caller arriving
                         // later must not be handed this (by then possibly stale) outcome.
                         guard.land();
                         let _ = tx.send(Some(outcome));
                         drop(guard);
                     });
-                    (rx, Some(Leader(Some(run))))
+                    rx
                 }
             }
         };
-        if let Some(mut leader) = leader {
-            (&mut leader).await;
-        }
         let result = match rx.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone(),
             Err(_) => None,
@@ -1208,41 +1205,6 @@ impl Inner {
                 source: None,
             })
         })
-    }
-}
-
-/// The refresh, run on the task of the caller that started it; handed to a spawned task if
-/// that caller goes away before it ends (invariant 4), so it always runs to completion.
-struct Leader(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
-
-impl Future for &mut Leader {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let this = self.get_mut();
-        let Some(run) = this.0.as_mut() else {
-            return std::task::Poll::Ready(());
-        };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.as_mut().poll(cx))) {
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            // A panic: dropping the refresh ends its flight; the waiters see it closed.
-            Ok(std::task::Poll::Ready(())) | Err(_) => {
-                this.0 = None;
-                std::task::Poll::Ready(())
-            }
-        }
-    }
-}
-
-impl Drop for Leader {
-    fn drop(&mut self) {
-        if let Some(run) = self.0.take() {
-            // Outside a runtime (it is gone) the refresh cannot go on; dropping it ends its
-            // flight, as the runtime's shutdown would have cancelled a spawned refresh.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(run);
-            }
-        }
     }
 }
 
