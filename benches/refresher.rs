@@ -632,7 +632,9 @@ fn main() {
     // `valgrind --tool=callgrind` of one side at a time.
     if let Some(side) = profile {
         let n = match std::env::var("TK_BENCH_PROFILE_N") {
-            Ok(n) => n.parse().expect("TK_BENCH_PROFILE_N: a number of refreshes"),
+            Ok(n) => n
+                .parse()
+                .expect("TK_BENCH_PROFILE_N: a number of refreshes"),
             Err(_) if full => 40_000,
             Err(_) => 200,
         };
