@@ -369,14 +369,25 @@ impl Inner {
     ) -> Result<TokenResponse, ProviderError> {
         let call = CatchPanic(self.provider.refresh(RefreshRequest::new(key, tokens, now)));
         // The deadline is on the injected clock, like every other time the engine keeps.
-        let deadline = later(self.clock.now(), self.config.refresh_timeout);
+        // `SystemClock` sleeps on the monotonic clock, for the timeout from now: the same
+        // timer as the one below, so it is not set twice.
+        let on_clock = (!self.system_clock).then(|| {
+            let deadline = later(self.clock.now(), self.config.refresh_timeout);
+            self.clock.sleep_until(deadline)
+        });
+        let on_clock = async {
+            match on_clock {
+                Some(sleep) => sleep.await,
+                None => std::future::pending().await,
+            }
+        };
         // It ends at whichever comes first of the deadline on the injected clock and the
         // timeout on the monotonic clock: a wall clock set back cannot stretch it.
         let started = Instant::now();
         let joined = tokio::select! {
             biased;
             joined = call => Ok(joined),
-            () = self.clock.sleep_until(deadline) => Err(()),
+            () = on_clock => Err(()),
             () = tokio::time::sleep(self.config.refresh_timeout) => Err(()),
         };
         let (result, end) = match joined {
