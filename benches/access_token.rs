@@ -11,22 +11,18 @@ mod support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use criterion::Criterion;
-use tokenkeeper::{
-    provider_fn, AccessToken, GrantHandle, MemoryStore, ProviderError, RefreshToken, TokenKey,
-    TokenManager, TokenSet, UnavailableCause,
-};
+use tokenkeeper::{AccessToken, GrantHandle, TokenKey, TokenManager};
 use tokio::runtime::Runtime;
 
 use support::{
-    current_thread_runtime, floor_loop, handle_loop, manager_loop, median, ns_per_call, two_threads,
+    current_thread_runtime, fast_path_manager, floor_loop, handle_loop, manager_loop, median,
+    ns_per_call, other_key, other_token, two_threads, OTHER_GRANTS, TOKEN,
 };
 
-/// Other grants in the manager, so the map is not trivially small.
-const OTHER_GRANTS: usize = 1_000;
 /// Calls per round of the summary's plain `Instant` loops.
 const SUMMARY_CALLS: u64 = 2_000_000;
 const SUMMARY_ROUNDS: usize = 5;
@@ -95,48 +91,15 @@ struct Fixture {
 }
 
 fn fixture(rt: &Runtime) -> Fixture {
-    let provider = provider_fn(|_key: TokenKey, _tokens: TokenSet| {
-        PROVIDER_CALLS.fetch_add(1, Ordering::SeqCst);
-        std::future::ready(Err(ProviderError::unavailable(UnavailableCause::Internal)))
-    });
-    let manager = TokenManager::builder(provider)
-        .store(MemoryStore::new())
-        .build();
-    let expires_at = SystemTime::now() + Duration::from_secs(3600);
-    let key = TokenKey::new("bench-grant");
-    let token = AccessToken::new("ya29.a0AfB_byC-bench-access-token-0123456789abcdef");
-    let others: Vec<TokenKey> = (0..OTHER_GRANTS)
-        .map(|i| TokenKey::new(format!("tenant-{i:04}")))
-        .collect();
-    let others_baseline = (0..OTHER_GRANTS)
-        .map(|i| ArcSwap::from_pointee(AccessToken::new(format!("at-{i}"))))
-        .collect();
-    rt.block_on(async {
-        for (i, key) in others.iter().enumerate() {
-            let tokens = TokenSet::new(AccessToken::new(format!("at-{i}")))
-                .with_refresh_token(RefreshToken::new(format!("rt-{i}")))
-                .with_expires_at(expires_at);
-            manager
-                .insert(key.clone(), tokens)
-                .await
-                .expect("insert other grant");
-        }
-        let tokens = TokenSet::new(token.clone())
-            .with_refresh_token(RefreshToken::new("rt-bench"))
-            .with_expires_at(expires_at);
-        manager
-            .insert(key.clone(), tokens)
-            .await
-            .expect("insert bench grant");
-        let got = manager.access_token(&key).await.expect("fast path");
-        assert_eq!(got.secret(), token.secret());
-    });
+    let (manager, key) = fast_path_manager(rt, &PROVIDER_CALLS);
     Fixture {
         manager,
         key,
-        baseline: ArcSwap::from_pointee(token),
-        others,
-        others_baseline,
+        baseline: ArcSwap::from_pointee(AccessToken::new(TOKEN)),
+        others: (0..OTHER_GRANTS).map(other_key).collect(),
+        others_baseline: (0..OTHER_GRANTS)
+            .map(|i| ArcSwap::from_pointee(other_token(i)))
+            .collect(),
     }
 }
 

@@ -37,23 +37,19 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use criterion::Criterion;
 use tokenkeeper::{
-    provider_fn, AccessToken, Expiry, GrantHandle, MemoryStore, ProviderError, RefreshToken,
-    TokenKey, TokenManager, TokenResponse, TokenSet, UnavailableCause,
+    provider_fn, AccessToken, Expiry, GrantHandle, MemoryStore, RefreshToken, TokenKey,
+    TokenManager, TokenResponse, TokenSet,
 };
 use tokio::runtime::Runtime;
 
 use support::{
-    current_thread_runtime, floor_loop, handle_loop, manager_loop, median, ns_per_call,
-    two_threads, THREADS,
+    current_thread_runtime, fast_path_manager, floor_loop, handle_loop, manager_loop, median,
+    ns_per_call, two_threads, THREADS, TOKEN,
 };
 
-/// Other grants in the manager, so the map is not trivially small.
-const OTHER_GRANTS: usize = 1_000;
 /// Calls per row and round of the summary's plain `Instant` loops.
 const SUMMARY_CALLS: u64 = 1_000_000;
 const SUMMARY_ROUNDS: usize = 7;
-/// The token every library holds, valid for an hour.
-const TOKEN: &str = "ya29.a0AfB_byC-bench-access-token-0123456789abcdef";
 const SCOPE: &str = "https://www.googleapis.com/auth/drive.readonly";
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -65,39 +61,6 @@ static YUP_CONNECTS: AtomicUsize = AtomicUsize::new(0);
 static ALIRI_REQUESTS: AtomicUsize = AtomicUsize::new(0);
 
 // ---- tokenkeeper --------------------------------------------------------------------------
-
-fn tokenkeeper_fixture(rt: &Runtime) -> (TokenManager, TokenKey) {
-    let provider = provider_fn(|_key: TokenKey, _tokens: TokenSet| {
-        PROVIDER_CALLS.fetch_add(1, Ordering::SeqCst);
-        std::future::ready(Err(ProviderError::unavailable(UnavailableCause::Internal)))
-    });
-    let manager = TokenManager::builder(provider)
-        .store(MemoryStore::new())
-        .build();
-    let expires_at = SystemTime::now() + HOUR;
-    let key = TokenKey::new("bench-grant");
-    rt.block_on(async {
-        for i in 0..OTHER_GRANTS {
-            let tokens = TokenSet::new(AccessToken::new(format!("at-{i}")))
-                .with_refresh_token(RefreshToken::new(format!("rt-{i}")))
-                .with_expires_at(expires_at);
-            manager
-                .insert(TokenKey::new(format!("tenant-{i:04}")), tokens)
-                .await
-                .expect("insert other grant");
-        }
-        let tokens = TokenSet::new(AccessToken::new(TOKEN))
-            .with_refresh_token(RefreshToken::new("rt-bench"))
-            .with_expires_at(expires_at);
-        manager
-            .insert(key.clone(), tokens)
-            .await
-            .expect("insert bench grant");
-        let got = manager.access_token(&key).await.expect("fast path");
-        assert_eq!(got.secret(), TOKEN);
-    });
-    (manager, key)
-}
 
 // ---- yup-oauth2 ---------------------------------------------------------------------------
 
@@ -717,7 +680,7 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
 
     let rts = [current_thread_runtime(), current_thread_runtime()];
-    let (manager, key) = tokenkeeper_fixture(&rts[0]);
+    let (manager, key) = fast_path_manager(&rts[0], &PROVIDER_CALLS);
     let grant = manager.grant(&key);
     let fx = Fixtures {
         floor: ArcSwap::from_pointee(AccessToken::new(TOKEN)),

@@ -604,6 +604,11 @@ fn print_scale(s: &Scale, idle_wall: Duration) {
 fn main() {
     // `cargo bench` passes `--bench`; under `cargo test --benches` only smoke-test the figures.
     let full = std::env::args().any(|a| a == "--bench");
+    // `TK_BENCH_ONLY=throughput`: only the refresh throughput (for profiling and iterating on
+    // it); memory, start-up and idle CPU are skipped.
+    let profile = std::env::var("TK_BENCH_PROFILE").ok();
+    let only_throughput =
+        profile.is_some() || std::env::var("TK_BENCH_ONLY").is_ok_and(|v| v == "throughput");
     let rt = runtime();
 
     // Before anything else runs in this process, so the allocator counts only the grants.
@@ -612,13 +617,40 @@ fn main() {
     } else {
         (1_000, Duration::from_millis(100))
     };
-    let scale = scale(&rt, grants, idle_wall);
-    // The start-up again at a tenth of the grants: per grant it should be about the same
-    // (O(n log n): a sorted plan), not ten times less.
-    let tenth = scale_startup_only(&rt, grants / 10);
+    let scale = (!only_throughput).then(|| {
+        let scale = scale(&rt, grants, idle_wall);
+        // The start-up again at a tenth of the grants: per grant it should be about the same
+        // (O(n log n): a sorted plan), not ten times less.
+        let tenth = scale_startup_only(&rt, grants / 10);
+        (scale, tenth)
+    });
 
     let lib = library_fixture(&rt, REFRESH_GRANTS);
     let raw = raw_fixture(&rt, REFRESH_GRANTS);
+    // `TK_BENCH_PROFILE=raw` or `=manager` (with `--bench`): only that side, 40,000 refreshes
+    // (or `TK_BENCH_PROFILE_N`) after a warm-up pass, nothing else; for `perf record` or
+    // `valgrind --tool=callgrind` of one side at a time.
+    if let Some(side) = profile {
+        let n = match std::env::var("TK_BENCH_PROFILE_N") {
+            Ok(n) => n
+                .parse()
+                .expect("TK_BENCH_PROFILE_N: a number of refreshes"),
+            Err(_) if full => 40_000,
+            Err(_) => 200,
+        };
+        let run = |n| match side.as_str() {
+            "raw" => raw_refreshes(&rt, &raw, n),
+            "manager" => library_refreshes(&rt, &lib, n),
+            other => panic!("TK_BENCH_PROFILE: `raw` or `manager`, not {other:?}"),
+        };
+        run(REFRESH_GRANTS as u64);
+        let took = run(n);
+        println!(
+            "{side} only: {n} refreshes, {:.0}/s",
+            n as f64 / took.as_secs_f64()
+        );
+        return;
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
@@ -655,16 +687,18 @@ fn main() {
     }
 
     println!("\nsummary:");
-    print_scale(&scale, idle_wall);
-    println!(
-        "refresher start-up at {} grants: {:.2} µs per grant (at {}: {:.2}; ratio {:.2})",
-        grants / 10,
-        tenth.as_secs_f64() * 1e6 / (grants / 10) as f64,
-        grants,
-        scale.startup.as_secs_f64() * 1e6 / grants as f64,
-        (scale.startup.as_secs_f64() / grants as f64)
-            / (tenth.as_secs_f64() / (grants / 10) as f64)
-    );
+    if let Some((scale, tenth)) = &scale {
+        print_scale(scale, idle_wall);
+        println!(
+            "refresher start-up at {} grants: {:.2} µs per grant (at {}: {:.2}; ratio {:.2})",
+            grants / 10,
+            tenth.as_secs_f64() * 1e6 / (grants / 10) as f64,
+            grants,
+            scale.startup.as_secs_f64() * 1e6 / grants as f64,
+            (scale.startup.as_secs_f64() / grants as f64)
+                / (tenth.as_secs_f64() / (grants / 10) as f64)
+        );
+    }
     println!(
         "refreshes/s at concurrency {CONCURRENCY}, {REFRESH_GRANTS} grants, median of {rounds} \
          rounds of {per_round}: raw reqwest {r:.0}/s, manager {l:.0}/s, \

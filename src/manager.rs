@@ -161,6 +161,18 @@ impl Slot {
         }
         result
     }
+
+    /// Updates the rare state only if there is some: a healthy grant (no rare state) costs
+    /// neither an allocation nor a free. For updates that only clear.
+    pub(crate) fn rare_clear(&self, f: impl FnOnce(&mut Rare)) {
+        let mut guard = self.rare.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rare) = guard.as_mut() {
+            f(rare);
+            if rare.is_empty() {
+                *guard = None;
+            }
+        }
+    }
 }
 
 /// A record that must reach the store before anything else happens to the grant.
@@ -431,7 +443,7 @@ impl TokenManager {
             {
                 let slot = self.inner.slot(&key);
                 self.inner.clear_pending(&slot, None);
-                slot.rare_mut(|r| r.local = None);
+                slot.rare_clear(|r| r.local = None);
                 self.inner.cache(&slot, &record, version, None, true);
                 self.inner.observe_health(&key, &slot);
                 self.inner.notify_scheduler(&key);
@@ -548,7 +560,8 @@ impl TokenManager {
             }
             // A death held in memory while the store is down.
             if let Some(pending) = &*slot.pending.lock().unwrap_or_else(|e| e.into_inner()) {
-                if let GrantState::ReauthorizationRequired { reason, since } = &pending.record.state
+                if let GrantState::ReauthorizationRequired { reason, since } =
+                    pending.record.state()
                 {
                     status.health = GrantHealth::ReauthorizationRequired {
                         reason: reason.clone(),
@@ -1039,8 +1052,8 @@ impl Inner {
                 .filter(|c| c.version == version)
                 .and_then(|c| c.trouble().last_error.clone())
         });
-        let retry_not_before = record.retry_not_before;
-        let failed_at = record.failed_at;
+        let retry_not_before = record.retry_not_before();
+        let failed_at = record.rare().failed_at;
         // A peer's failure first seen here is placed on the monotonic clock now: how long
         // ago it really happened is unknown (the injected clock may have jumped since), so
         // if the clock is later set back before it, its backoff runs its whole length from
@@ -1070,7 +1083,7 @@ impl Inner {
                 .map(|(_, instant)| instant),
             local,
             last_error,
-            last_failure: record.last_failure.as_deref().cloned(),
+            last_failure: record.rare().last_failure.clone(),
         };
         let fresh = Arc::new(Cached {
             tokens: Arc::clone(&record.tokens),
@@ -1560,14 +1573,14 @@ impl GrantHealth {
     /// [`retry_not_before`](GrantRecord::retry_not_before) is after `now`, else active. For
     /// tools that read a store directly, such as the `tokenkeeper` CLI.
     pub fn of(record: &GrantRecord, now: SystemTime) -> Self {
-        match &record.state {
+        match record.state() {
             GrantState::ReauthorizationRequired { reason, since } => {
                 GrantHealth::ReauthorizationRequired {
                     reason: reason.clone(),
                     since: *since,
                 }
             }
-            GrantState::Active => match record.retry_not_before {
+            GrantState::Active => match record.retry_not_before() {
                 Some(until) if until > now => GrantHealth::BackingOff { until },
                 _ => GrantHealth::Active,
             },

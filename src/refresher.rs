@@ -579,7 +579,7 @@ impl Scheduler {
     ) -> Claim {
         let sent_at = self.inner.clock.now();
         let mut record = loaded.value.clone();
-        record.warned = Some(Box::new(ExpiryWarning::new(due.expires, sent_at)));
+        record.rare_mut().warned = Some(ExpiryWarning::new(due.expires, sent_at));
         let saved = match self
             .inner
             .store
@@ -785,8 +785,7 @@ impl Scheduler {
     ) -> WarnPlan {
         let mut plan = WarnPlan::default();
         if record
-            .warned
-            .as_ref()
+            .expiry_warning()
             .is_some_and(|w| w.expires_at() == expires)
             || expires <= now
         {

@@ -58,48 +58,144 @@ pub enum Cas {
 ///
 /// A grant that needs re-authorization is persisted as such, so it stays dead across restarts
 /// and across every manager that shares the store, until a new grant is inserted.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(from = "RecordWire", into = "RecordWire")]
 pub struct GrantRecord {
     pub(crate) tokens: Arc<TokenSet>,
-    #[serde(default)]
-    pub(crate) state: GrantState,
-    #[serde(default)]
-    pub(crate) failures: u32,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "epoch_ms_opt"
-    )]
-    pub(crate) retry_not_before: Option<SystemTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) last_error: Option<Box<str>>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "epoch_ms_opt"
-    )]
     pub(crate) last_refresh: Option<SystemTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) last_failure: Option<Box<StoredFailure>>,
+    /// A digest of the tokens the grant was inserted with, kept across refreshes: a second
+    /// insert of the same tokens is recognised as a retry.
+    pub(crate) origin: Option<u64>,
+    /// Everything else, which a healthy grant does not have: `None` for most records, so a
+    /// store holding 100,000 of them keeps a pointer each rather than the whole state (it
+    /// took the record from 160 to 48 bytes). Read it through [`rare`](Self::rare).
+    rare: Option<Box<RareRecord>>,
+}
+
+/// The parts of a [`GrantRecord`] that a healthy grant does not have.
+#[derive(Clone, PartialEq)]
+pub(crate) struct RareRecord {
+    pub(crate) state: GrantState,
+    pub(crate) failures: u32,
+    pub(crate) retry_not_before: Option<SystemTime>,
+    pub(crate) last_error: Option<Box<str>>,
+    pub(crate) last_failure: Option<StoredFailure>,
     /// When the current backoff started.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "epoch_ms_opt"
-    )]
     pub(crate) failed_at: Option<SystemTime>,
     /// A refresh with this record's refresh token may have been executed by the provider
     /// and its reply lost (a timeout, a dropped connection, a 502/504).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) reply_lost: bool,
-    /// A digest of the tokens the grant was inserted with, kept across refreshes: a second
-    /// insert of the same tokens is recognised as a retry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) origin: Option<u64>,
     /// The expiry warning already sent for this grant, kept with it so that a restart, or
     /// another process's refresher, neither repeats nor misses it.
+    pub(crate) warned: Option<ExpiryWarning>,
+}
+
+impl RareRecord {
+    /// A healthy grant's: active, no failure, no warning.
+    const NONE: RareRecord = RareRecord {
+        state: GrantState::Active,
+        failures: 0,
+        retry_not_before: None,
+        last_error: None,
+        last_failure: None,
+        failed_at: None,
+        reply_lost: false,
+        warned: None,
+    };
+}
+
+impl Default for RareRecord {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+/// The stored form of a [`GrantRecord`]: every field flat, as records were always written.
+#[derive(Serialize, Deserialize)]
+struct RecordWire {
+    tokens: Arc<TokenSet>,
+    #[serde(default)]
+    state: GrantState,
+    #[serde(default)]
+    failures: u32,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
+    retry_not_before: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) warned: Option<Box<ExpiryWarning>>,
+    last_error: Option<Box<str>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
+    last_refresh: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_failure: Option<StoredFailure>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "epoch_ms_opt"
+    )]
+    failed_at: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    reply_lost: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    warned: Option<ExpiryWarning>,
+}
+
+impl From<RecordWire> for GrantRecord {
+    fn from(w: RecordWire) -> Self {
+        let mut record = GrantRecord {
+            tokens: w.tokens,
+            last_refresh: w.last_refresh,
+            origin: w.origin,
+            rare: Some(Box::new(RareRecord {
+                state: w.state,
+                failures: w.failures,
+                retry_not_before: w.retry_not_before,
+                last_error: w.last_error,
+                last_failure: w.last_failure,
+                failed_at: w.failed_at,
+                reply_lost: w.reply_lost,
+                warned: w.warned,
+            })),
+        };
+        record.shrink();
+        record
+    }
+}
+
+impl From<GrantRecord> for RecordWire {
+    fn from(r: GrantRecord) -> Self {
+        let rare = r.rare.map_or(RareRecord::NONE, |rare| *rare);
+        RecordWire {
+            tokens: r.tokens,
+            state: rare.state,
+            failures: rare.failures,
+            retry_not_before: rare.retry_not_before,
+            last_error: rare.last_error,
+            last_refresh: r.last_refresh,
+            last_failure: rare.last_failure,
+            failed_at: rare.failed_at,
+            reply_lost: rare.reply_lost,
+            origin: r.origin,
+            warned: rare.warned,
+        }
+    }
+}
+
+impl PartialEq for GrantRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens == other.tokens
+            && self.last_refresh == other.last_refresh
+            && self.origin == other.origin
+            && self.rare() == other.rare()
+    }
 }
 
 /// An expiry warning sent for a grant ([`Event::RefreshTokenExpiring`] or
@@ -229,16 +325,26 @@ impl GrantRecord {
     pub fn new(tokens: TokenSet) -> Self {
         Self {
             tokens: Arc::new(tokens),
-            state: GrantState::Active,
-            failures: 0,
-            retry_not_before: None,
-            last_error: None,
             last_refresh: None,
-            last_failure: None,
-            failed_at: None,
-            reply_lost: false,
             origin: None,
-            warned: None,
+            rare: None,
+        }
+    }
+
+    /// The state a healthy grant does not have (failures, backoff, death, warnings).
+    pub(crate) fn rare(&self) -> &RareRecord {
+        self.rare.as_deref().unwrap_or(&RareRecord::NONE)
+    }
+
+    /// Changes that state (allocating it when the record had none).
+    pub(crate) fn rare_mut(&mut self) -> &mut RareRecord {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the rare state if it holds nothing.
+    pub(crate) fn shrink(&mut self) {
+        if self.rare.as_deref() == Some(&RareRecord::NONE) {
+            self.rare = None;
         }
     }
 
@@ -249,29 +355,29 @@ impl GrantRecord {
 
     /// The grant's state.
     pub fn state(&self) -> &GrantState {
-        &self.state
+        &self.rare().state
     }
 
     /// Consecutive failed refreshes.
     pub fn failures(&self) -> u32 {
-        self.failures
+        self.rare().failures
     }
 
     /// No refresh is sent before this instant (backoff after failures).
     pub fn retry_not_before(&self) -> Option<SystemTime> {
-        self.retry_not_before
+        self.rare().retry_not_before
     }
 
     /// The last refresh error, as text (never holds a secret).
     pub fn last_error(&self) -> Option<&str> {
-        self.last_error.as_deref()
+        self.rare().last_error.as_deref()
     }
 
     /// The expiry warning already sent for this grant, if any: a grant whose refresh token
     /// cannot be renewed is warned about once per expiry, across restarts and processes. A
     /// refresh that moves the expiry (a sliding one) makes this refer to an older expiry.
     pub fn expiry_warning(&self) -> Option<&ExpiryWarning> {
-        self.warned.as_deref()
+        self.rare().warned.as_ref()
     }
 
     /// When the grant was last refreshed successfully.
@@ -284,7 +390,7 @@ impl GrantRecord {
     /// refusal of that refresh token is then reported as
     /// [`RotationLost`](crate::InvalidationReason::RotationLost).
     pub fn reply_lost(&self) -> bool {
-        self.reply_lost
+        self.rare().reply_lost
     }
 
     /// This record marked as moved to `to`: what an operator leaves in a store a grant was
@@ -314,12 +420,13 @@ impl GrantRecord {
     /// ```
     pub fn into_moved(mut self, to: impl Into<String>, at: SystemTime) -> GrantRecord {
         let reason = InvalidationReason::Moved { to: to.into() };
-        self.last_error = Some(reason.to_string().into());
-        self.state = GrantState::ReauthorizationRequired {
+        let rare = self.rare_mut();
+        rare.last_error = Some(reason.to_string().into());
+        rare.state = GrantState::ReauthorizationRequired {
             reason,
             since: Some(at),
         };
-        self.retry_not_before = None;
+        rare.retry_not_before = None;
         self
     }
 
@@ -333,7 +440,7 @@ impl GrantRecord {
     }
 
     pub(crate) fn dead_reason(&self) -> Option<&InvalidationReason> {
-        match &self.state {
+        match &self.rare().state {
             GrantState::ReauthorizationRequired { reason, .. } => Some(reason),
             GrantState::Active => None,
         }
@@ -377,10 +484,10 @@ impl fmt::Debug for GrantRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrantRecord")
             .field("tokens", &self.tokens)
-            .field("state", &self.state)
-            .field("failures", &self.failures)
-            .field("retry_not_before", &self.retry_not_before)
-            .field("last_error", &self.last_error)
+            .field("state", self.state())
+            .field("failures", &self.failures())
+            .field("retry_not_before", &self.retry_not_before())
+            .field("last_error", &self.last_error())
             .field("last_refresh", &self.last_refresh)
             .finish()
     }
@@ -730,5 +837,82 @@ impl<T: TokenStore + ?Sized> TokenStore for std::sync::Arc<T> {
         ttl: Duration,
     ) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
         (**self).lock(key, ttl).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::token::{AccessToken, RefreshToken};
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn tokens() -> TokenSet {
+        TokenSet::new(AccessToken::new("at"))
+            .with_refresh_token(RefreshToken::new("rt"))
+            .with_expires_at(at(2_000))
+    }
+
+    /// Every field set, as a grant that failed, died and was warned about is stored.
+    fn troubled() -> GrantRecord {
+        let mut record = GrantRecord::new(tokens());
+        record.last_refresh = Some(at(1_000));
+        record.origin = Some(7);
+        let rare = record.rare_mut();
+        rare.state = GrantState::ReauthorizationRequired {
+            reason: InvalidationReason::InvalidGrant,
+            since: Some(at(3_000)),
+        };
+        rare.failures = 2;
+        rare.retry_not_before = Some(at(4_000));
+        rare.last_error = Some("refused".into());
+        rare.last_failure = Some(StoredFailure::RateLimited);
+        rare.failed_at = Some(at(5_000));
+        rare.reply_lost = true;
+        rare.warned = Some(ExpiryWarning::new(at(6_000), at(7_000)));
+        record
+    }
+
+    /// The stored form is the one every release wrote (fields flat, in this order), whatever
+    /// the record's layout in memory: stores written before keep loading, and vice versa.
+    #[test]
+    fn a_record_is_stored_in_its_established_form() {
+        let json = r#"{"tokens":{"access_token":"at","refresh_token":"rt","token_type":"Bearer","expires_at":2000},"state":{"state":"reauthorization_required","reason":"InvalidGrant","since":3000},"failures":2,"retry_not_before":4000,"last_error":"refused","last_refresh":1000,"last_failure":{"kind":"rate_limited"},"failed_at":5000,"reply_lost":true,"origin":7,"warned":{"expires_at":6000,"sent_at":7000}}"#;
+        let record = troubled();
+        assert_eq!(String::from_utf8(record.to_json().unwrap()).unwrap(), json);
+        assert_eq!(GrantRecord::from_json(json.as_bytes()).unwrap(), record);
+
+        let healthy = r#"{"tokens":{"access_token":"at","refresh_token":"rt","token_type":"Bearer","expires_at":2000},"state":{"state":"active"},"failures":0}"#;
+        let record = GrantRecord::new(tokens());
+        assert_eq!(
+            String::from_utf8(record.to_json().unwrap()).unwrap(),
+            healthy
+        );
+        assert_eq!(GrantRecord::from_json(healthy.as_bytes()).unwrap(), record);
+    }
+
+    /// A healthy record, however it was made (new, decoded, or recovered from a failure),
+    /// holds no rare state: 100,000 of them in a `MemoryStore` cost a pointer each for it.
+    #[test]
+    fn a_healthy_record_holds_no_rare_state() {
+        assert!(GrantRecord::new(tokens()).rare.is_none());
+        let decoded = GrantRecord::from_json(&GrantRecord::new(tokens()).to_json().unwrap());
+        assert!(decoded.unwrap().rare.is_none());
+
+        let mut recovered = troubled();
+        *recovered.rare_mut() = RareRecord::default();
+        assert_eq!(recovered, {
+            let mut r = GrantRecord::new(tokens());
+            r.last_refresh = Some(at(1_000));
+            r.origin = Some(7);
+            r
+        });
+        recovered.shrink();
+        assert!(recovered.rare.is_none());
+        assert!(troubled().rare.is_some());
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 mod fields;
 mod from_oauth2;
@@ -21,7 +21,7 @@ macro_rules! secret_type {
         /// The value is overwritten with zeros when the last clone is dropped
         /// ([`ZeroizeOnDrop`](zeroize::ZeroizeOnDrop)); clones share one copy.
         #[derive(Clone)]
-        pub struct $name(Arc<Zeroizing<String>>);
+        pub struct $name(Arc<Zeroizing<Box<str>>>);
 
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
@@ -41,12 +41,12 @@ macro_rules! secret_type {
             /// Wraps a secret value (taking ownership of the string, so no copy is left
             /// behind).
             pub fn new(value: impl Into<String>) -> Self {
-                Self(Arc::new(Zeroizing::new(value.into())))
+                Self(Arc::new(Zeroizing::new(exact(value.into()))))
             }
 
             /// The secret value. Call this only where the value must leave the program.
             pub fn secret(&self) -> &str {
-                self.0.as_str()
+                &self.0
             }
         }
 
@@ -56,7 +56,7 @@ macro_rules! secret_type {
             }
         }
 
-        // The shared `Zeroizing<String>` wipes the value when its last owner drops.
+        // The shared `Zeroizing<Box<str>>` wipes the value when its last owner drops.
         impl zeroize::ZeroizeOnDrop for $name {}
 
         impl Serialize for $name {
@@ -71,6 +71,19 @@ macro_rules! secret_type {
             }
         }
     };
+}
+
+/// `value` in an allocation of exactly its length (a `String` can carry spare capacity, a
+/// quarter of a token's size and more), without leaving a copy behind: shrinking in place
+/// could move the bytes and free the old ones unwiped, so a string with spare capacity is
+/// copied and then wiped.
+fn exact(mut value: String) -> Box<str> {
+    if value.len() == value.capacity() {
+        return value.into_boxed_str();
+    }
+    let exact = Box::from(value.as_str());
+    value.zeroize();
+    exact
 }
 
 secret_type!(
@@ -148,8 +161,8 @@ pub struct TokenSet {
     access_token: AccessToken,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<RefreshToken>,
-    #[serde(default = "bearer")]
-    token_type: String,
+    #[serde(default)]
+    token_type: TokenType,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -165,19 +178,65 @@ pub struct TokenSet {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_expiry: Option<RefreshExpiry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    scopes: Option<Vec<String>>,
+    scopes: Option<Box<[String]>>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         with = "epoch_ms_opt"
     )]
     issued_at: Option<SystemTime>,
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    extra: Map<String, Value>,
+    /// Boxed, and `None` when empty (as it is for most grants): a pointer, not a map.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "extra_field"
+    )]
+    extra: Option<Box<Map<String, Value>>>,
 }
 
-fn bearer() -> String {
-    "Bearer".to_owned()
+/// A token type, without an allocation for the usual `Bearer` (`None`).
+#[derive(Clone, Default, PartialEq, Eq)]
+struct TokenType(Option<Box<str>>);
+
+impl TokenType {
+    const BEARER: &'static str = "Bearer";
+
+    fn new(token_type: String) -> Self {
+        Self((token_type != Self::BEARER).then(|| token_type.into_boxed_str()))
+    }
+
+    fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or(Self::BEARER)
+    }
+}
+
+impl fmt::Debug for TokenType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for TokenType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
+/// Provider-specific fields as a [`TokenSet`] keeps them: `None` when there are none.
+fn boxed_extra(extra: Map<String, Value>) -> Option<Box<Map<String, Value>>> {
+    (!extra.is_empty()).then(|| Box::new(extra))
+}
+
+fn extra_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Box<Map<String, Value>>>, D::Error> {
+    Ok(Option::<Map<String, Value>>::deserialize(d)?.and_then(boxed_extra))
 }
 
 impl TokenSet {
@@ -186,13 +245,13 @@ impl TokenSet {
         Self {
             access_token,
             refresh_token: None,
-            token_type: bearer(),
+            token_type: TokenType::default(),
             expires_at: None,
             refresh_expires_at: None,
             refresh_expiry: None,
             scopes: None,
             issued_at: None,
-            extra: Map::new(),
+            extra: None,
         }
     }
 
@@ -268,13 +327,13 @@ impl TokenSet {
 
     /// Sets the token type (default `Bearer`).
     pub fn with_token_type(mut self, token_type: impl Into<String>) -> Self {
-        self.token_type = token_type.into();
+        self.token_type = TokenType::new(token_type.into());
         self
     }
 
     /// Sets the granted scopes.
     pub fn with_scopes(mut self, scopes: Vec<String>) -> Self {
-        self.scopes = Some(scopes);
+        self.scopes = Some(scopes.into_boxed_slice());
         self
     }
 
@@ -286,7 +345,7 @@ impl TokenSet {
 
     /// Sets provider-specific extra fields (kept as JSON).
     pub fn with_extra(mut self, extra: Map<String, Value>) -> Self {
-        self.extra = extra;
+        self.extra = boxed_extra(extra);
         self
     }
 
@@ -302,7 +361,7 @@ impl TokenSet {
 
     /// The token type, usually `Bearer`.
     pub fn token_type(&self) -> &str {
-        &self.token_type
+        self.token_type.as_str()
     }
 
     /// When the access token expires, if known.
@@ -332,7 +391,8 @@ impl TokenSet {
 
     /// Provider-specific fields of the token response, kept as they came.
     pub fn extra(&self) -> &Map<String, Value> {
-        &self.extra
+        static NONE: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+        self.extra.as_deref().unwrap_or(&NONE)
     }
 
     /// Whether the access token has expired at `now`. Unknown expiry counts as not expired.
@@ -401,13 +461,16 @@ impl TokenSet {
                 .or_else(|| self.refresh_token.clone()),
             token_type: response
                 .token_type
-                .unwrap_or_else(|| self.token_type.clone()),
+                .map_or_else(|| self.token_type.clone(), TokenType::new),
             expires_at: response.expires.map(|e| e.at(now)),
             refresh_expires_at,
             refresh_expiry: self.refresh_expiry,
-            scopes: response.scopes.or_else(|| self.scopes.clone()),
+            scopes: response
+                .scopes
+                .map(Vec::into_boxed_slice)
+                .or_else(|| self.scopes.clone()),
             issued_at: Some(now),
-            extra: response.extra,
+            extra: boxed_extra(response.extra),
         }
     }
 }
@@ -424,7 +487,7 @@ impl fmt::Debug for TokenSet {
             .field("scopes", &self.scopes)
             .field("issued_at", &self.issued_at)
             // Extra fields may hold an `id_token` or other secrets: show names only.
-            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("extra", &self.extra().keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -878,10 +941,10 @@ mod tests {
         zeroize_on_drop::<RefreshToken>();
         zeroize_on_drop::<ClientSecret>();
         // The storage itself is what wipes: one shared `Zeroizing` buffer per value.
-        fn storage(token: &AccessToken) -> &Arc<Zeroizing<String>> {
+        fn storage(token: &AccessToken) -> &Arc<Zeroizing<Box<str>>> {
             &token.0
         }
-        zeroize_on_drop::<Zeroizing<String>>();
+        zeroize_on_drop::<Zeroizing<Box<str>>>();
 
         let token = AccessToken::new("at-secret");
         let clone = token.clone();
@@ -894,10 +957,56 @@ mod tests {
         assert_eq!(clone.secret(), "at-secret");
         assert_eq!(Arc::strong_count(storage(&clone)), 1);
 
-        // What the last drop runs: the bytes are overwritten, then the string is emptied.
-        let mut buffer = Zeroizing::new(String::from("rt-secret"));
+        // What the last drop runs: the bytes are overwritten.
+        let mut buffer = Zeroizing::new(Box::<str>::from("rt-secret"));
         zeroize::Zeroize::zeroize(&mut *buffer);
-        assert!(buffer.is_empty());
+        assert!(buffer.bytes().all(|b| b == 0));
+    }
+
+    #[test]
+    fn a_token_set_is_stored_in_its_established_form() {
+        let mut extra = Map::new();
+        extra.insert("instance_url".into(), Value::from("https://example.test"));
+        let tokens = TokenSet::new(AccessToken::new("at"))
+            .with_token_type("bearer")
+            .with_scopes(vec!["a".into(), "b".into()])
+            .with_extra(extra);
+        let json = r#"{"access_token":"at","token_type":"bearer","scopes":["a","b"],"extra":{"instance_url":"https://example.test"}}"#;
+        assert_eq!(serde_json::to_string(&tokens).unwrap(), json);
+        let back: TokenSet = serde_json::from_str(json).unwrap();
+        assert_eq!(back, tokens);
+        assert_eq!(back.token_type(), "bearer");
+        assert_eq!(back.extra()["instance_url"], "https://example.test");
+
+        // Defaults: `Bearer`, no extra fields (an empty map is the same as none).
+        let plain: TokenSet = serde_json::from_str(r#"{"access_token":"at","extra":{}}"#).unwrap();
+        assert_eq!(plain, TokenSet::new(AccessToken::new("at")));
+        assert_eq!(plain.token_type(), "Bearer");
+        assert!(plain.extra().is_empty());
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"access_token":"at","token_type":"Bearer"}"#
+        );
+        assert_eq!(
+            plain.with_token_type("Bearer").with_extra(Map::new()),
+            TokenSet::new(AccessToken::new("at"))
+        );
+    }
+
+    #[test]
+    fn a_secret_is_kept_in_exactly_its_length() {
+        let mut spare = String::with_capacity(64);
+        spare.push_str("at-secret");
+        let kept = exact(spare);
+        assert_eq!(&*kept, "at-secret");
+        let exact_already = String::from("rt-secret");
+        let at = exact_already.as_ptr();
+        let kept = exact(exact_already);
+        assert_eq!((&*kept, kept.as_ptr()), ("rt-secret", at), "not copied");
+        assert_eq!(
+            AccessToken::new(String::with_capacity(32) + "x").secret(),
+            "x"
+        );
     }
 
     #[test]

@@ -3,16 +3,72 @@
 #![allow(dead_code)]
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokenkeeper::{AccessToken, GrantHandle, TokenKey, TokenManager};
+use tokenkeeper::{
+    provider_fn, AccessToken, GrantHandle, MemoryStore, ProviderError, RefreshToken, TokenKey,
+    TokenManager, TokenSet, UnavailableCause,
+};
 use tokio::runtime::Runtime;
 
 /// The threads of the two-thread rows.
 pub const THREADS: u64 = 2;
+
+/// Other grants in a fast-path bench's manager, so its map is not trivially small.
+pub const OTHER_GRANTS: usize = 1_000;
+
+/// The read grant's access token, valid for an hour.
+pub const TOKEN: &str = "ya29.a0AfB_byC-bench-access-token-0123456789abcdef";
+
+/// The key of other grant `i`.
+pub fn other_key(i: usize) -> TokenKey {
+    TokenKey::new(format!("tenant-{i:04}"))
+}
+
+/// The access token of other grant `i`.
+pub fn other_token(i: usize) -> AccessToken {
+    AccessToken::new(format!("at-{i}"))
+}
+
+/// A manager (on a `MemoryStore`) holding the [`OTHER_GRANTS`] other grants and `bench-grant`
+/// with [`TOKEN`], all valid for an hour, and that key, read once. Its provider counts its calls
+/// in `calls` and fails: a cached read must never ask it.
+pub fn fast_path_manager(rt: &Runtime, calls: &'static AtomicUsize) -> (TokenManager, TokenKey) {
+    let provider = provider_fn(move |_key: TokenKey, _tokens: TokenSet| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err(ProviderError::unavailable(UnavailableCause::Internal)))
+    });
+    let manager = TokenManager::builder(provider)
+        .store(MemoryStore::new())
+        .build();
+    let expires_at = SystemTime::now() + Duration::from_secs(3600);
+    let key = TokenKey::new("bench-grant");
+    rt.block_on(async {
+        for i in 0..OTHER_GRANTS {
+            let tokens = TokenSet::new(other_token(i))
+                .with_refresh_token(RefreshToken::new(format!("rt-{i}")))
+                .with_expires_at(expires_at);
+            manager
+                .insert(other_key(i), tokens)
+                .await
+                .expect("insert other grant");
+        }
+        let tokens = TokenSet::new(AccessToken::new(TOKEN))
+            .with_refresh_token(RefreshToken::new("rt-bench"))
+            .with_expires_at(expires_at);
+        manager
+            .insert(key.clone(), tokens)
+            .await
+            .expect("insert bench grant");
+        let got = manager.access_token(&key).await.expect("fast path");
+        assert_eq!(got.secret(), TOKEN);
+    });
+    (manager, key)
+}
 
 pub fn current_thread_runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()

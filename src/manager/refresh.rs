@@ -197,7 +197,7 @@ impl Inner {
         // Which attempt since the grant's last success this is (1: none failed since).
         span.record(
             "attempt",
-            record.failures.max(local_failures).saturating_add(1),
+            record.failures().max(local_failures).saturating_add(1),
         );
         if let Some(reason) = record.dead_reason() {
             metrics::outcome_as(&span, "dead", "already_dead");
@@ -253,7 +253,9 @@ impl Inner {
             // Remembered with the grant (for every process): a later refusal of this refresh
             // token means the rotation was lost, not that the user revoked.
             let lost = reply_may_be_lost(failure);
-            record.reply_lost |= lost;
+            if lost {
+                record.rare_mut().reply_lost = true;
+            }
             if lost {
                 slot.rare_mut(|r| r.lost_reply = record.tokens.refresh_token().cloned());
             }
@@ -293,7 +295,8 @@ impl Inner {
                 let mut fresh = GrantRecord::new(tokens);
                 fresh.last_refresh = Some(now);
                 fresh.origin = record.origin;
-                fresh.warned = record.warned.clone();
+                fresh.rare_mut().warned = record.rare().warned;
+                fresh.shrink();
 
                 metrics::rotated(&span, rotated);
                 let outcome = self
@@ -301,7 +304,7 @@ impl Inner {
                     .await;
                 if outcome.is_ok() {
                     metrics::outcome(&span, "refreshed");
-                    slot.rare_mut(|r| r.local = None);
+                    slot.rare_clear(|r| r.local = None);
                     self.emit(Event::Refreshed {
                         at: self.clock.now(),
                         key: key.clone(),
@@ -366,14 +369,25 @@ impl Inner {
     ) -> Result<TokenResponse, ProviderError> {
         let call = CatchPanic(self.provider.refresh(RefreshRequest::new(key, tokens, now)));
         // The deadline is on the injected clock, like every other time the engine keeps.
-        let deadline = later(self.clock.now(), self.config.refresh_timeout);
+        // `SystemClock` sleeps on the monotonic clock, for the timeout from now: the same
+        // timer as the one below, so it is not set twice.
+        let on_clock = (!self.system_clock).then(|| {
+            let deadline = later(self.clock.now(), self.config.refresh_timeout);
+            self.clock.sleep_until(deadline)
+        });
+        let on_clock = async {
+            match on_clock {
+                Some(sleep) => sleep.await,
+                None => std::future::pending().await,
+            }
+        };
         // It ends at whichever comes first of the deadline on the injected clock and the
         // timeout on the monotonic clock: a wall clock set back cannot stretch it.
         let started = Instant::now();
         let joined = tokio::select! {
             biased;
             joined = call => Ok(joined),
-            () = self.clock.sleep_until(deadline) => Err(()),
+            () = on_clock => Err(()),
             () = tokio::time::sleep(self.config.refresh_timeout) => Err(()),
         };
         let (result, end) = match joined {
@@ -463,17 +477,18 @@ impl Inner {
             let mut record = p.record.clone();
             keep_backoff(&mut record, &current.value);
             keep_warning(&mut record, &current.value);
-            if current.value.reply_lost {
+            if current.value.reply_lost() {
                 // A peer recorded meanwhile that a reply for this refresh token was lost: a
                 // refusal of it means the rotation was lost, whoever saw the refusal.
-                record.reply_lost = true;
-                if let GrantState::ReauthorizationRequired { reason, .. } = &mut record.state {
+                let rare = record.rare_mut();
+                rare.reply_lost = true;
+                if let GrantState::ReauthorizationRequired { reason, .. } = &mut rare.state {
                     if matches!(
                         reason,
                         InvalidationReason::InvalidGrant | InvalidationReason::Superseded
                     ) {
                         *reason = InvalidationReason::RotationLost;
-                        record.last_error = Some(dead(key, reason).to_string().into());
+                        rare.last_error = Some(dead(key, reason).to_string().into());
                     }
                 }
             }
@@ -668,7 +683,7 @@ impl Inner {
             r.local.as_ref().map_or(0, |l| l.failures)
         });
         let failures = if shared {
-            record.failures
+            record.failures()
         } else {
             local_failures
         }
@@ -689,11 +704,12 @@ impl Inner {
         };
         let cached: Arc<Cached> = if shared {
             let mut held = record.clone();
-            held.failures = failures;
-            held.retry_not_before = Some(retry_at);
-            held.failed_at = Some(now);
-            held.last_error = Some(error.to_string().into());
-            held.last_failure = StoredFailure::of(&error).map(Box::new);
+            let rare = held.rare_mut();
+            rare.failures = failures;
+            rare.retry_not_before = Some(retry_at);
+            rare.failed_at = Some(now);
+            rare.last_error = Some(error.to_string().into());
+            rare.last_failure = StoredFailure::of(&error);
             let saved = match self.store.save(key, &held, Some(version)).await {
                 Ok(Cas::Saved(v)) => Some(v),
                 Ok(Cas::Conflict) => None,
@@ -718,7 +734,7 @@ impl Inner {
             // the backoff stays here and peers keep refreshing normally.
             hold_here(retry_at);
             let mut version = version;
-            if record.reply_lost {
+            if record.reply_lost() {
                 // Only the fact that a reply was lost is shared, not the backoff.
                 if let Ok(Cas::Saved(v)) = self.store.save(key, &record, Some(version)).await {
                     version = v;
@@ -758,7 +774,7 @@ impl Inner {
         });
         let mut reason = match reason {
             InvalidationReason::InvalidGrant | InvalidationReason::Superseded
-                if record.reply_lost || lost_here =>
+                if record.reply_lost() || lost_here =>
             {
                 InvalidationReason::RotationLost
             }
@@ -769,12 +785,13 @@ impl Inner {
         let mut dead_record = current.clone();
         for _ in 0..CAS_ATTEMPTS {
             dead_record = current.clone();
-            dead_record.state = GrantState::ReauthorizationRequired {
+            let rare = dead_record.rare_mut();
+            rare.state = GrantState::ReauthorizationRequired {
                 reason: reason.clone(),
                 since: Some(self.clock.now()),
             };
-            dead_record.retry_not_before = None;
-            dead_record.last_error = Some(dead(key, &reason).to_string().into());
+            rare.retry_not_before = None;
+            rare.last_error = Some(dead(key, &reason).to_string().into());
             let saved = match self.store.save(key, &dead_record, Some(version)).await {
                 Ok(saved) => saved,
                 Err(e) => {
@@ -829,7 +846,7 @@ impl Inner {
                         return Ok(cached.tokens.clone());
                     }
                     version = loaded.version;
-                    if loaded.value.reply_lost {
+                    if loaded.value.reply_lost() {
                         if let InvalidationReason::InvalidGrant | InvalidationReason::Superseded =
                             reason
                         {
@@ -942,7 +959,8 @@ fn is_fact_about_the_grant(error: &Error) -> bool {
 /// Writing `ours` over `theirs` (a metadata-only change by a peer) must not erase a backoff
 /// the peer recorded meanwhile (a provider's rate limit applies to the new tokens too).
 fn keep_backoff(ours: &mut GrantRecord, theirs: &GrantRecord) {
-    if theirs.retry_not_before > ours.retry_not_before {
+    if theirs.retry_not_before() > ours.retry_not_before() {
+        let (ours, theirs) = (ours.rare_mut(), theirs.rare());
         ours.retry_not_before = theirs.retry_not_before;
         ours.failed_at = theirs.failed_at;
         ours.failures = theirs.failures;
@@ -954,13 +972,14 @@ fn keep_backoff(ours: &mut GrantRecord, theirs: &GrantRecord) {
 /// Writing `ours` over `theirs` must not erase an expiry warning a refresher recorded
 /// meanwhile: it would be sent again.
 fn keep_warning(ours: &mut GrantRecord, theirs: &GrantRecord) {
-    if theirs.warned.is_some() && ours.warned != theirs.warned {
-        let newer = match (&ours.warned, &theirs.warned) {
+    let (o, t) = (ours.rare().warned, theirs.rare().warned);
+    if t.is_some() && o != t {
+        let newer = match (o, t) {
             (Some(o), Some(t)) => t.sent_at() > o.sent_at(),
             _ => true,
         };
         if newer {
-            ours.warned = theirs.warned.clone();
+            ours.rare_mut().warned = t;
         }
     }
 }

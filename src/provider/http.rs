@@ -58,10 +58,12 @@ impl HttpReply {
                 .with_status(status)
                 .with_source(ParseError::TooLarge { limit })
         };
-        if response.content_length().is_some_and(|n| n > limit as u64) {
+        let announced = response.content_length();
+        if announced.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        let mut body = Vec::new();
+        // Sized once when the length is announced (within `limit`, checked above).
+        let mut body = Vec::with_capacity(announced.map_or(0, |n| n as usize));
         while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
             if body.len() + chunk.len() > limit {
                 return Err(too_large());

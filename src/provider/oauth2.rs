@@ -435,11 +435,20 @@ impl Template {
 
     /// The request for one renewal, with `refresh_token` in place.
     fn request(&self, refresh_token: Option<&str>, timeout: Option<Duration>) -> reqwest::Request {
-        let mut body = self.body.clone();
-        if let (Some(at), Some(token)) = (self.token_at, refresh_token) {
-            let encoded: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
-            body.insert_str(at, &encoded);
-        }
+        let body = match (self.token_at, refresh_token) {
+            (Some(at), Some(token)) => {
+                // One allocation: the form around the token, the token encoded in place. `at`
+                // is where `Template::new` found the marker: a character boundary.
+                let (before, after) = self.body.split_at(at);
+                let encoded = form_urlencoded::byte_serialize(token.as_bytes());
+                let mut body = String::with_capacity(self.body.len() + token.len() * 3);
+                body.push_str(before);
+                body.extend(encoded);
+                body.push_str(after);
+                body
+            }
+            _ => self.body.clone(),
+        };
         let mut request = reqwest::Request::new(self.method.clone(), self.url.clone());
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();

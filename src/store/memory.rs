@@ -26,7 +26,11 @@ pub struct MemoryStore {
 
 /// The per-key refresh locks. An entry exists only while someone holds or waits for its lock:
 /// the map never grows with the number of keys ever locked.
-type LockMap = Arc<Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>>;
+type LockMap = Arc<Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>, Hasher>>>;
+
+/// The tables' hasher: a refresh looks its key up five times (lock, load, save, unlock), and
+/// SipHash cost about a thousand instructions of it. Seeded per process, as the manager's map.
+type Hasher = foldhash::fast::RandomState;
 
 /// A claim on one key's lock, taken (under the map's mutex) before waiting for it and kept
 /// until it is released. The last claim to go removes the entry.
@@ -89,7 +93,7 @@ struct Inner {
     next_version: Version,
     /// Boxed: the table's spare capacity (a quarter to a half of it) then costs a pointer per
     /// slot, not a whole record.
-    records: HashMap<TokenKey, Box<Versioned<GrantRecord>>>,
+    records: HashMap<TokenKey, Box<Versioned<GrantRecord>>, Hasher>,
 }
 
 impl MemoryStore {

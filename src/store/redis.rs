@@ -935,7 +935,7 @@ mod tests {
             GrantRecord::new(TokenSet::new(AccessToken::new("a")).with_expires_at(now + 60 * day));
         assert_eq!(ttl_of(Some(ttl), &access_only), ms(60 * day));
         let mut dead = refreshable(None);
-        dead.state = GrantState::ReauthorizationRequired {
+        dead.rare_mut().state = GrantState::ReauthorizationRequired {
             reason: InvalidationReason::InvalidGrant,
             since: Some(now),
         };
