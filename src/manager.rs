@@ -98,7 +98,9 @@ pub(crate) struct Slot {
     /// Removed from the manager's map (the grant was removed): a `GrantHandle` holding it
     /// reads through the manager instead.
     detached: AtomicBool,
-    flight: Mutex<Option<watch::Receiver<Option<Outcome>>>>,
+    /// The refresh in flight, if any (boxed: a receiver is 16 bytes, a slot without a refresh
+    /// keeps a pointer).
+    flight: Mutex<Option<Box<watch::Receiver<Option<Outcome>>>>>,
     /// A record this process must still save: rotated tokens or a death the store refused.
     /// (This and the other rare states below are boxed: a slot stays small.)
     pending: Mutex<Option<Box<Pending>>>,
@@ -1181,10 +1183,10 @@ impl Inner {
         let mut rx = {
             let mut flight = slot.flight.lock().unwrap_or_else(|e| e.into_inner());
             match &*flight {
-                Some(rx) => rx.clone(),
+                Some(rx) => (**rx).clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    *flight = Some(rx.clone());
+                    *flight = Some(Box::new(rx.clone()));
                     let inner = self.clone();
                     let key = key.clone();
                     let slot = slot.clone();

@@ -1,6 +1,7 @@
 //! Where grants live: the [`TokenStore`] trait and the stored record.
 
 use std::fmt;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -65,7 +66,7 @@ pub struct GrantRecord {
     pub(crate) last_refresh: Option<SystemTime>,
     /// A digest of the tokens the grant was inserted with, kept across refreshes: a second
     /// insert of the same tokens is recognised as a retry.
-    pub(crate) origin: Option<u64>,
+    pub(crate) origin: Option<NonZeroU64>,
     /// Everything else, which a healthy grant does not have: `None` for most records, so a
     /// store holding 100,000 of them keeps a pointer each rather than the whole state (it
     /// took the record from 160 to 48 bytes). Read it through [`rare`](Self::rare).
@@ -153,7 +154,8 @@ impl From<RecordWire> for GrantRecord {
         let mut record = GrantRecord {
             tokens: w.tokens,
             last_refresh: w.last_refresh,
-            origin: w.origin,
+            // Stored digests are never zero (`TokenSet::origin`); a zero would name no grant.
+            origin: w.origin.and_then(NonZeroU64::new),
             rare: Some(Box::new(RareRecord {
                 state: w.state,
                 failures: w.failures,
@@ -183,7 +185,7 @@ impl From<GrantRecord> for RecordWire {
             last_failure: rare.last_failure,
             failed_at: rare.failed_at,
             reply_lost: rare.reply_lost,
-            origin: r.origin,
+            origin: r.origin.map(NonZeroU64::get),
             warned: rare.warned,
         }
     }
@@ -861,7 +863,7 @@ mod tests {
     fn troubled() -> GrantRecord {
         let mut record = GrantRecord::new(tokens());
         record.last_refresh = Some(at(1_000));
-        record.origin = Some(7);
+        record.origin = NonZeroU64::new(7);
         let rare = record.rare_mut();
         rare.state = GrantState::ReauthorizationRequired {
             reason: InvalidationReason::InvalidGrant,
@@ -908,7 +910,7 @@ mod tests {
         assert_eq!(recovered, {
             let mut r = GrantRecord::new(tokens());
             r.last_refresh = Some(at(1_000));
-            r.origin = Some(7);
+            r.origin = NonZeroU64::new(7);
             r
         });
         recovered.shrink();

@@ -422,7 +422,7 @@ impl TokenSet {
 
     /// A digest naming the grant these tokens start (for idempotent inserts). Not a secret's
     /// substitute: a 64-bit hash of high-entropy tokens.
-    pub(crate) fn origin(&self) -> u64 {
+    pub(crate) fn origin(&self) -> std::num::NonZeroU64 {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
         self.access_token.secret().hash(&mut hasher);
@@ -430,7 +430,8 @@ impl TokenSet {
             .as_ref()
             .map(|t| t.secret())
             .hash(&mut hasher);
-        hasher.finish()
+        // Never zero, so a record keeps it in 8 bytes (`Option<NonZeroU64>`).
+        std::num::NonZeroU64::new(hasher.finish()).unwrap_or(std::num::NonZeroU64::MIN)
     }
 
     /// Whether the refresh token is known to have expired at `now`.
